@@ -1,0 +1,15 @@
+"""sepconv: separable convolutions for PyTorch — correct, complete, measurable.
+
+>>> import torch, sepconv
+>>> layer = sepconv.SeparableConv2d(32, 64, kernel_size=3, stride=2, padding="same")
+>>> layer(torch.randn(1, 32, 15, 15)).shape
+torch.Size([1, 64, 8, 8])
+"""
+
+from . import functional, geometry
+from .constraints import apply_constraints, attach_constraints
+from .layers import *  # noqa: F403
+from .layers import __all__ as _layers
+
+__version__ = "0.1.0"
+__all__ = ["functional", "geometry", "apply_constraints", "attach_constraints", *_layers]

@@ -1,0 +1,1 @@
+"""Converters between sepconv weights and other frameworks' layouts."""

@@ -1,0 +1,113 @@
+"""Pieces every layer shares: argument checks, initialisation, norm/activation factories, repr."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..geometry import check_padding_mode, normalize_padding, to_tuple
+
+INITS = ("torch", "keras")
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU, "relu6": nn.ReLU6, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU,
+    "swish": nn.SiLU, "hardswish": nn.Hardswish, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+_NORMS = {"batch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}}
+
+
+def check_channels(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
+
+
+def check_init(init: str) -> str:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}; got {init!r}")
+    return init
+
+
+@torch.no_grad()
+def reset_torch_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """PyTorch's default for ``nn.ConvNd``: Kaiming-uniform with ``a = sqrt(5)``, bias U(+-1/sqrt(fan_in))."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1 / math.sqrt(weight[0].numel())
+        nn.init.uniform_(bias, -bound, bound)
+
+
+@torch.no_grad()
+def reset_keras_(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int, fan_out: int) -> None:
+    """Keras' default: Glorot-uniform with the fans Keras computes from its own kernel layout; zero bias."""
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    nn.init.uniform_(weight, -limit, limit)
+    if bias is not None:
+        nn.init.zeros_(bias)
+
+
+def make_norm(norm, channels: int, rank: int) -> nn.Module | None:
+    """``None``, ``"batch"`` or a callable ``channels -> nn.Module``."""
+    if norm is None:
+        return None
+    if isinstance(norm, str):
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be None, one of {tuple(_NORMS)} or a callable taking the channel count; "
+                             f"got {norm!r}")
+        return _NORMS[norm][rank](channels)
+    if callable(norm):
+        return norm(channels)
+    raise TypeError(f"norm must be None, a str or a callable taking the channel count; got {norm!r}")
+
+
+def make_activation(activation) -> nn.Module | None:
+    """``None``, a name (``"relu"``, ``"relu6"``, ...), an ``nn.Module`` or a zero-argument factory."""
+    if activation is None or isinstance(activation, nn.Module):
+        return activation
+    if isinstance(activation, str):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be None, one of {tuple(_ACTIVATIONS)}, an nn.Module or a factory; "
+                             f"got {activation!r}")
+        return _ACTIVATIONS[activation]()
+    if callable(activation):
+        return activation()
+    raise TypeError(f"activation must be None, a str, an nn.Module or a factory; got {activation!r}")
+
+
+def settings_repr(required: list[str], optional: list[tuple[str, object, object]]) -> str:
+    """``extra_repr`` text: the required settings, then the optional ones that differ from their default."""
+    parts = list(required)
+    parts += [f"{name}={value!r}" for name, value, default in optional if value != default]
+    return ", ".join(parts)
+
+
+def compact_padding(padding: tuple) -> object:
+    """Shortest user form of a canonical padding, for reprs: ``'same'``, ``'causal'``, ``1``, or per axis."""
+    rank = len(padding)
+    if rank and padding[-1] == "causal" and all(p == "same" for p in padding[:-1]):
+        return "causal"
+    if len(set(padding)) == 1:
+        first = padding[0]
+        if isinstance(first, str):
+            return first
+        if first[0] == first[1]:
+            return first[0]
+    return tuple(p if isinstance(p, str) or p[0] != p[1] else p[0] for p in padding)
+
+
+def spatial_args(rank: int, kernel_size, stride, padding, dilation, padding_mode):
+    """Normalise the spatial arguments every layer takes, once, with errors naming each argument."""
+    return (to_tuple(kernel_size, rank, "kernel_size"), to_tuple(stride, rank, "stride"),
+            normalize_padding(padding, rank), to_tuple(dilation, rank, "dilation"), check_padding_mode(padding_mode))
+
+
+def spatial_repr(module, rank: int) -> list[tuple[str, object, object]]:
+    """The optional spatial settings of a layer with their defaults, for :func:`settings_repr`."""
+    return [("stride", module.stride, (1,) * rank),
+            ("padding", compact_padding(module.padding), compact_padding(normalize_padding(0, rank))),
+            ("dilation", module.dilation, (1,) * rank),
+            ("padding_mode", module.padding_mode, "zeros")]
