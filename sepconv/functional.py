@@ -179,12 +179,13 @@ def separable_conv(x, depthwise_weight, pointwise_weight, bias=None, depthwise_b
     """
     hidden = depthwise_conv(x, depthwise_weight, depthwise_bias, stride, padding, dilation, padding_mode)
     _check_tensor(pointwise_weight, "pointwise_weight")
+    given_shape = tuple(pointwise_weight.shape)
     if pointwise_weight.ndim == 2:  # (C_out, C * M): give it the depthwise weight's spatial rank
         pointwise_weight = pointwise_weight.reshape(*pointwise_weight.shape, *(1,) * (depthwise_weight.ndim - 2))
     if pointwise_weight.ndim != depthwise_weight.ndim or pointwise_weight.shape[1] != depthwise_weight.shape[0]:
         raise ValueError(f"pointwise_weight must have shape (C_out, {depthwise_weight.shape[0]}) or "
                          f"(C_out, {depthwise_weight.shape[0]}, {', '.join('1' * (depthwise_weight.ndim - 2))}) "
-                         f"to follow the depthwise step; got shape {tuple(pointwise_weight.shape)}")
+                         f"to follow the depthwise step; got shape {given_shape}")
     return pointwise_conv(hidden, pointwise_weight, bias)
 
 

@@ -1,0 +1,110 @@
+"""Bad input gets a ValueError/TypeError that names the argument and the value it got."""
+
+import pytest
+import torch
+
+import sepconv
+import sepconv.functional as F
+
+x2 = torch.randn(2, 4, 9, 9)
+dw = torch.randn(8, 1, 3, 3)
+pw = torch.randn(6, 8)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # wrong input rank
+    (lambda: F.depthwise_conv(torch.randn(2, 4, 9, 9, 9), dw), ValueError,
+     r"x must have shape \(N, C, \*spatial\) or \(C, \*spatial\) with 2 spatial dims \(4 or 3 dims\); "
+     r"got shape \(2, 4, 9, 9, 9\)"),
+    (lambda: F.depthwise_conv(torch.randn(3, 4, 9), dw), ValueError,  # read as unbatched (C=3, H=4, W=9)
+     r"with C = 3 input channels; got shape \(8, 1, 3, 3\)"),
+    (lambda: F.depthwise_conv(x2, torch.randn(8, 1, 3, 3, 3, 3)), ValueError,
+     r"weight must have shape \(C_out, C_in / groups, \*kernel_size\) with 1, 2 or 3 spatial dims; got shape"),
+    (lambda: F.pointwise_conv(torch.randn(4, 9), torch.randn(3, 4)), ValueError,
+     r"x must have shape \(N, C, \*spatial\) with 1, 2 or 3 spatial dims; got shape \(4, 9\)"),
+    # channel count mismatch
+    (lambda: F.depthwise_conv(x2, torch.randn(6, 1, 3, 3)), ValueError,
+     r"depthwise weight must have shape \(C \* depth_multiplier, 1, \*kernel_size\) with C = 4 input channels; "
+     r"got shape \(6, 1, 3, 3\)"),
+    (lambda: F.depthwise_conv(x2, torch.randn(8, 2, 3, 3)), ValueError, r"with C = 4 input channels; got shape \(8, 2, 3, 3\)"),
+    (lambda: F.pointwise_conv(x2, torch.randn(6, 5)), ValueError,
+     r"x has 4 channels but the pointwise weight of shape \(6, 5, 1, 1\) expects 5"),
+    (lambda: F.separable_conv(x2, dw, torch.randn(6, 7)), ValueError,
+     r"pointwise_weight must have shape \(C_out, 8\) or \(C_out, 8, 1, 1\) to follow the depthwise step; got shape \(6, 7\)"),
+    (lambda: F.conv(x2, torch.randn(6, 3, 3, 3)), ValueError,
+     r"x has 4 channels but weight of shape \(6, 3, 3, 3\) with groups=1 expects 3"),
+    (lambda: F.conv(x2, torch.randn(6, 2, 3, 3), groups=2, padding=1).shape and F.conv(x2, torch.randn(5, 2, 3, 3), groups=2),
+     ValueError, r"weight's C_out = 5 must be divisible by groups = 2"),
+    (lambda: F.spatial_separable_conv(x2, [torch.randn(6, 3, 3), torch.randn(6, 6, 3)]), ValueError,
+     r"weights\[0\] of shape \(6, 3, 3\) does not fit an input with 4 channels"),
+    (lambda: F.depthwise_conv(x2, dw, torch.randn(4)), ValueError, r"bias must have shape \(8,\); got shape \(4,\)"),
+    # bad padding strings and values
+    (lambda: F.depthwise_conv(x2, dw, padding="full"), ValueError,
+     r"padding must be one of \('same', 'valid', 'causal'\), an int or a per-axis tuple; got 'full'"),
+    (lambda: F.depthwise_conv(x2, dw, padding=-1), ValueError, r"padding must be non-negative; got -1"),
+    (lambda: F.depthwise_conv(x2, dw, padding=1.5), TypeError, r"padding must be a str, an int or a tuple; got 1.5"),
+    (lambda: F.depthwise_conv(x2, dw, padding_mode="mirror"), ValueError,
+     r"padding_mode must be one of \('zeros', 'reflect', 'replicate', 'circular'\); got 'mirror'"),
+    # padding larger than allowed
+    (lambda: F.depthwise_conv(x2, dw, padding=9, padding_mode="reflect"), ValueError,
+     r"padding \(9, 9\) on spatial axis 0 must be smaller than the input size 9 for padding_mode='reflect'"),
+    (lambda: F.depthwise_conv(x2, dw, padding=((0, 10), 0), padding_mode="circular"), ValueError,
+     r"padding \(0, 10\) on spatial axis 0 must not exceed the input size 9 for padding_mode='circular'"),
+    # non-positive sizes
+    (lambda: F.depthwise_conv(x2, dw, stride=0), ValueError, r"stride must be an int or a tuple of 2 ints, each >= 1; got 0"),
+    (lambda: F.depthwise_conv(x2, dw, dilation=(1, -2)), ValueError,
+     r"dilation must be an int or a tuple of 2 ints, each >= 1; got \(1, -2\)"),
+    (lambda: F.depthwise_conv(torch.randn(2, 4, 0, 9), dw), ValueError,
+     r"x must have non-zero channel and spatial sizes; got shape \(2, 4, 0, 9\)"),
+    (lambda: F.depthwise_conv(x2, torch.randn(8, 1, 0, 3)), ValueError, r"weight must have non-zero sizes; got shape \(8, 1, 0, 3\)"),
+    (lambda: F.conv(x2, torch.randn(6, 4, 3, 3), groups=0), ValueError, r"groups must be a positive int; got 0"),
+    # input smaller than the effective kernel
+    (lambda: F.depthwise_conv(x2, dw, dilation=5), ValueError,
+     r"input size 9 on spatial axis 0 \(padded to 9\) is smaller than the effective kernel size 11 \(kernel_size=3, dilation=5\)"),
+    # integer dtypes and non-tensors
+    (lambda: F.depthwise_conv(x2.long(), dw), TypeError, r"x must be a floating-point tensor; got dtype torch.int64"),
+    (lambda: F.depthwise_conv(x2, dw.int()), TypeError, r"weight must be a floating-point tensor; got dtype torch.int32"),
+    (lambda: F.depthwise_conv(x2.double(), dw), TypeError, r"x dtype torch.float64 does not match the weight dtype torch.float32"),
+    (lambda: F.depthwise_conv(x2.numpy(), dw), TypeError, r"x must be a torch.Tensor; got ndarray"),
+    (lambda: F.spatial_separable_conv(x2, torch.randn(4, 1, 3)), TypeError,
+     r"weights must be a non-empty sequence of 1-D factors \(C_out, C_in / groups, k\); got Tensor"),
+    (lambda: F.spatial_separable_conv(x2, [torch.randn(4, 1, 3)] * 2, axes=(0, 0)), ValueError,
+     r"axes must be a permutation of \(0, 1\); got \(0, 0\)"),
+])
+def test_functional_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: sepconv.DepthwiseConv2d(0, 3), ValueError, r"in_channels must be a positive int; got 0"),
+    (lambda: sepconv.DepthwiseConv2d(4, 3, depth_multiplier=0), ValueError, r"depth_multiplier must be a positive int; got 0"),
+    (lambda: sepconv.DepthwiseConv2d(4, (3, 0)), ValueError, r"kernel_size must be an int or a tuple of 2 ints, each >= 1; got \(3, 0\)"),
+    (lambda: sepconv.DepthwiseConv1d(4, 3, padding="causual"), ValueError, r"padding must be one of .*; got 'causual'"),
+    (lambda: sepconv.DepthwiseConv2d(4, 3, max_norm=-1), ValueError, r"max_norm must be None or a positive number; got -1"),
+    (lambda: sepconv.SeparableConv2d(4, 8, 3, init="he"), ValueError, r"init must be one of \('torch', 'keras'\); got 'he'"),
+    (lambda: sepconv.SeparableConv2d(4, 8, 3, norm="layer"), ValueError,
+     r"norm must be None, one of \('batch',\) or a callable taking the channel count; got 'layer'"),
+    (lambda: sepconv.SeparableConv2d(4, 8, 3, activation="swishy"), ValueError,
+     r"activation must be None, one of \(.*\), an nn.Module or a factory; got 'swishy'"),
+    (lambda: sepconv.PointwiseConv2d(4, -8), ValueError, r"out_channels must be a positive int; got -8"),
+    (lambda: sepconv.SpatialSeparableConv2d(4, 6, 3, depthwise=True), ValueError,
+     r"out_channels \(=6\) must be a multiple of in_channels \(=4\) with depthwise=True"),
+    (lambda: sepconv.SpatialSeparableConv2d(4, 8, 3, mid_channels=5, depthwise=True), ValueError,
+     r"mid_channels must be None with depthwise=True; got 5"),
+    (lambda: sepconv.Conv2d(4, 6, 3, groups=4), ValueError,
+     r"in_channels \(=4\) and out_channels \(=6\) must be divisible by groups \(=4\)"),
+])
+def test_layer_argument_errors(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_layer_forward_errors_name_the_input():
+    layer = sepconv.SeparableConv2d(4, 8, 3)
+    with pytest.raises(ValueError, match=r"depthwise weight must have shape .* with C = 3 input channels"):
+        layer(torch.randn(1, 3, 9, 9))
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor; got dtype torch.uint8"):
+        layer(torch.zeros(1, 4, 9, 9, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"input size 2 on spatial axis 1 \(padded to 2\) is smaller than the effective"):
+        layer(torch.randn(1, 4, 9, 2))
