@@ -108,6 +108,10 @@ def example(args) -> int:
     return 0
 
 
+COMMANDS = ("example",)
+DEFAULT_COMMAND = "example"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sepconv", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command")
@@ -125,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = [DEFAULT_COMMAND, *argv]
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["example", *(argv or [])])
     return args.handler(args)
 
 

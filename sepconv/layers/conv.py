@@ -14,6 +14,7 @@ from torch import nn
 from .. import functional as F
 from ..geometry import check_padding_mode, is_static, normalize_padding, resolve_padding, to_tuple
 from ..interop import keras as keras_io
+from ..weights import ungroup
 from ._common import check_channels, check_init, compact_padding, reset_keras_, reset_torch_
 
 _TORCH_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -54,6 +55,11 @@ class _ConvNd:
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text.replace(f"padding={self.padding}", f"padding={compact_padding(self.padding)!r}")
+
+    def to_dense(self) -> nn.Module:
+        """A copy with ``groups=1`` (block-diagonal kernel); a plain ``nn.ConvNd`` when its padding allows."""
+        return dense_conv(ungroup(self.weight, self.groups), self.bias, self.stride, self.padding, self.dilation,
+                          self.padding_mode)
 
     def load_keras_weights(self, source) -> None:
         """Copy weights from a Keras ``ConvND`` layer (or its ``get_weights()`` list)."""
