@@ -88,13 +88,19 @@ def _groups(in_channels: int, weight: torch.Tensor, name: str) -> int:
     return in_channels // per_group
 
 
+def _sizes(shape) -> tuple:
+    """Sizes as ints; under ``torch.jit.trace`` they are tensors, which the trace records as constants."""
+    return tuple(int(size) for size in shape) if torch.jit.is_tracing() else tuple(shape)
+
+
 def _geometry(x, kernel_size, stride, padding, dilation, padding_mode):
     """Normalise stride, dilation and padding for ``x``; check the kernel fits."""
+    kernel_size = _sizes(kernel_size)
     rank = len(kernel_size)
     stride = to_tuple(stride, rank, "stride")
     dilation = to_tuple(dilation, rank, "dilation")
     check_padding_mode(padding_mode)
-    spatial = tuple(x.shape[2:])
+    spatial = _sizes(x.shape[2:])
     pairs = resolve_padding(padding, kernel_size, stride, dilation, spatial)
     check_fits(spatial, kernel_size, pairs, dilation, padding_mode)
     return stride, pairs, dilation

@@ -27,9 +27,10 @@ entries are ``(before, after)`` pairs or the strings ``"same"``, ``"valid"``, ``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Union
+
+import torch
 
 PaddingString = str
 AxisPadding = Union[tuple[int, int], PaddingString]
@@ -40,7 +41,8 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # SymInt: sizes are symbolic under torch.export / torch.compile with dynamic shapes.
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
 
 
 def to_tuple(value, rank: int, name: str, *, minimum: int = 1) -> tuple[int, ...]:
@@ -115,7 +117,7 @@ def effective_kernel_size(kernel_size: int, dilation: int = 1) -> int:
 
 def same_padding(input_size: int, kernel_size: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
     """TensorFlow/Keras ``'same'`` padding of one axis: ``out = ceil(n / s)``, extra element after."""
-    out = math.ceil(input_size / stride)
+    out = -(-input_size // stride)  # ceil(n / s) in integers, which symbolic sizes support
     total = max((out - 1) * stride + effective_kernel_size(kernel_size, dilation) - input_size, 0)
     return total // 2, total - total // 2
 
@@ -160,8 +162,9 @@ def resolve_padding(padding, kernel_size, stride=1, dilation=1, input_size=None)
             if s > 1 and input_size is None:
                 raise ValueError(f"padding='same' with stride {s} on spatial axis {axis} depends on the input size; "
                                  "pass input_size")
-            # With stride 1 the amounts are k_eff - 1 split in two, whatever the input size.
-            pairs.append(same_padding(input_size[axis] if input_size is not None else 1, k, s, d))
+            # With stride 1 the amounts are k_eff - 1 split in two, whatever the input size: leave the
+            # size out so that traced and exported graphs get constants.
+            pairs.append(same_padding(input_size[axis] if s > 1 else 1, k, s, d))
         else:
             pairs.append(p)
     return tuple(pairs)
