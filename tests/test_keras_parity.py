@@ -52,6 +52,15 @@ KERAS = {("separable", 1): keras.layers.SeparableConv1D, ("separable", 2): keras
 CONV_KERAS_STRIDE_DILATION_ERROR = "`strides > 1` not supported in conjunction with `dilation_rate > 1`"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The shapes here are tiny: intra-op threads only add start-up and contention cost. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- helpers -----------------------------------------------------------------------------------------
 
 def as_tuple(value, rank):
@@ -349,15 +358,27 @@ def test_conv_parameter_count_equals_keras(rank, kernel, groups, use_bias):
 
 # --- 4. Keras initialisation ---------------------------------------------------------------------------
 
+@pytest.fixture(autouse=False)
+def seeded():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
 def glorot_limit(fan_in, fan_out):
     return math.sqrt(6.0 / (fan_in + fan_out))
 
 
 def check_glorot(weight, limit):
-    """All within +-limit, the extremes near the limit, std ~ limit / sqrt(3) (uniform)."""
+    """All within +-limit, the extremes within 2% of it, std ~ limit / sqrt(3) (uniform).
+
+    With >= 1000 samples, max |w| of U(-L, L) is below 0.98 L with probability < 0.98 ** 1000 ~ 2e-9, so
+    the two bounds pin the actual limit to within 2% of the one computed from Keras' fans.
+    """
     w = weight.detach().double()
+    assert w.numel() >= 1000
     assert w.abs().max().item() <= limit * (1 + 1e-6)
-    assert w.abs().max().item() >= 0.9 * limit
+    assert w.abs().max().item() >= 0.98 * limit
     assert w.std().item() == pytest.approx(limit / math.sqrt(3), rel=0.06)
     assert abs(w.mean().item()) < 0.05 * limit
 
@@ -370,7 +391,7 @@ def keras_max_abs(keras_layer, index):
     return float(np.abs(keras_layer.get_weights()[index]).max())
 
 
-def test_keras_init_separable_2d():
+def test_keras_init_separable_2d(seeded):
     kh, kw = INIT_K
     layer = sepconv.SeparableConv2d(INIT_C, INIT_F, INIT_K, depth_multiplier=INIT_M, bias=True, init="keras")
     # Keras kernel shapes: depthwise (kh, kw, C, M), pointwise (1, 1, C*M, F).
@@ -382,11 +403,11 @@ def test_keras_init_separable_2d():
     # The limits computed this way are Keras' own: its default init reaches but never exceeds them.
     keras_layer = keras.layers.SeparableConv2D(INIT_F, INIT_K, depth_multiplier=INIT_M)
     keras_layer.build((None, 16, 16, INIT_C))
-    assert 0.9 * dw_limit <= keras_max_abs(keras_layer, 0) <= dw_limit * (1 + 1e-6)
-    assert 0.9 * pw_limit <= keras_max_abs(keras_layer, 1) <= pw_limit * (1 + 1e-6)
+    assert 0.98 * dw_limit <= keras_max_abs(keras_layer, 0) <= dw_limit * (1 + 1e-6)
+    assert 0.98 * pw_limit <= keras_max_abs(keras_layer, 1) <= pw_limit * (1 + 1e-6)
 
 
-def test_keras_init_separable_1d_with_depthwise_bias_zero():
+def test_keras_init_separable_1d_with_depthwise_bias_zero(seeded):
     k = 7
     layer = sepconv.SeparableConv1d(INIT_C, INIT_F, k, depth_multiplier=INIT_M, depthwise_bias=True, init="keras")
     check_glorot(layer.depthwise_weight, glorot_limit(INIT_C * k, INIT_M * k))
@@ -395,7 +416,7 @@ def test_keras_init_separable_1d_with_depthwise_bias_zero():
 
 
 @pytest.mark.parametrize("rank,kernel", [(1, 7), (2, INIT_K)])
-def test_keras_init_depthwise(rank, kernel):
+def test_keras_init_depthwise(rank, kernel, seeded):
     taps = math.prod(as_tuple(kernel, rank))
     layer = SEPCONV["depthwise", rank](INIT_C, kernel, depth_multiplier=INIT_M, init="keras")
     limit = glorot_limit(INIT_C * taps, INIT_M * taps)
@@ -403,10 +424,10 @@ def test_keras_init_depthwise(rank, kernel):
     assert torch.count_nonzero(layer.bias) == 0
     keras_layer = KERAS["depthwise", rank](kernel, depth_multiplier=INIT_M)
     keras_layer.build((None, *(16,) * rank, INIT_C))
-    assert 0.9 * limit <= keras_max_abs(keras_layer, 0) <= limit * (1 + 1e-6)
+    assert 0.98 * limit <= keras_max_abs(keras_layer, 0) <= limit * (1 + 1e-6)
 
 
-def test_keras_init_conv2d():
+def test_keras_init_conv2d(seeded):
     layer = sepconv.Conv2d(INIT_C, INIT_F, INIT_K, groups=2, init="keras")
     taps = math.prod(INIT_K)
     limit = glorot_limit(INIT_C // 2 * taps, INIT_F * taps)  # Keras kernel (kh, kw, C / groups, F)
@@ -414,10 +435,10 @@ def test_keras_init_conv2d():
     assert torch.count_nonzero(layer.bias) == 0
     keras_layer = keras.layers.Conv2D(INIT_F, INIT_K, groups=2)
     keras_layer.build((None, 16, 16, INIT_C))
-    assert 0.9 * limit <= keras_max_abs(keras_layer, 0) <= limit * (1 + 1e-6)
+    assert 0.98 * limit <= keras_max_abs(keras_layer, 0) <= limit * (1 + 1e-6)
 
 
-def test_torch_init_is_not_keras_init():
+def test_torch_init_is_not_keras_init(seeded):
     """Control for the init tests: the default (PyTorch) init fails the Keras check on these shapes."""
     layer = sepconv.SeparableConv2d(INIT_C, INIT_F, INIT_K, depth_multiplier=INIT_M)
     kh, kw = INIT_K
@@ -562,3 +583,13 @@ def test_conv2d_stride_with_dilation_keras_rejects_sepconv_matches_dense(padding
         with torch.no_grad():
             assert_close(sepconv_forward(layer, x), dense_reference(layer.weight, layer.bias, x, padding,
                                                                     layer.kernel_size, layer.stride, layer.dilation))
+
+
+def test_failed_load_leaves_the_layer_unchanged():
+    layer = sepconv.SeparableConv1d(3, 4, 3)
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    bad = [np.ones((3, 3, 1), np.float32), np.ones((1, 3, 5), np.float32), np.ones(4, np.float32)]
+    with pytest.raises(ValueError, match=r"pointwise kernel has shape \(1, 3, 5\); this layer needs \(1, 3, 4\)"):
+        layer.load_keras_weights(bad)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0)

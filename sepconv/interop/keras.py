@@ -70,11 +70,14 @@ def load_into(layer, source, kernels, bias) -> None:
     """
     arrays = weights_of(source)
     check_count(arrays, len(kernels) + (bias is not None), type(layer).__name__, bias is not None)
-    for (name, shape, parameter, from_keras), array in zip(kernels, arrays):
+    # Check everything before copying anything, so a bad source leaves the layer as it was.
+    for (name, shape, _, _), array in zip(kernels, arrays):
         check_shape(name, array, shape)
-        assign(parameter, from_keras(array))
     if bias is not None:
         check_shape("bias", arrays[-1], (bias.shape[0],))
+    for (_, _, parameter, from_keras), array in zip(kernels, arrays):
+        assign(parameter, from_keras(array))
+    if bias is not None:
         assign(bias, torch.from_numpy(arrays[-1]))
 
 
