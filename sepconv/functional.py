@@ -14,6 +14,7 @@ Each op checks its arguments, resolves the geometry once, then calls :mod:`sepco
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -69,9 +70,15 @@ def _batched(x, rank: int, weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
         raise TypeError(f"x dtype {x.dtype} does not match the weight dtype {weight.dtype}")
     unbatched = x.ndim == rank + 1
     x = x.unsqueeze(0) if unbatched else x
-    if any(size == 0 for size in x.shape[1:]):
+    if 0 in x.shape[1:]:
         raise ValueError(f"x must have non-zero channel and spatial sizes; got shape {tuple(x.shape)}")
     return x, unbatched
+
+
+def _check_depthwise(channels: int, weight: torch.Tensor) -> None:
+    if weight.shape[1] != 1 or weight.shape[0] % channels:
+        raise ValueError(f"depthwise weight must have shape (C * depth_multiplier, 1, *kernel_size) with C = {channels} "
+                         f"input channels; got shape {tuple(weight.shape)}")
 
 
 def _unbatch(y: torch.Tensor, unbatched: bool) -> torch.Tensor:
@@ -88,22 +95,33 @@ def _groups(in_channels: int, weight: torch.Tensor, name: str) -> int:
     return in_channels // per_group
 
 
-def _sizes(shape) -> tuple:
-    """Sizes as ints; under ``torch.jit.trace`` they are tensors, which the trace records as constants."""
-    return tuple(int(size) for size in shape) if torch.jit.is_tracing() else tuple(shape)
-
-
-def _geometry(x, kernel_size, stride, padding, dilation, padding_mode):
-    """Normalise stride, dilation and padding for ``x``; check the kernel fits."""
-    kernel_size = _sizes(kernel_size)
+def _resolve_geometry(spatial, kernel_size, stride, padding, dilation, padding_mode):
     rank = len(kernel_size)
     stride = to_tuple(stride, rank, "stride")
     dilation = to_tuple(dilation, rank, "dilation")
     check_padding_mode(padding_mode)
-    spatial = _sizes(x.shape[2:])
     pairs = resolve_padding(padding, kernel_size, stride, dilation, spatial)
     check_fits(spatial, kernel_size, pairs, dilation, padding_mode)
     return stride, pairs, dilation
+
+
+# Layers call with the same arguments every step; resolving them costs more than a small convolution.
+_cached_geometry = functools.lru_cache(maxsize=4096, typed=True)(_resolve_geometry)
+
+
+def _geometry(x, kernel_size, stride, padding, dilation, padding_mode):
+    """Normalise stride, dilation and padding for ``x``; check the kernel fits (memoised per argument set)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # Sizes are tensors under torch.jit.trace (recorded as constants once made ints) and may be
+        # symbolic under torch.compile / torch.export: resolve directly, without the cache.
+        tracing = torch.jit.is_tracing()
+        spatial, kernel_size = ([int(n) for n in sizes] if tracing else sizes for sizes in (x.shape[2:], kernel_size))
+        return _resolve_geometry(tuple(spatial), tuple(kernel_size), stride, padding, dilation, padding_mode)
+    arguments = (x.shape[2:], kernel_size, stride, padding, dilation, padding_mode)
+    try:
+        return _cached_geometry(*arguments)
+    except TypeError:  # unhashable arguments (lists): resolve without the cache (re-raises real TypeErrors)
+        return _resolve_geometry(*arguments)
 
 
 # --- ops -------------------------------------------------------------------------------------------
@@ -140,10 +158,7 @@ def depthwise_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, paddin
     """
     rank = _check_weight(weight, "weight")
     x, unbatched = _batched(x, rank, weight)
-    channels = x.shape[1]
-    if weight.shape[1] != 1 or weight.shape[0] % channels:
-        raise ValueError(f"depthwise weight must have shape (C * depth_multiplier, 1, *kernel_size) with C = {channels} "
-                         f"input channels; got shape {tuple(weight.shape)}")
+    _check_depthwise(x.shape[1], weight)
     _check_bias(bias, weight.shape[0], "bias", weight)
     stride, pairs, dilation = _geometry(x, weight.shape[2:], stride, padding, dilation, padding_mode)
     return _unbatch(kernels.depthwise_conv(x, weight, bias, stride, pairs, dilation, padding_mode), unbatched)
@@ -170,9 +185,7 @@ def pointwise_conv(x, weight, bias=None):
         raise ValueError(f"x has {x.shape[1]} channels but the pointwise weight of shape {tuple(weight.shape)} "
                          f"expects {weight.shape[1]}")
     _check_bias(bias, weight.shape[0], "bias", weight)
-    no_padding = ((0, 0),) * rank
-    ones = (1,) * rank
-    return _unbatch(kernels.conv(x, weight, bias, ones, no_padding, ones, 1, "zeros"), unbatched)
+    return _unbatch(kernels.pointwise_conv(x, weight, bias), unbatched)
 
 
 def separable_conv(x, depthwise_weight, pointwise_weight, bias=None, depthwise_bias=None, stride=1, padding=0,
@@ -183,16 +196,26 @@ def separable_conv(x, depthwise_weight, pointwise_weight, bias=None, depthwise_b
     (Keras' ``SeparableConv`` has only this one); ``depthwise_bias`` optionally to the first.
     ``pointwise_weight``: ``(C_out, C * M)`` or ``(C_out, C * M, 1, ...)``.
     """
-    hidden = depthwise_conv(x, depthwise_weight, depthwise_bias, stride, padding, dilation, padding_mode)
+    rank = _check_weight(depthwise_weight, "depthwise_weight")
+    x, unbatched = _batched(x, rank, depthwise_weight)
+    _check_depthwise(x.shape[1], depthwise_weight)
+    hidden_channels = depthwise_weight.shape[0]
     _check_tensor(pointwise_weight, "pointwise_weight")
     given_shape = tuple(pointwise_weight.shape)
     if pointwise_weight.ndim == 2:  # (C_out, C * M): give it the depthwise weight's spatial rank
-        pointwise_weight = pointwise_weight.reshape(*pointwise_weight.shape, *(1,) * (depthwise_weight.ndim - 2))
-    if pointwise_weight.ndim != depthwise_weight.ndim or pointwise_weight.shape[1] != depthwise_weight.shape[0]:
-        raise ValueError(f"pointwise_weight must have shape (C_out, {depthwise_weight.shape[0]}) or "
-                         f"(C_out, {depthwise_weight.shape[0]}, {', '.join('1' * (depthwise_weight.ndim - 2))}) "
-                         f"to follow the depthwise step; got shape {given_shape}")
-    return pointwise_conv(hidden, pointwise_weight, bias)
+        pointwise_weight = pointwise_weight.reshape(*given_shape, *(1,) * rank)
+    if pointwise_weight.shape[1:] != (hidden_channels, *(1,) * rank):
+        raise ValueError(f"pointwise_weight must have shape (C_out, {hidden_channels}) or "
+                         f"(C_out, {hidden_channels}, {', '.join('1' * rank)}) to follow the depthwise step; "
+                         f"got shape {given_shape}")
+    if pointwise_weight.dtype != depthwise_weight.dtype:
+        raise TypeError(f"pointwise_weight dtype {pointwise_weight.dtype} does not match the depthwise_weight dtype "
+                        f"{depthwise_weight.dtype}")
+    _check_bias(depthwise_bias, hidden_channels, "depthwise_bias", depthwise_weight)
+    _check_bias(bias, pointwise_weight.shape[0], "bias", depthwise_weight)
+    stride, pairs, dilation = _geometry(x, depthwise_weight.shape[2:], stride, padding, dilation, padding_mode)
+    hidden = kernels.depthwise_conv(x, depthwise_weight, depthwise_bias, stride, pairs, dilation, padding_mode)
+    return _unbatch(kernels.pointwise_conv(hidden, pointwise_weight, bias), unbatched)
 
 
 def spatial_separable_conv(x, weights: Sequence[torch.Tensor], bias=None, stride=1, padding=0, dilation=1,

@@ -20,3 +20,8 @@ def conv(x, weight, bias, stride, padding, dilation, groups, padding_mode):
 def depthwise_conv(x, weight, bias, stride, padding, dilation, padding_mode):
     """Depthwise convolution: ``groups`` equals the input's channel count."""
     return reference.conv(x, weight, bias, stride, padding, dilation, x.shape[1], padding_mode)
+
+
+def pointwise_conv(x, weight, bias):
+    """1x1 convolution; ``weight`` is ``(C_out, C_in, 1, ...)``."""
+    return reference.conv(x, weight, bias, 1, reference.NO_PADDING, 1, 1, "zeros")
