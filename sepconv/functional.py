@@ -14,12 +14,12 @@ Each op checks its arguments, resolves the geometry once, then calls :mod:`sepco
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 
 from . import kernels
+from ._memo import memoised
 from .geometry import check_fits, check_padding_mode, resolve_padding, to_tuple
 
 __all__ = ["conv", "depthwise_conv", "pointwise_conv", "separable_conv", "spatial_separable_conv"]
@@ -95,6 +95,7 @@ def _groups(in_channels: int, weight: torch.Tensor, name: str) -> int:
     return in_channels // per_group
 
 
+@memoised
 def _resolve_geometry(spatial, kernel_size, stride, padding, dilation, padding_mode):
     rank = len(kernel_size)
     stride = to_tuple(stride, rank, "stride")
@@ -105,23 +106,12 @@ def _resolve_geometry(spatial, kernel_size, stride, padding, dilation, padding_m
     return stride, pairs, dilation
 
 
-# Layers call with the same arguments every step; resolving them costs more than a small convolution.
-_cached_geometry = functools.lru_cache(maxsize=4096, typed=True)(_resolve_geometry)
-
-
 def _geometry(x, kernel_size, stride, padding, dilation, padding_mode):
-    """Normalise stride, dilation and padding for ``x``; check the kernel fits (memoised per argument set)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        # Sizes are tensors under torch.jit.trace (recorded as constants once made ints) and may be
-        # symbolic under torch.compile / torch.export: resolve directly, without the cache.
-        tracing = torch.jit.is_tracing()
-        spatial, kernel_size = ([int(n) for n in sizes] if tracing else sizes for sizes in (x.shape[2:], kernel_size))
-        return _resolve_geometry(tuple(spatial), tuple(kernel_size), stride, padding, dilation, padding_mode)
-    arguments = (x.shape[2:], kernel_size, stride, padding, dilation, padding_mode)
-    try:
-        return _cached_geometry(*arguments)
-    except TypeError:  # unhashable arguments (lists): resolve without the cache (re-raises real TypeErrors)
-        return _resolve_geometry(*arguments)
+    """Normalise stride, dilation and padding for ``x``; check the kernel fits."""
+    spatial = x.shape[2:]
+    if torch.jit.is_tracing():  # sizes are tensors while tracing; as ints the trace records them as constants
+        spatial, kernel_size = tuple(int(n) for n in spatial), tuple(int(k) for k in kernel_size)
+    return _resolve_geometry(spatial, kernel_size, stride, padding, dilation, padding_mode)
 
 
 # --- ops -------------------------------------------------------------------------------------------
