@@ -1,129 +1,25 @@
-"""The ``sepconv`` command line.
+"""The ``sepconv`` command line: one sub-command per module in :mod:`sepconv.commands`.
 
-``sepconv`` with no sub-command runs ``sepconv example``: a worked cost comparison of one standard
-convolution against its depthwise separable replacement — parameters, mult-adds and measured time.
+``sepconv`` with no sub-command runs ``sepconv example``, a worked cost comparison of one standard
+convolution against its depthwise separable replacement.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-import torch
+from .commands import example
 
-from . import geometry
-from .layers import Conv2d, SeparableConv2d
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1x3x224x224"`` -> ``(1, 3, 224, 224)``."""
-    try:
-        shape = tuple(int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--input must look like 1x3x224x224 (N x C x H x W); got {text!r}") from None
-    if len(shape) != 4 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"--input must be four positive sizes N x C x H x W; got {text!r}")
-    return shape
-
-
-def parse_padding(text: str):
-    if text in geometry.PADDING_STRINGS:
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--padding must be same, valid, causal or an int; got {text!r}") from None
-
-
-def _mult_adds(weight: torch.Tensor, output: torch.Tensor) -> int:
-    """Mult-adds of a (grouped) convolution: every weight is used once per output position and image."""
-    return weight.numel() * output.shape[0] * math.prod(output.shape[2:])
-
-
-def _median_ms(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """Median forward time and its interquartile range, in ms, from torch.utils.benchmark."""
-    from torch.utils import benchmark
-    with torch.inference_mode():
-        measurement = benchmark.Timer("m(x)", globals={"m": module, "x": x}).blocked_autorange(min_run_time=0.5)
-    return measurement.median * 1e3, measurement.iqr * 1e3
-
-
-def example(args) -> int:
-    n, c, h, w = args.input
-    try:
-        standard = Conv2d(c, args.out_channels, args.kernel_size, args.stride, args.padding, bias=True)
-        separable = SeparableConv2d(c, args.out_channels, args.kernel_size, args.stride, args.padding,
-                                    depth_multiplier=args.depth_multiplier, bias=True)
-        x = torch.randn(n, c, h, w)
-        with torch.no_grad():
-            y_standard = standard(x)
-            hidden = separable.depthwise_weight.shape[0]
-            y = separable(x)
-    except (TypeError, ValueError) as error:
-        print(f"sepconv example: error: {error}", file=sys.stderr)
-        return 2
-    k = standard.kernel_size
-    rows = [
-        ("standard conv", f"{k[0]}x{k[1]}, {c}->{args.out_channels}", standard.weight.numel(), standard.bias.numel(),
-         _mult_adds(standard.weight, y_standard), standard),
-        ("  depthwise step", f"{k[0]}x{k[1]}, {c}->{hidden}", separable.depthwise_weight.numel(), 0,
-         _mult_adds(separable.depthwise_weight, y), None),
-        ("  pointwise step", f"1x1, {hidden}->{args.out_channels}", separable.pointwise_weight.numel(),
-         separable.bias.numel(), _mult_adds(separable.pointwise_weight, y), None),
-    ]
-    separable_row = ("separable conv", "depthwise + pointwise", sum(r[2] for r in rows[1:]), separable.bias.numel(),
-                     sum(r[4] for r in rows[1:]), separable)
-    rows.append(separable_row)
-
-    print(f"Worked example: one convolution layer on an input of {n}x{c}x{h}x{w} (N x C x H x W), "
-          f"stride {args.stride}, padding {args.padding!r} -> output {tuple(y.shape)}")
-    print("Mult-adds (MACs) count one multiply-add per weight per output position; FLOPs = 2 x MACs.\n")
-    header = f"{'layer':<17} {'shape':<22} {'weights':>10} {'biases':>7} {'MACs':>14} {'FLOPs':>14}"
-    if args.measure:
-        header += f" {'forward ms (median ± IQR)':>27}"
-    print(header)
-    print("-" * len(header))
-    timings = {}
-    for name, shape, weights, biases, macs, module in rows:
-        line = f"{name:<17} {shape:<22} {weights:>10,} {biases:>7,} {macs:>14,} {2 * macs:>14,}"
-        if args.measure and module is not None:
-            median, iqr = _median_ms(module, x)
-            timings[name] = median
-            line += f" {median:>16.3f} ± {iqr:.3f}"
-        print(line)
-
-    macs_ratio = separable_row[4] / rows[0][4]
-    params_ratio = (separable_row[2] + separable_row[3]) / (rows[0][2] + rows[0][3])
-    kernel_area = k[0] * k[1]
-    closed_form = args.depth_multiplier / args.out_channels + args.depth_multiplier / kernel_area
-    print(f"\nseparable / standard: params {params_ratio:.4f} ({1 / params_ratio:.2f}x fewer), "
-          f"MACs {macs_ratio:.4f} ({1 / macs_ratio:.2f}x fewer)")
-    print(f"closed form M/C_out + M/K^2 = {args.depth_multiplier}/{args.out_channels} + "
-          f"{args.depth_multiplier}/{kernel_area} = {closed_form:.4f}")
-    if args.measure:
-        speedup = timings["standard conv"] / timings["separable conv"]
-        print(f"measured forward speed-up: {speedup:.2f}x (theoretical from MACs: {1 / macs_ratio:.2f}x) — "
-              "the depthwise step is memory-bound, so fewer MACs is not proportionally faster")
-    return 0
-
-
-COMMANDS = ("example",)
+COMMANDS = {"example": example}
 DEFAULT_COMMAND = "example"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sepconv", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command")
-    ex = commands.add_parser("example", help="worked cost example: a standard conv vs its separable replacement")
-    ex.add_argument("--input", type=parse_shape, default=(1, 3, 224, 224), help="N x C x H x W (default 1x3x224x224)")
-    ex.add_argument("--out-channels", type=int, default=64)
-    ex.add_argument("--kernel-size", type=int, default=3)
-    ex.add_argument("--stride", type=int, default=1)
-    ex.add_argument("--padding", type=parse_padding, default="same")
-    ex.add_argument("--depth-multiplier", type=int, default=1)
-    ex.add_argument("--no-measure", dest="measure", action="store_false", help="skip the timing")
-    ex.set_defaults(handler=example)
+    for module in COMMANDS.values():
+        module.add_parser(commands)
     return parser
 
 

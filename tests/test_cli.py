@@ -24,7 +24,7 @@ def test_default_command_measures_time(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["example", "--input", "1x3"], "--input must be four positive sizes N x C x H x W; got '1x3'"),
+    (["example", "--input", "1x3"], "--input must be 4 positive sizes like 1x3x224x224 (N x C x H x W); got '1x3'"),
     (["example", "--input", "axb"], "--input must look like 1x3x224x224"),
     (["example", "--padding", "full"], "--padding must be same, valid, causal or an int; got 'full'"),
 ])
