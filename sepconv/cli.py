@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import example
+from .commands import decompose, example
 
-COMMANDS = {"example": example}
+COMMANDS = {"example": example, "decompose": decompose}
 DEFAULT_COMMAND = "example"
 
 

@@ -17,3 +17,28 @@ def parse_shape(text: str, rank: int | None = None) -> tuple[int, ...]:
         sizes = " or ".join(str(r + 2) for r in ranks)
         raise argparse.ArgumentTypeError(f"--input must be {sizes} positive sizes like {example}; got {text!r}")
     return shape
+
+
+class UsageError(ValueError):
+    """A user error: the command prints its message as one line and exits with code 2."""
+
+
+def build_model(spec: str):
+    """A model from a registry name (``sepconv.models``) or ``package.module:factory`` (called with no arguments)."""
+    import importlib
+
+    if ":" in spec:
+        module_name, _, factory_name = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as error:
+            raise UsageError(f"MODEL {spec!r}: cannot import {factory_name!r} from {module_name!r} ({error})") from None
+        return factory()
+    try:
+        from ..models import create_model
+    except ImportError:
+        raise UsageError(f"MODEL {spec!r}: no model registry is installed; use package.module:factory") from None
+    try:
+        return create_model(spec)
+    except ValueError as error:
+        raise UsageError(f"MODEL {spec!r}: {error}") from None
