@@ -6,18 +6,18 @@ convolution against its depthwise separable replacement.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .commands import decompose, example
+from .commands import decompose, example, profile
+from .commands._args import OneLineParser
 
-COMMANDS = {"example": example, "decompose": decompose}
+COMMANDS = {"example": example, "decompose": decompose, "profile": profile}
 DEFAULT_COMMAND = "example"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sepconv", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command")
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="sepconv", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", parser_class=OneLineParser)
     for module in COMMANDS.values():
         module.add_parser(commands)
     return parser

@@ -1,4 +1,4 @@
-"""Argument parsers shared by the sub-commands; they raise argparse errors (one line, exit code 2)."""
+"""What the sub-commands share: argument parsers, the one-line error convention, building MODEL."""
 
 from __future__ import annotations
 
@@ -23,9 +23,24 @@ class UsageError(ValueError):
     """A user error: the command prints its message as one line and exits with code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prog: error: message``) and exit code 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_model(spec: str):
-    """A model from a registry name (``sepconv.models``) or ``package.module:factory`` (called with no arguments)."""
+    """A model from a registry name (``sepconv.models``) or ``package.module:factory`` (called with no arguments).
+
+    Every failure is a :class:`UsageError` naming MODEL: an unknown name (with the registered ones), an
+    import that fails, a factory that raises, or one that returns something other than an ``nn.Module``.
+    """
     import importlib
+
+    from torch import nn
+
+    from ..models import create_model, list_models
 
     if ":" in spec:
         module_name, _, factory_name = spec.partition(":")
@@ -33,12 +48,20 @@ def build_model(spec: str):
             factory = getattr(importlib.import_module(module_name), factory_name)
         except (ImportError, AttributeError) as error:
             raise UsageError(f"MODEL {spec!r}: cannot import {factory_name!r} from {module_name!r} ({error})") from None
-        return factory()
+    else:
+        def factory():
+            try:
+                return create_model(spec)
+            except ValueError as error:
+                raise UsageError(f"MODEL {spec!r}: {error}; MODEL must be a registered name "
+                                 f"({', '.join(list_models())}) or package.module:factory") from None
     try:
-        from ..models import create_model
-    except ImportError:
-        raise UsageError(f"MODEL {spec!r}: no model registry is installed; use package.module:factory") from None
-    try:
-        return create_model(spec)
-    except ValueError as error:
-        raise UsageError(f"MODEL {spec!r}: {error}") from None
+        model = factory()
+    except UsageError:
+        raise
+    except Exception as error:  # the factory's own failure, on one line
+        raise UsageError(f"MODEL {spec!r}: building it failed with {type(error).__name__}: "
+                         f"{' '.join(str(error).split())}") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"MODEL {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model

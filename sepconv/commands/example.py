@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
 
 from .. import geometry
+from ..cost import conv_mult_adds
 from ..layers import Conv2d, SeparableConv2d
 from ._args import parse_shape
 
@@ -20,11 +20,6 @@ def parse_padding(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--padding must be same, valid, causal or an int; got {text!r}") from None
-
-
-def _mult_adds(weight: torch.Tensor, output: torch.Tensor) -> int:
-    """Mult-adds of a (grouped) convolution: every weight is used once per output position and image."""
-    return weight.numel() * output.shape[0] * math.prod(output.shape[2:])
 
 
 def _median_ms(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
@@ -52,11 +47,11 @@ def example(args) -> int:
     k = standard.kernel_size
     rows = [
         ("standard conv", f"{k[0]}x{k[1]}, {c}->{args.out_channels}", standard.weight.numel(), standard.bias.numel(),
-         _mult_adds(standard.weight, y_standard), standard),
+         conv_mult_adds(standard.weight.shape, y_standard.shape), standard),
         ("  depthwise step", f"{k[0]}x{k[1]}, {c}->{hidden}", separable.depthwise_weight.numel(), 0,
-         _mult_adds(separable.depthwise_weight, y), None),
+         conv_mult_adds(separable.depthwise_weight.shape, (n, hidden, *y.shape[2:])), None),
         ("  pointwise step", f"1x1, {hidden}->{args.out_channels}", separable.pointwise_weight.numel(),
-         separable.bias.numel(), _mult_adds(separable.pointwise_weight, y), None),
+         separable.bias.numel(), conv_mult_adds(separable.pointwise_weight.shape, y.shape), None),
     ]
     separable_row = ("separable conv", "depthwise + pointwise", sum(r[2] for r in rows[1:]), separable.bias.numel(),
                      sum(r[4] for r in rows[1:]), separable)
