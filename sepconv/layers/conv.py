@@ -8,7 +8,6 @@ can express the layer's, and one of these otherwise.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .. import functional as F
