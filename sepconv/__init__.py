@@ -6,7 +6,7 @@
 torch.Size([1, 64, 8, 8])
 """
 
-from . import cost, functional, geometry
+from . import cost, functional, geometry, models
 from .constraints import apply_constraints, attach_constraints
 from .conversion import convert, load_converted, materialize
 from .decomposition import decompose
@@ -16,5 +16,5 @@ from .layers import *  # noqa: F403
 from .layers import __all__ as _layers
 
 __version__ = "0.1.0"
-__all__ = ["cost", "functional", "geometry", "profile", "Profile", "apply_constraints", "attach_constraints", "convert", "decompose", "distill",
+__all__ = ["cost", "functional", "geometry", "models", "profile", "Profile", "apply_constraints", "attach_constraints", "convert", "decompose", "distill",
            "load_converted", "materialize", *_layers]

@@ -10,6 +10,8 @@ module of a model, and :func:`attach_constraints` makes an optimiser do so after
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -24,11 +26,11 @@ def max_norm_(weight: torch.Tensor, max_value: float, dim) -> torch.Tensor:
     return weight
 
 
-def check_max_norm(max_norm) -> float | None:
+def check_max_norm(max_norm, name: str = "max_norm") -> float | None:
     if max_norm is None:
         return None
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
-        raise ValueError(f"max_norm must be None or a positive number; got {max_norm!r}")
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm > 0:
+        raise ValueError(f"{name} must be None or a positive number; got {max_norm!r}")
     return float(max_norm)
 
 

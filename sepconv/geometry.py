@@ -27,9 +27,11 @@ entries are ``(before, after)`` pairs or the strings ``"same"``, ``"valid"``, ``
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Union
 
+import numpy as np
 import torch
 
 PaddingString = str
@@ -41,8 +43,12 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _is_int(value) -> bool:
-    # SymInt: sizes are symbolic under torch.export / torch.compile with dynamic shapes.
-    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+    # Integral: numpy integers too; SymInt: sizes are symbolic under torch.export / torch.compile.
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, (bool, np.bool_))
+
+
+def _as_int(value):
+    return value if isinstance(value, (int, torch.SymInt)) else int(value)
 
 
 def to_tuple(value, rank: int, name: str, *, minimum: int = 1) -> tuple[int, ...]:
@@ -57,9 +63,9 @@ def to_tuple(value, rank: int, name: str, *, minimum: int = 1) -> tuple[int, ...
     """
     rule = f"an int or a tuple of {rank} ints, each >= {minimum}"
     if _is_int(value):
-        values = (value,) * rank
+        values = (_as_int(value),) * rank
     elif isinstance(value, Sequence) and not isinstance(value, str):
-        values = tuple(value)
+        values = tuple(_as_int(v) if _is_int(v) else v for v in value)
         if len(values) != rank or not all(_is_int(v) for v in values):
             raise ValueError(f"{name} must be {rule}; got {value!r}")
     else:
@@ -75,9 +81,9 @@ def _axis_padding(entry, name: str) -> AxisPadding:
             raise ValueError(f"{name} must be one of {PADDING_STRINGS}, an int or a (before, after) pair; got {entry!r}")
         return entry
     if _is_int(entry):
-        pair = (entry, entry)
+        pair = (_as_int(entry),) * 2
     elif isinstance(entry, Sequence) and len(entry) == 2 and all(_is_int(v) for v in entry):
-        pair = (entry[0], entry[1])
+        pair = (_as_int(entry[0]), _as_int(entry[1]))
     else:
         raise ValueError(f"{name} must be an int, a (before, after) pair of ints or one of {PADDING_STRINGS}; got {entry!r}")
     if min(pair) < 0:

@@ -199,3 +199,17 @@ def test_state_dict_dtype_and_training_step():
     torch.testing.assert_close(clone(x), layer(x))
     layer(x).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_numpy_integers_are_accepted_as_sizes():
+    layer = sepconv.DepthwiseConv2d(np.int64(8), np.int32(3), stride=(np.int64(2), 1), padding=np.int64(1))
+    assert layer.in_channels == 8 and type(layer.in_channels) is int and layer.stride == (2, 1)
+    assert layer(torch.randn(1, 8, 9, 9)).shape == (1, 8, 5, 9)
+    with pytest.raises(ValueError, match=r"in_channels must be a positive int; got np.True_|got True"):
+        sepconv.DepthwiseConv2d(np.True_, 3)
+
+
+def test_conv_repr_shows_init_and_compact_padding():
+    assert repr(sepconv.Conv2d(3, 8, 3, init="keras")) == "Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), init='keras')"
+    with pytest.raises(ValueError, match=r"dense_max_norm must be None or a positive number; got 0"):
+        sepconv.constraints.check_max_norm(0, "dense_max_norm")

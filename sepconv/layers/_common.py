@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -21,9 +24,10 @@ _NORMS = {"batch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}}
 
 
 def check_channels(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """A positive int (numpy integers accepted and returned as int)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
+    return int(value)
 
 
 def check_init(init: str) -> str:

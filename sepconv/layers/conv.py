@@ -52,8 +52,9 @@ class _ConvNd:
         return F.conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, self.padding_mode)
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        return text.replace(f"padding={self.padding}", f"padding={compact_padding(self.padding)!r}")
+        padding = compact_padding(self.padding)
+        text = super().extra_repr().replace(f", padding={self.padding}", f", padding={padding!r}" if padding else "")
+        return text + (f", init={self.init!r}" if self.init != "torch" else "")
 
     def to_dense(self) -> nn.Module:
         """A copy with ``groups=1`` (block-diagonal kernel); a plain ``nn.ConvNd`` when its padding allows."""

@@ -1,0 +1,35 @@
+"""Reference models built from sepconv layers, faithful to their papers and to Keras' implementations.
+
+Each architecture takes ``num_classes``, ``in_channels`` where it has one, and ``separable``: ``False``
+builds its twin, in which every separable convolution is a standard one of the same kernel, stride,
+padding and widths (MobileNet's Table 4 "Conv MobileNet"). Models return logits. BN moving statistics
+are buffers, so ``sum(p.numel() for p in model.parameters())`` is Keras' trainable parameter count, and
+adding the ``running_mean``/``running_var`` buffers gives Keras' total.
+
+* ``mobilenet_v1`` (and ``mobilenet_v1_100/075/050/025``, alpha fixed): :class:`MobileNetV1`, as
+  ``keras.applications.MobileNet``;
+* ``mobilenet_v2``: :class:`MobileNetV2`, as ``keras.applications.MobileNetV2``;
+* ``xception``: :class:`Xception`, as ``keras.applications.Xception``;
+* ``eegnet``: :class:`EEGNet`, as the reference ``EEGNet`` of the arl-eegmodels project;
+* ``vgg_cifar``: :class:`VGGCifar`, the 6-convolution VGG-block network for 32x32 images.
+
+>>> from sepconv.models import create_model, list_models
+>>> list_models("mobilenet*")
+['mobilenet_v1', 'mobilenet_v1_025', 'mobilenet_v1_050', 'mobilenet_v1_075', 'mobilenet_v1_100', 'mobilenet_v2']
+>>> model = create_model("eegnet", num_classes=2, channels=64, samples=128)
+>>> sum(p.numel() for p in model.parameters())
+2258
+
+:func:`load_keras_weights` ports the weights of the Keras model into its sepconv counterpart.
+"""
+
+from ._registry import create_model, list_models, register_model
+from .eegnet import EEGNet
+from .keras_weights import load_keras_weights
+from .mobilenet_v1 import MobileNetV1
+from .mobilenet_v2 import MobileNetV2
+from .vgg_cifar import VGGCifar
+from .xception import Xception
+
+__all__ = ["create_model", "list_models", "register_model", "load_keras_weights",
+           "MobileNetV1", "MobileNetV2", "Xception", "EEGNet", "VGGCifar"]
