@@ -1,18 +1,18 @@
 """The ``sepconv`` command line: one sub-command per module in :mod:`sepconv.commands`.
 
-``sepconv`` with no sub-command runs ``sepconv example``, a worked cost comparison of one standard
-convolution against its depthwise separable replacement.
+``sepconv`` with no sub-command runs ``sepconv compare``: a network and its separable twin trained and
+compared on scikit-learn's bundled digits.
 """
 
 from __future__ import annotations
 
 import sys
 
-from .commands import decompose, example, profile
+from .commands import compare, decompose, example, profile
 from .commands._args import OneLineParser
 
-COMMANDS = {"example": example, "decompose": decompose, "profile": profile}
-DEFAULT_COMMAND = "example"
+COMMANDS = {"compare": compare, "example": example, "decompose": decompose, "profile": profile}
+DEFAULT_COMMAND = "compare"
 
 
 def build_parser() -> OneLineParser:

@@ -17,8 +17,8 @@ def test_example_prints_reference_counts(capsys):
     assert "closed form M/C_out + M/K^2 = 1/64 + 1/9 = 0.1267" in out
 
 
-def test_default_command_measures_time(capsys):
-    assert cli.main(["--input", "1x8x16x16", "--out-channels", "16"]) == 0
+def test_example_measures_time(capsys):
+    assert cli.main(["example", "--input", "1x8x16x16", "--out-channels", "16"]) == 0
     out = capsys.readouterr().out
     assert "forward ms (median ± IQR)" in out and "measured forward speed-up" in out
 

@@ -284,3 +284,13 @@ def test_errors(call, error, message):
     with pytest.raises(error) as info:
         call()
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_profile_leaves_model_state_and_randomness_untouched():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Dropout(0.5)).train()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    rng = torch.random.get_rng_state()
+    sepconv.profile(model, (2, 3, 8, 8), backward=True)
+    assert all(torch.equal(before[name], b) for name, b in model.named_buffers())
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert model.training

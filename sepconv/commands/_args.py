@@ -65,3 +65,16 @@ def build_model(spec: str):
     if not isinstance(model, nn.Module):
         raise UsageError(f"MODEL {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def at_least(minimum: int):
+    """An argparse type: an int >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}; got {text!r}")
+        return value
+    return parse

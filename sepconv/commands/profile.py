@@ -8,12 +8,11 @@ under a dispatch-level counter; --measure times every counted op and probes this
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 from ..profiling import plot_roofline, profile
-from ._args import UsageError, build_model, parse_shape
+from ._args import UsageError, at_least, build_model, parse_shape
 
 FORMATS = ("table", "csv", "json", "markdown")
 
@@ -43,18 +42,6 @@ def profile_command(args) -> int:
     return 0
 
 
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}; got {text!r}")
-        return value
-    return parse
-
-
 def add_parser(commands) -> None:
     parser = commands.add_parser("profile", help="per-layer params, MACs, bytes, time and roofline of a model",
                                  description=__doc__)
@@ -66,6 +53,6 @@ def add_parser(commands) -> None:
     parser.add_argument("--backward", action="store_true", help="count (and time) the backward pass too")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--roofline", metavar="PNG", help="write the roofline plot here (implies --measure)")
-    parser.add_argument("--repeats", type=_at_least(1), default=5, help="timed runs with --measure (default 5)")
-    parser.add_argument("--warmup", type=_at_least(0), default=2, help="untimed runs first (default 2)")
+    parser.add_argument("--repeats", type=at_least(1), default=5, help="timed runs with --measure (default 5)")
+    parser.add_argument("--warmup", type=at_least(0), default=2, help="untimed runs first (default 2)")
     parser.set_defaults(handler=profile_command)

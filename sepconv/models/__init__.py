@@ -11,7 +11,8 @@ adding the ``running_mean``/``running_var`` buffers gives Keras' total.
 * ``mobilenet_v2``: :class:`MobileNetV2`, as ``keras.applications.MobileNetV2``;
 * ``xception``: :class:`Xception`, as ``keras.applications.Xception``;
 * ``eegnet``: :class:`EEGNet`, as the reference ``EEGNet`` of the arl-eegmodels project;
-* ``vgg_cifar``: :class:`VGGCifar`, the 6-convolution VGG-block network for 32x32 images.
+* ``vgg_cifar``: :class:`VGGCifar`, the 6-convolution VGG-block network for 32x32 images;
+* ``digits_cnn``: :class:`DigitsCNN`, a small CNN for scikit-learn's 8x8 digits (the default of ``sepconv compare``).
 
 >>> from sepconv.models import create_model, list_models
 >>> list_models("mobilenet*")
@@ -24,6 +25,7 @@ adding the ``running_mean``/``running_var`` buffers gives Keras' total.
 """
 
 from ._registry import create_model, list_models, register_model
+from .digits_cnn import DigitsCNN
 from .eegnet import EEGNet
 from .keras_weights import load_keras_weights
 from .mobilenet_v1 import MobileNetV1
@@ -32,4 +34,4 @@ from .vgg_cifar import VGGCifar
 from .xception import Xception
 
 __all__ = ["create_model", "list_models", "register_model", "load_keras_weights",
-           "MobileNetV1", "MobileNetV2", "Xception", "EEGNet", "VGGCifar"]
+           "MobileNetV1", "MobileNetV2", "Xception", "EEGNet", "VGGCifar", "DigitsCNN"]

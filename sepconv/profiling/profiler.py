@@ -138,7 +138,8 @@ def profile(model: nn.Module, input_or_shape, measure: bool = False, backward: b
     """Count (and with ``measure`` time) every convolution and matrix product ``model`` runs on one input.
 
     Args:
-        model: any ``nn.Module``; its train/eval mode is left as it is.
+        model: any ``nn.Module``; its train/eval mode is left as it is, and so are its buffers (batch-norm
+            statistics), its parameters' gradients and the global random state.
         input_or_shape: a tensor, a sequence of tensors (positional inputs), or a shape such as
             ``(1, 3, 224, 224)`` for one random input with the model's dtype and device.
         measure: time each counted op (median and IQR over ``repeats`` runs after ``warmup`` runs), the
@@ -166,6 +167,10 @@ def profile(model: nn.Module, input_or_shape, measure: bool = False, backward: b
     for name, value in (("warmup", warmup), ("repeats", repeats)):
         if not isinstance(value, int) or value < (0 if name == "warmup" else 1):
             raise ValueError(f"{name} must be an int >= {0 if name == 'warmup' else 1}; got {value!r}")
+    # Profiling must not change the model or the caller's randomness: running a model in training mode
+    # updates batch-norm statistics and draws dropout masks, and a shape makes a random input.
+    rng_state = torch.random.get_rng_state()
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     inputs = _inputs(model, input_or_shape)
     parameters = list(model.parameters())
     gradients = [p.grad for p in parameters]
@@ -192,6 +197,10 @@ def profile(model: nn.Module, input_or_shape, measure: bool = False, backward: b
     finally:
         for parameter, gradient in zip(parameters, gradients):
             parameter.grad = gradient
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        torch.random.set_rng_state(rng_state)
     total_macs = max(result.total_macs, 1)
     for row in rows:
         row.macs_share, row.params_share = row.macs / total_macs, row.params / max(result.total_params, 1)

@@ -1,0 +1,86 @@
+"""``sepconv compare``: train a network and its separable twin the same way and report them side by side.
+
+With no options: scikit-learn's bundled 8x8 digits and the small ``digits_cnn`` (about a minute on 2 CPU
+cores). The report in --out (default runs/<timestamp>): report.html (self-contained) and report.md with a
+side-by-side table (parameters, MACs, measured inference and training-step times, final and best validation
+accuracy, train-validation gap, wall time per epoch) and the theoretical vs realised speed-up; PNG plots
+(accuracy and loss per epoch, per-layer costs, learned filters); metrics.json with every figure; checkpoints
+of every epoch (--resume continues an interrupted run). Under ``torchrun --nproc_per_node=N`` it trains with
+DistributedDataParallel (--batch-size is per process) and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..experiment import (DATASETS, DEFAULT_MODELS, CheckpointMismatch, ComparisonError, ComparisonSettings, DataError,
+                          run_comparison)
+from ._args import at_least
+
+DEFAULTS = ComparisonSettings(out=Path("runs"))
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number; got {text!r}")
+    return value
+
+
+def _error(message: str) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one message rather than one per process
+        print(f"sepconv compare: error: {message}", file=sys.stderr)
+    return 2
+
+
+def compare_command(args) -> int:
+    if args.resume and args.out is None:
+        return _error("--resume needs --out DIR, the folder of the run to continue")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = args.out if args.out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    settings = ComparisonSettings(out=out, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+                                  epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                                  seed=args.seed, resume=args.resume)
+    try:
+        run_comparison(settings)
+    except (ComparisonError, DataError, CheckpointMismatch) as error:
+        return _error(str(error))
+    except KeyboardInterrupt:
+        return INTERRUPTED_EXIT_CODE
+    return 0
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("compare", help="train a network and its separable twin; report them side by side",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = ", ".join(f"{dataset}: {model}" for dataset, model in DEFAULT_MODELS.items())
+    parser.add_argument("--model", help=f"a registered model with a separable twin (default per dataset: {defaults})")
+    parser.add_argument("--dataset", choices=DATASETS, default=DEFAULTS.dataset,
+                        help="digits (bundled with scikit-learn, the default), cifar10 (python batches in --data-dir), "
+                             "eeg-synthetic (generated), eeg-numpy (X.npy and y.npy in --data-dir)")
+    parser.add_argument("--data-dir", type=Path, help="folder of cifar10's cifar-10-batches-py or eeg-numpy's arrays")
+    parser.add_argument("--epochs", type=at_least(1), default=DEFAULTS.epochs,
+                        help=f"epochs per twin (default {DEFAULTS.epochs})")
+    parser.add_argument("--batch-size", type=at_least(1), default=DEFAULTS.batch_size,
+                        help=f"inputs per step and process (default {DEFAULTS.batch_size})")
+    parser.add_argument("--lr", type=_positive_float, default=DEFAULTS.learning_rate,
+                        help=f"Adam's learning rate (default {DEFAULTS.learning_rate:g})")
+    parser.add_argument("--seed", type=at_least(0), default=DEFAULTS.seed,
+                        help=f"initialisation, data split and order, dropout (default {DEFAULTS.seed})")
+    parser.add_argument("--out", type=Path, help="folder of the report and checkpoints (default runs/<timestamp>)")
+    parser.add_argument("--threads", type=at_least(1), help="PyTorch's intra-op threads for training and timing "
+                        "(default: PyTorch's own choice, one per core)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    parser.set_defaults(handler=compare_command)
+

@@ -1,0 +1,320 @@
+"""The datasets ``sepconv compare`` trains on, in memory, standardised, split into training and validation.
+
+* ``digits`` (the default): scikit-learn's bundled handwritten digits, 1,797 8x8 grey images of 0-9, shipped
+  inside the scikit-learn package, so nothing is downloaded. Validation: a stratified 20% chosen by the seed.
+* ``cifar10``: the standard CIFAR-10 python batches (the ``cifar-10-batches-py`` folder): ``data_batch_1`` to
+  ``data_batch_5`` for training, ``test_batch`` for validation (the usual protocol; no seed involved).
+* ``eeg-synthetic``: generated event-related EEG, documented in :func:`make_eeg_synthetic`. Synthetic: it
+  shows how EEGNet and its twin learn a known spatial and temporal structure, not how they do on real EEG.
+* ``eeg-numpy``: real epoched EEG from ``X.npy`` (trials x channels x samples) and ``y.npy`` (one label per
+  trial) in ``--data-dir``. Validation: a stratified 20% chosen by the seed.
+
+Inputs are standardised per channel with the training set's mean and standard deviation. Images are
+``(N, C, H, W)``; EEG trials ``(N, 1, electrodes, samples)``, the layout EEGNet reads.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["DATASETS", "DEFAULT_MODELS", "DataError", "Dataset", "load_dataset", "make_eeg_synthetic",
+           "eeg_synthetic_templates", "stratified_split"]
+
+DATASETS = ("digits", "cifar10", "eeg-synthetic", "eeg-numpy")
+NEEDS_DATA_DIR = ("cifar10", "eeg-numpy")
+DEFAULT_MODELS = {"digits": "digits_cnn", "cifar10": "vgg_cifar", "eeg-synthetic": "eegnet", "eeg-numpy": "eegnet"}
+VALIDATION_FRACTION = 0.2
+
+
+class DataError(ValueError):
+    """Missing or malformed data; the message is one line that names the data and says what was expected."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Standardised float32 tensors and what a model needs to know about them.
+
+    Attributes:
+        layout: ``"image"`` (inputs ``(N, C, H, W)``) or ``"eeg"`` (``(N, 1, electrodes, samples)``).
+    """
+
+    name: str
+    description: str
+    train_inputs: torch.Tensor
+    train_labels: torch.Tensor
+    validation_inputs: torch.Tensor
+    validation_labels: torch.Tensor
+    class_names: tuple[str, ...]
+    layout: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input, without the batch dimension."""
+        return tuple(self.train_inputs.shape[1:])
+
+    def model_arguments(self) -> dict:
+        """The registry keyword arguments that size a model for these inputs."""
+        if self.layout == "eeg":
+            _, electrodes, samples = self.input_shape
+            return {"num_classes": self.num_classes, "channels": electrodes, "samples": samples}
+        channels, height, width = self.input_shape
+        return {"num_classes": self.num_classes, "in_channels": channels, "input_size": (height, width)}
+
+    def summary(self) -> dict:
+        return {"name": self.name, "description": self.description, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes, "class_names": list(self.class_names),
+                "train_size": len(self.train_labels), "validation_size": len(self.validation_labels)}
+
+
+def load_dataset(name: str, data_dir=None, seed: int = 0) -> Dataset:
+    """The dataset ``name`` (one of :data:`DATASETS`); ``data_dir`` for ``cifar10`` and ``eeg-numpy`` only."""
+    if name not in DATASETS:
+        raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    if data_dir is None and name in NEEDS_DATA_DIR:
+        raise DataError(f"--dataset {name} needs --data-dir PATH (where its files are)")
+    if data_dir is not None and name not in NEEDS_DATA_DIR:
+        raise DataError(f"--dataset {name} reads no --data-dir (got {str(data_dir)!r}); only "
+                        f"{' and '.join(NEEDS_DATA_DIR)} do")
+    if name == "digits":
+        return _load_digits(seed)
+    if name == "cifar10":
+        return _load_cifar10(Path(data_dir))
+    if name == "eeg-synthetic":
+        inputs, labels = make_eeg_synthetic(seed)
+        return _split("eeg-synthetic", make_eeg_synthetic.__doc__.split("\n\n")[0], inputs[:, None], labels,
+                      [f"class {k}" for k in range(EEG_CLASSES)], seed, "eeg")
+    return _load_eeg_numpy(Path(data_dir), seed)
+
+
+# --- splitting and standardisation ----------------------------------------------------------------
+
+def stratified_split(labels: np.ndarray, seed: int, validation_fraction: float = VALIDATION_FRACTION):
+    """Training and validation indices: ``validation_fraction`` of each class (at least one), chosen by ``seed``."""
+    generator = np.random.default_rng(seed)
+    train, validation = [], []
+    for label in np.unique(labels):
+        members = generator.permutation(np.flatnonzero(labels == label))
+        count = max(1, round(validation_fraction * len(members)))
+        validation.append(members[:count])
+        train.append(members[count:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(validation))
+
+
+def _standardised(train: np.ndarray, validation: np.ndarray, channel_axis: int):
+    """Both arrays as float32 tensors, standardised per channel with the training set's statistics."""
+    axes = tuple(axis for axis in range(train.ndim) if axis != channel_axis)
+    mean = train.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = train.std(axis=axes, keepdims=True, dtype=np.float64)
+    std[std == 0] = 1.0  # a constant channel stays zero rather than dividing by zero
+
+    def convert(array):
+        return torch.from_numpy(((array - mean) / std).astype(np.float32))
+    return convert(train), convert(validation)
+
+
+def _split(name: str, description: str, inputs: np.ndarray, labels: np.ndarray, class_names, seed: int,
+           layout: str) -> Dataset:
+    """Inputs ``(N, C, H, W)`` (images) or ``(N, 1, electrodes, samples)`` (EEG), standardised per channel or
+    electrode, split by :func:`stratified_split`."""
+    train, validation = stratified_split(labels, seed)
+    channel_axis = 2 if layout == "eeg" else 1
+    train_inputs, validation_inputs = _standardised(inputs[train], inputs[validation], channel_axis)
+    return Dataset(name, description, train_inputs, torch.from_numpy(labels[train]), validation_inputs,
+                   torch.from_numpy(labels[validation]), tuple(class_names), layout)
+
+
+# --- digits ---------------------------------------------------------------------------------------
+
+def _load_digits(seed: int) -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise DataError("dataset 'digits' needs scikit-learn, which ships it: pip install scikit-learn") from error
+    digits = load_digits()
+    images = digits.images.astype(np.float32)[:, None]  # (1797, 1, 8, 8), grey levels 0-16
+    return _split("digits", "scikit-learn's handwritten digits: 1,797 8x8 grey images of the digits 0-9",
+                         images, digits.target.astype(np.int64), [str(d) for d in digits.target_names], seed, "image")
+
+
+# --- CIFAR-10 -------------------------------------------------------------------------------------
+
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_FILES = (*CIFAR_TRAIN_FILES, "test_batch", "batches.meta")
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MAX_FILE_BYTES = 64 * 2**20  # the real batches are 31 MB each
+CIFAR_IMAGE_VALUES = 3 * 32 * 32
+# What CIFAR's pickles may construct: numpy arrays (as numpy 1 and 2 pickle them) and the bytes codec. Anything
+# else would run code that is not part of the format, so loading refuses it.
+_CIFAR_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which CIFAR-10 batches do not use")
+        return super().find_class(module, name)
+
+
+def _cifar_error(data_dir: Path, problem: str) -> DataError:
+    return DataError(f"--data-dir {data_dir}: {problem}; CIFAR-10 needs the {CIFAR_FOLDER} folder of {CIFAR_URL} "
+                     f"with exactly these files: {', '.join(CIFAR_FILES)}")
+
+
+def _read_cifar_file(data_dir: Path, name: str) -> dict:
+    path = data_dir / name
+    size = path.stat().st_size
+    if not 0 < size <= CIFAR_MAX_FILE_BYTES:
+        raise _cifar_error(data_dir, f"{name} has {size:,} bytes, not a CIFAR-10 file (at most "
+                                     f"{CIFAR_MAX_FILE_BYTES:,})")
+    try:
+        with open(path, "rb") as handle:
+            content = _CifarUnpickler(handle, encoding="bytes").load()
+    except Exception as error:  # any failure to unpickle means the same thing: not a CIFAR-10 file
+        raise _cifar_error(data_dir, f"{name} is not a CIFAR-10 python pickle ({type(error).__name__}: {error})") \
+            from None
+    if not isinstance(content, dict):
+        raise _cifar_error(data_dir, f"{name} holds a {type(content).__name__}, not a dict")
+    return content
+
+
+def _read_cifar_batch(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    content = _read_cifar_file(data_dir, name)
+    data, labels = content.get(b"data"), content.get(b"labels")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == CIFAR_IMAGE_VALUES):
+        raise _cifar_error(data_dir, f"{name} has no b'data' array of uint8 with {CIFAR_IMAGE_VALUES} values per "
+                                     "image")
+    labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
+    if labels.shape != (len(data),) or labels.size and not (labels.min() >= 0 and labels.max() <= 9):
+        raise _cifar_error(data_dir, f"{name} needs b'labels' with one class 0-9 per image ({len(data)} images)")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar10(data_dir: Path) -> Dataset:
+    if (data_dir / CIFAR_FOLDER).is_dir():  # the folder the archive unpacks into, given its parent
+        data_dir = data_dir / CIFAR_FOLDER
+    if not data_dir.is_dir():
+        raise _cifar_error(data_dir, "no such directory")
+    missing = [name for name in CIFAR_FILES if not (data_dir / name).is_file()]
+    if missing:
+        raise _cifar_error(data_dir, f"missing {', '.join(missing)}")
+    names = _read_cifar_file(data_dir, "batches.meta").get(b"label_names")
+    if not (isinstance(names, list) and len(names) == 10 and all(isinstance(n, bytes) for n in names)):
+        raise _cifar_error(data_dir, "batches.meta has no b'label_names' list of the 10 class names")
+    train = [_read_cifar_batch(data_dir, name) for name in CIFAR_TRAIN_FILES]
+    test_images, test_labels = _read_cifar_batch(data_dir, "test_batch")
+    train_images = np.concatenate([images for images, _ in train])
+    train_labels = np.concatenate([labels for _, labels in train])
+    train_inputs, validation_inputs = _standardised(train_images.astype(np.float32), test_images.astype(np.float32),
+                                                    channel_axis=1)
+    return Dataset("cifar10", f"CIFAR-10 from {data_dir}: 32x32 colour images of 10 classes; validation is "
+                   "test_batch", train_inputs, torch.from_numpy(train_labels), validation_inputs,
+                   torch.from_numpy(test_labels), tuple(n.decode() for n in names), "image")
+
+
+# --- synthetic EEG --------------------------------------------------------------------------------
+
+EEG_SAMPLING_RATE = 128  # Hz
+EEG_SAMPLES = 128  # one-second trials
+EEG_GRID = 4  # electrodes on a 4 x 4 grid over the scalp
+EEG_CLASSES = 4
+EEG_TRIALS_PER_CLASS = 200
+# Class k: a spatial blob centred at EEG_CENTRES[k] (grid coordinates in [-1, 1]) and a temporal waveform
+# peaking at EEG_LATENCIES[k] seconds, oscillating at EEG_FREQUENCIES[k] Hz under a Gaussian envelope.
+EEG_CENTRES = ((-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5))
+EEG_LATENCIES = (0.30, 0.40, 0.35, 0.45)
+EEG_FREQUENCIES = (4.0, 6.0, 8.0, 10.0)
+EEG_SPATIAL_WIDTH = 0.6
+EEG_ENVELOPE_WIDTH = 0.08  # seconds
+EEG_LATENCY_JITTER = 0.03  # seconds, standard deviation per trial
+EEG_BACKGROUND_SOURCES = 8
+
+
+def eeg_synthetic_templates(latency_shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The known structure of ``eeg-synthetic``: spatial patterns ``(classes, electrodes)`` (unit norm) and
+    temporal waveforms ``(classes, samples)`` (peak 1), all waveforms delayed by ``latency_shift`` seconds."""
+    axis = np.linspace(-1.0, 1.0, EEG_GRID)
+    rows, columns = np.meshgrid(axis, axis, indexing="ij")
+    spatial = np.stack([np.exp(-((rows - y) ** 2 + (columns - x) ** 2) / (2 * EEG_SPATIAL_WIDTH ** 2)).ravel()
+                        for x, y in EEG_CENTRES])
+    spatial /= np.linalg.norm(spatial, axis=1, keepdims=True)
+    time = np.arange(EEG_SAMPLES) / EEG_SAMPLING_RATE
+    delay = time[None, :] - (np.asarray(EEG_LATENCIES)[:, None] + latency_shift)
+    temporal = (np.exp(-delay ** 2 / (2 * EEG_ENVELOPE_WIDTH ** 2))
+                * np.cos(2 * np.pi * np.asarray(EEG_FREQUENCIES)[:, None] * delay))
+    return spatial, temporal
+
+
+def make_eeg_synthetic(seed: int = 0, trials_per_class: int = EEG_TRIALS_PER_CLASS, signal_to_noise: float = 0.5):
+    """Synthetic event-related EEG: 4 classes, 16 electrodes (a 4x4 grid), 1-second trials at 128 Hz.
+
+    Each trial of class ``k`` is ``a * outer(spatial[k], temporal[k] delayed by d) + background + sensor noise``
+    (:func:`eeg_synthetic_templates`): a blob over one quadrant of the grid times a Gabor-like waveform
+    (4, 6, 8 or 10 Hz under a Gaussian envelope peaking at 300-450 ms); per trial an amplitude ``a``
+    (log-normal around 1) and a latency jitter ``d`` (30 ms standard deviation). The background is
+    brain-like: 8 latent sources of smoothed (AR(1), coefficient 0.95) noise mixed onto the electrodes by a
+    random matrix, plus white sensor noise; ``signal_to_noise`` is the ratio of the signal's RMS over its
+    trial to the background's. Only the noise, amplitudes, jitter and class order depend on ``seed``; the
+    patterns and waveforms are fixed.
+
+    Returns ``(trials, labels)``: float32 ``(N, 16, 128)`` and int64 ``(N,)``.
+    """
+    generator = np.random.default_rng(seed)
+    count = EEG_CLASSES * trials_per_class
+    labels = generator.permutation(np.repeat(np.arange(EEG_CLASSES), trials_per_class))
+    jitter = generator.normal(0.0, EEG_LATENCY_JITTER, count)
+    amplitude = generator.lognormal(0.0, 0.25, count)
+    signal = np.empty((count, EEG_GRID ** 2, EEG_SAMPLES))
+    for trial, (label, delay) in enumerate(zip(labels, jitter)):
+        spatial, temporal = eeg_synthetic_templates(delay)
+        signal[trial] = amplitude[trial] * np.outer(spatial[label], temporal[label])
+
+    sources = generator.normal(size=(count, EEG_BACKGROUND_SOURCES, EEG_SAMPLES))
+    for t in range(1, EEG_SAMPLES):  # AR(1) smoothing: most background power at low frequencies, as in EEG
+        sources[..., t] += 0.95 * sources[..., t - 1]
+    mixing = generator.normal(size=(EEG_GRID ** 2, EEG_BACKGROUND_SOURCES))
+    background = np.einsum("es,nst->net", mixing, sources)
+    background += 0.5 * background.std() * generator.normal(size=background.shape)
+    background *= np.sqrt((signal ** 2).mean()) / (signal_to_noise * background.std())
+    return (signal + background).astype(np.float32), labels.astype(np.int64)
+
+
+# --- real EEG from numpy arrays -------------------------------------------------------------------
+
+def _load_eeg_numpy(data_dir: Path, seed: int) -> Dataset:
+    expected = f"{data_dir}/X.npy (trials x channels x samples) and {data_dir}/y.npy (one label per trial)"
+    arrays = {}
+    for name in ("X", "y"):
+        try:
+            arrays[name] = np.load(data_dir / f"{name}.npy", allow_pickle=False)  # never runs pickled code
+        except FileNotFoundError:
+            raise DataError(f"--data-dir {data_dir}: no {name}.npy; eeg-numpy needs {expected}") from None
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(f"--data-dir {data_dir}: {name}.npy is not a readable numpy array ({error}); eeg-numpy "
+                            f"needs {expected}") from None
+    trials, labels = arrays["X"], arrays["y"]
+    if trials.ndim != 3 or not np.issubdtype(trials.dtype, np.number) or not np.isfinite(trials).all():
+        raise DataError(f"--data-dir {data_dir}: X.npy must be finite numbers of shape (trials, channels, samples); "
+                        f"got {trials.dtype} of shape {trials.shape}")
+    if labels.shape != (len(trials),):
+        raise DataError(f"--data-dir {data_dir}: y.npy must hold one label per trial, shape ({len(trials)},); got "
+                        f"shape {labels.shape}")
+    classes, indices, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(classes) < 2 or counts.min() < 2:
+        raise DataError(f"--data-dir {data_dir}: y.npy needs at least 2 classes of at least 2 trials each (one for "
+                        f"training, one for validation); got counts {dict(zip(classes.tolist(), counts.tolist()))}")
+    return _split("eeg-numpy", f"epoched EEG from {data_dir}: {trials.shape[0]} trials of {trials.shape[1]} "
+                  f"channels x {trials.shape[2]} samples", trials.astype(np.float32)[:, None], indices.astype(np.int64),
+                  [str(c) for c in classes], seed, "eeg")

@@ -1,0 +1,281 @@
+"""The comparison's report: ``metrics.json`` (every figure), ``report.md`` and a self-contained ``report.html``.
+
+Both documents are rendered from one list of blocks (headings, paragraphs, tables, lists, images), so they
+always say the same thing; the HTML embeds the PNG plots as base64. A figure that was not measured (times of
+an interrupted run, accuracy of a model with no completed epoch) is ``null`` in the JSON and "not measured"
+in the documents, never a placeholder number.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from torch import nn
+
+from .._io import atomic_write_text
+from ..profiling.timing import median_and_iqr
+from .plots import plot_layer_costs, plot_learned_filters, plot_training_curves
+
+__all__ = ["METRICS_FORMAT", "UNITS", "TWINS", "summarize_history", "build_metrics", "write_report", "summary_table"]
+
+METRICS_FORMAT = "sepconv.compare/1"
+TWINS = ("standard", "separable")
+NOT_MEASURED = "not measured"
+UNITS = {
+    "params": "parameter elements (nn.Parameters, batch-norm scales and shifts included; running statistics not)",
+    "macs": "forward multiply-adds (MACs) for one input, counted by sepconv.profile (bias adds, norms, activations "
+            "and pooling not counted)",
+    "flops": "2 x MACs",
+    "*_ms": "milliseconds for one batch of batch_size inputs; median and interquartile range (iqr)",
+    "*_accuracy": "fraction of inputs classified correctly (0 to 1)",
+    "*_loss": "cross-entropy, mean per input",
+    "train_validation_gap": "final train accuracy minus final validation accuracy (fraction)",
+    "seconds": "wall-clock seconds of one epoch (training and validation)",
+    "*_speedup": "standard twin's cost or time divided by the separable twin's (above 1: the separable twin is "
+                 "cheaper or faster)",
+}
+
+
+def summarize_history(history: list[dict]) -> dict:
+    """Final and best validation accuracy, the train-validation gap and epoch times of one training."""
+    if not history:
+        return {"epochs_completed": 0, "final_train_accuracy": None, "final_validation_accuracy": None,
+                "best_validation_accuracy": None, "best_epoch": None, "train_validation_gap": None,
+                "seconds_per_epoch": None, "training_seconds": 0.0}
+    best = max(history, key=lambda record: record["validation_accuracy"])  # the first epoch reaching the best
+    final = history[-1]
+    median, spread = median_and_iqr([record["seconds"] for record in history])
+    return {"epochs_completed": len(history), "final_train_accuracy": final["train_accuracy"],
+            "final_validation_accuracy": final["validation_accuracy"],
+            "best_validation_accuracy": best["validation_accuracy"], "best_epoch": best["epoch"],
+            "train_validation_gap": final["train_accuracy"] - final["validation_accuracy"],
+            "seconds_per_epoch": {"median": median, "iqr": spread},
+            "training_seconds": sum(record["seconds"] for record in history)}
+
+
+def _ratio(numerator, denominator):
+    return None if numerator is None or denominator is None or not denominator else numerator / denominator
+
+
+def build_metrics(*, status: str, settings: dict, dataset: dict, environment: dict, models: dict[str, dict],
+                  timing_method: str | None, resume_command: str) -> dict:
+    """``metrics.json``'s content. ``models[twin]`` holds ``name``, ``separable``, the costs of
+    :func:`~sepconv.experiment.measure.count_costs`, ``inference_ms`` and ``train_step_ms`` (or ``None``) and
+    ``epochs`` (the training history)."""
+    models = {twin: {**model, **summarize_history(model["epochs"])} for twin, model in models.items()}
+    standard, separable = models["standard"], models["separable"]
+
+    def median(model, key):
+        return None if model.get(key) is None else model[key]["median"]
+
+    return {
+        "format": METRICS_FORMAT, "status": status, "resume_command": resume_command, "settings": settings,
+        "dataset": dataset, "environment": environment, "units": UNITS, "timing_method": timing_method,
+        "models": models,
+        "comparison": {
+            "params_ratio": separable["params"] / standard["params"],
+            "macs_ratio": separable["macs"] / standard["macs"],
+            "theoretical_speedup": standard["macs"] / separable["macs"],
+            "inference_speedup": _ratio(median(standard, "inference_ms"), median(separable, "inference_ms")),
+            "train_step_speedup": _ratio(median(standard, "train_step_ms"), median(separable, "train_step_ms")),
+            "epoch_time_speedup": _ratio(median(standard, "seconds_per_epoch"), median(separable, "seconds_per_epoch")),
+            "final_validation_accuracy_difference": _difference(separable, standard, "final_validation_accuracy"),
+        },
+        "plots": [],
+    }
+
+
+def _difference(first: dict, second: dict, key: str):
+    return None if first[key] is None or second[key] is None else first[key] - second[key]
+
+
+# --- the side-by-side table ------------------------------------------------------------------------
+
+def _count(value: int) -> str:
+    return f"{value:,}"
+
+
+def _time(timing: dict | None, digits: int = 3) -> str:
+    return NOT_MEASURED if timing is None else f"{timing['median']:.{digits}f} ± {timing['iqr']:.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    return NOT_MEASURED if value is None else f"{100 * value:.2f}"
+
+
+def _fewer(ratio: float) -> str:
+    return f"{ratio:.3f}x ({1 / ratio:.1f}x fewer)"
+
+
+def _speedup(value: float | None) -> str:
+    if value is None:
+        return NOT_MEASURED
+    return f"{value:.2f}x " + ("faster" if value >= 1 else "slower")
+
+
+def _points(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:+.2f} points"
+
+
+def summary_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the side-by-side table: quantity, standard, separable, separable vs standard."""
+    standard, separable = (metrics["models"][twin] for twin in TWINS)
+    comparison = metrics["comparison"]
+    batch = metrics["settings"]["batch_size"]
+
+    def row(label, render, key, versus):
+        return [label, render(standard[key]), render(separable[key]), versus]
+
+    def best(model):
+        accuracy = model["best_validation_accuracy"]
+        return NOT_MEASURED if accuracy is None else f"{100 * accuracy:.2f} (epoch {model['best_epoch']})"
+
+    rows = [
+        row("parameters", _count, "params", _fewer(comparison["params_ratio"])),
+        row("forward MACs per input", _count, "macs", _fewer(comparison["macs_ratio"])),
+        row(f"inference, batch of {batch} (ms, median ± IQR)", _time, "inference_ms",
+            _speedup(comparison["inference_speedup"])),
+        row(f"training step, batch of {batch} (ms, median ± IQR)", _time, "train_step_ms",
+            _speedup(comparison["train_step_speedup"])),
+        row("final validation accuracy (%)", _percent, "final_validation_accuracy",
+            _points(comparison["final_validation_accuracy_difference"])),
+        ["best validation accuracy (%)", best(standard), best(separable),
+         _points(_difference(separable, standard, "best_validation_accuracy"))],
+        row("final train accuracy (%)", _percent, "final_train_accuracy",
+            _points(_difference(separable, standard, "final_train_accuracy"))),
+        row("train - validation gap (points)", _percent, "train_validation_gap",
+            _points(_difference(separable, standard, "train_validation_gap"))),
+        row("wall time per epoch (s, median ± IQR)", lambda timing: _time(timing, 2), "seconds_per_epoch",
+            _speedup(comparison["epoch_time_speedup"])),
+        row("epochs completed", str, "epochs_completed", ""),
+    ]
+    return ["", "standard", "separable", "separable vs standard"], rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with padded columns, readable as plain text too (the first column left-aligned)."""
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+
+    def render(cells):
+        return "| " + " | ".join(cells) + " |"
+
+    def aligned(line):
+        return render([cell.ljust(width) if i == 0 else cell.rjust(width)
+                       for i, (cell, width) in enumerate(zip(line, widths))])
+    rule = render(["-" * width if i == 0 else "-" * (width - 1) + ":" for i, width in enumerate(widths)])
+    return "\n".join([aligned(header), rule, *map(aligned, rows)])
+
+
+def speedup_lines(metrics: dict) -> list[str]:
+    comparison = metrics["comparison"]
+    return [f"theoretical (standard MACs / separable MACs): {comparison['theoretical_speedup']:.2f}x",
+            f"realised, inference: {_speedup(comparison['inference_speedup'])}",
+            f"realised, training step: {_speedup(comparison['train_step_speedup'])}",
+            f"realised, wall time per epoch: {_speedup(comparison['epoch_time_speedup'])}"]
+
+
+# --- the documents ---------------------------------------------------------------------------------
+
+def _blocks(metrics: dict) -> list[tuple]:
+    settings, dataset, environment = metrics["settings"], metrics["dataset"], metrics["environment"]
+    model = settings["model"]
+    blocks = [("title", f"sepconv compare: {model}, standard vs separable, on {dataset['name']}")]
+    if metrics["status"] != "complete":
+        done = ", ".join(f"{twin} {metrics['models'][twin]['epochs_completed']}/{settings['epochs']}" for twin in TWINS)
+        blocks.append(("paragraph", f"INTERRUPTED (epochs completed: {done}). The figures cover the completed "
+                                    f"epochs; times were not measured. Continue with: {metrics['resume_command']}"))
+    shape = "x".join(map(str, dataset["input_shape"]))
+    blocks += [
+        ("paragraph", f"Data: {dataset['description']}. {dataset['train_size']:,} training and "
+                      f"{dataset['validation_size']:,} validation inputs of shape {shape}, {dataset['num_classes']} "
+                      "classes."),
+        ("paragraph", f"Training: both twins built from seed {settings['seed']} with the same initialisation scheme "
+                      f"and trained the same way: {settings['epochs']} epochs of {settings['optimizer']} (learning "
+                      f"rate {settings['learning_rate']:g}) on cross-entropy, batches of {settings['batch_size']} per "
+                      f"process x {environment['processes']} process(es), the same data order and the same RNG "
+                      f"state. Machine: {environment['device']}, {environment['threads']} threads, PyTorch "
+                      f"{environment['torch']}, {environment['platform']}."),
+        ("heading", "Side by side"),
+        ("table", *summary_table(metrics)),
+        ("heading", "Speed-up of the separable twin"),
+        ("list", speedup_lines(metrics)),
+        ("heading", "Plots"),
+        *(("image", plot["title"], plot["file"]) for plot in metrics["plots"]),
+        ("heading", "How the figures were obtained"),
+        ("list", [f"parameters: {UNITS['params']}; MACs: {UNITS['macs']}",
+                  f"times: {metrics['timing_method'] or NOT_MEASURED}; inference in eval mode without gradients, "
+                  "a training step is forward, cross-entropy, backward, optimizer step and constraints",
+                  "train accuracy: mean over each epoch's batches in training mode (dropout on, weights changing); "
+                  "validation accuracy: the whole validation set in eval mode after each epoch",
+                  "every figure is in metrics.json; the checkpoints of the last completed epochs are in "
+                  "checkpoints/"]),
+    ]
+    return blocks
+
+
+def _markdown(blocks: list[tuple]) -> str:
+    render = {"title": lambda text: f"# {text}", "heading": lambda text: f"## {text}", "paragraph": str,
+              "table": markdown_table, "list": lambda items: "\n".join(f"- {item}" for item in items),
+              "image": lambda caption, file: f"![{caption}]({file})"}
+    return "\n\n".join(render[kind](*content) for kind, *content in blocks) + "\n"
+
+
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px}td:not(:first-child),"
+          "th:not(:first-child){text-align:right}th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee}"
+          "figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}")
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    def cells(tag, line):
+        return "<tr>" + "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in line) + "</tr>"
+    body = "".join(cells("td", row) for row in rows)
+    return f"<table><thead>{cells('th', header)}</thead><tbody>{body}</tbody></table>"
+
+
+def _html_image(caption: str, file: str, out_dir: Path) -> str:
+    encoded = base64.b64encode((out_dir / file).read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">'
+            f"<figcaption>{html.escape(caption)} ({html.escape(file)})</figcaption></figure>")
+
+
+def _html(blocks: list[tuple], out_dir: Path) -> str:
+    """A self-contained page: the plots are embedded as base64 PNGs."""
+    escape = html.escape
+    render = {"title": lambda text: f"<h1>{escape(text)}</h1>", "heading": lambda text: f"<h2>{escape(text)}</h2>",
+              "paragraph": lambda text: f"<p>{escape(text)}</p>", "table": _html_table,
+              "list": lambda items: "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>",
+              "image": lambda caption, file: _html_image(caption, file, out_dir)}
+    title = escape(blocks[0][1])
+    body = "\n".join(render[kind](*content) for kind, *content in blocks)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def write_report(out_dir: Path, metrics: dict, trained_models: dict[str, nn.Module]) -> list[str]:
+    """Draw the plots, then write ``metrics.json``, ``report.md`` and ``report.html`` into ``out_dir``.
+
+    ``trained_models`` are the twins whose learned filters are drawn (those that finished training).
+    Returns the names of the files written.
+    """
+    out_dir = Path(out_dir)
+    title = f"{metrics['settings']['model']} on {metrics['dataset']['name']}"
+    histories = {twin: metrics["models"][twin]["epochs"] for twin in TWINS}
+    plots = []
+    if any(histories.values()):
+        plot_training_curves(histories, f"Training of {title}", out_dir / "curves.png")
+        plots.append({"title": "accuracy and loss per epoch", "file": "curves.png"})
+    plot_layer_costs({twin: metrics["models"][twin] for twin in TWINS}, out_dir / "layer_costs.png")
+    plots.append({"title": "parameters and MACs per layer", "file": "layer_costs.png"})
+    for twin, model in trained_models.items():
+        plots += [{"title": f"{twin} twin, learned filters of {plot['title']}", "file": plot["file"]}
+                  for plot in plot_learned_filters(model, out_dir, prefix=twin)]
+    metrics["plots"] = plots
+    blocks = _blocks(metrics)
+    atomic_write_text(json.dumps(metrics, indent=2) + "\n", out_dir / "metrics.json")
+    atomic_write_text(_markdown(blocks), out_dir / "report.md")
+    atomic_write_text(_html(blocks, out_dir), out_dir / "report.html")
+    return ["metrics.json", "report.md", "report.html", *(plot["file"] for plot in plots)]

@@ -1,0 +1,291 @@
+"""`sepconv compare`: the end-to-end run on the default dataset, resume, the datasets, DDP and user errors."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sepconv.models.digits_cnn  # noqa: F401  (registers "digits_cnn")
+from sepconv import cli
+from sepconv.experiment import DataError, load_dataset
+from sepconv.experiment import train as train_module
+from sepconv.experiment.data import CIFAR_FILES, eeg_synthetic_templates, make_eeg_synthetic
+from sepconv.models import create_model
+
+TINY = ["--epochs", "2", "--batch-size", "64", "--threads", "1"]  # 23 batches per epoch on digits
+BATCHES_PER_EPOCH = 23
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _figures(history):
+    """Everything an epoch records except its wall time."""
+    return [{key: value for key, value in record.items() if key != "seconds"} for record in history]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`sepconv` with no sub-command: compare on the default dataset (digits) and model, a tiny budget."""
+    out = tmp_path_factory.mktemp("compare") / "run"
+    code = cli.main([*TINY, "--out", str(out)])
+    return code, out, json.loads((out / "metrics.json").read_text())
+
+
+def test_default_run_writes_the_report_with_every_figure(default_run, capsys):
+    code, out, metrics = default_run
+    assert code == 0
+    assert metrics["status"] == "complete"
+    assert metrics["settings"]["model"] == "digits_cnn" and metrics["dataset"]["name"] == "digits"
+    standard, separable = metrics["models"]["standard"], metrics["models"]["separable"]
+    for model in (standard, separable):
+        assert [record["epoch"] for record in model["epochs"]] == [1, 2]
+        for key in ("inference_ms", "train_step_ms"):
+            assert model[key]["median"] > 0 and model[key]["iqr"] >= 0 and model[key]["batch_size"] == 64
+        assert model["seconds_per_epoch"]["median"] > 0
+        assert model["train_validation_gap"] == pytest.approx(model["final_train_accuracy"]
+                                                             - model["final_validation_accuracy"])
+    comparison = metrics["comparison"]
+    assert comparison["theoretical_speedup"] == pytest.approx(standard["macs"] / separable["macs"])
+    assert comparison["inference_speedup"] == pytest.approx(standard["inference_ms"]["median"]
+                                                            / separable["inference_ms"]["median"])
+
+    plots = [plot["file"] for plot in metrics["plots"]]
+    assert {"curves.png", "layer_costs.png"} <= set(plots)
+    assert "filters_separable_features_stem_conv.png" in plots  # spatially separable: 1-D kernels, surface
+    assert "filters_separable_features_block1_conv_conv.png" in plots  # depthwise kernel grid
+    for name in plots:
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+    markdown, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for figure in (f"{standard['params']:,}", f"{separable['macs']:,}",
+                   f"{100 * separable['final_validation_accuracy']:.2f}",
+                   f"{standard['inference_ms']['median']:.3f} ± {standard['inference_ms']['iqr']:.3f}",
+                   f"{comparison['theoretical_speedup']:.2f}x"):
+        assert figure in markdown and figure in page
+    assert page.count('src="data:image/png;base64,') == len(plots)  # self-contained
+    assert all(f"]({name})" in markdown for name in plots)
+    assert (out / "checkpoints" / "standard.pt").exists() and (out / "checkpoints" / "separable.pt").exists()
+
+
+def test_separable_twin_is_cheaper_and_both_learn(default_run):
+    _, _, metrics = default_run
+    standard, separable = metrics["models"]["standard"], metrics["models"]["separable"]
+    assert separable["params"] < standard["params"] / 5
+    assert separable["macs"] < standard["macs"] / 5
+    for model in (standard, separable):
+        assert model["final_validation_accuracy"] > 0.5  # ten classes: chance is 0.1
+
+
+def test_interrupted_run_resumes_to_the_same_final_metrics(default_run, tmp_path, monkeypatch, capsys):
+    _, _, uninterrupted = default_run
+    out = tmp_path / "run"
+    steps = []
+
+    def train_step_then_ctrl_c(*args):
+        steps.append(1)
+        if len(steps) == 2 * BATCHES_PER_EPOCH + BATCHES_PER_EPOCH + 5:  # separable twin, epoch 2, batch 5
+            raise KeyboardInterrupt
+        return original(*args)
+
+    original = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", train_step_then_ctrl_c)
+    assert cli.main([*TINY, "--out", str(out)]) == 130
+    partial = json.loads((out / "metrics.json").read_text())
+    assert partial["status"] == "interrupted"
+    assert [len(partial["models"][twin]["epochs"]) for twin in ("standard", "separable")] == [2, 1]
+    assert partial["models"]["separable"]["inference_ms"] is None  # not measured: no number is made up
+    assert "INTERRUPTED" in (out / "report.html").read_text() and "--resume" in (out / "report.md").read_text()
+    assert torch.load(out / "checkpoints" / "separable.pt", weights_only=True)["epoch"] == 1
+    assert "continue with: sepconv compare" in capsys.readouterr().out
+
+    assert cli.main([*TINY, "--out", str(out)]) == 2  # an existing run is not overwritten without --resume
+    assert "already holds a comparison; pass --resume" in capsys.readouterr().err
+
+    resumed_steps = []
+    monkeypatch.setattr(train_module, "train_step", lambda *args: resumed_steps.append(1) or original(*args))
+    assert cli.main([*TINY, "--out", str(out), "--resume"]) == 0
+    assert len(resumed_steps) == BATCHES_PER_EPOCH  # only the interrupted epoch runs again
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["status"] == "complete"
+    for twin in ("standard", "separable"):
+        assert _figures(resumed["models"][twin]["epochs"]) == _figures(uninterrupted["models"][twin]["epochs"])
+
+
+def test_resume_refuses_another_runs_checkpoint(default_run, capsys):
+    _, out, _ = default_run
+    assert cli.main([*TINY, "--out", str(out), "--resume", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "belongs to another run: seed=0 there, 1 here" in err
+
+
+def test_digits_cnn_twins_have_the_documented_sizes_and_rank_1_stem():
+    standard, separable = (create_model("digits_cnn", separable=flag) for flag in (False, True))
+    assert sum(p.numel() for p in standard.parameters()) == 94_186  # the docstring's counts
+    assert sum(p.numel() for p in separable.parameters()) == 13_034
+    stem = separable.features.stem.conv  # spatially separable per channel: each 3x3 filter an outer product
+    assert torch.linalg.matrix_rank(stem.to_dense().weight[:, 0]).tolist() == [1] * 32
+    assert standard(torch.randn(2, 1, 8, 8)).shape == separable(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+# --- CIFAR-10 -------------------------------------------------------------------------------------
+
+def _write_cifar(directory: Path, images_per_batch: int = 6) -> None:
+    """A CIFAR-10 python directory in the real format (protocol-2 pickles of bytes-keyed dicts), small."""
+    directory.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for index, name in enumerate(CIFAR_FILES[:-1]):
+        batch = {b"batch_label": f"batch {index}".encode(), b"labels": [int(n) for n in
+                 generator.integers(0, 10, images_per_batch)],
+                 b"data": generator.integers(0, 256, (images_per_batch, 3072), dtype=np.uint8),
+                 b"filenames": [f"image_{i}.png".encode() for i in range(images_per_batch)]}
+        (directory / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {b"label_names": [name.encode() for name in ("airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                         "frog", "horse", "ship", "truck")],
+            b"num_cases_per_batch": images_per_batch, b"num_vis": 3072}
+    (directory / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def test_cifar10_loader_reads_the_python_batches(tmp_path):
+    _write_cifar(tmp_path / "cifar-10-batches-py")
+    raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())
+    for directory in (tmp_path / "cifar-10-batches-py", tmp_path):  # the folder, or the folder it unpacked into
+        dataset = load_dataset("cifar10", directory)
+        assert dataset.input_shape == (3, 32, 32) and dataset.num_classes == 10 and dataset.class_names[0] == "airplane"
+        assert len(dataset.train_labels) == 30 and dataset.validation_labels.tolist() == raw[b"labels"]
+        assert dataset.train_inputs.mean(dim=(0, 2, 3)).abs().max() < 1e-5  # standardised per channel
+    # the first image's red channel, standardised with the training set's statistics, in CHW order
+    train = np.concatenate([pickle.loads((directory / "cifar-10-batches-py" / n).read_bytes())[b"data"]
+                            for n in CIFAR_FILES[:5]]).reshape(-1, 3, 32, 32).astype(np.float64)
+    red = (raw[b"data"][0, :1024].reshape(32, 32) - train[:, 0].mean()) / train[:, 0].std()
+    np.testing.assert_allclose(dataset.validation_inputs[0, 0].numpy(), red, rtol=1e-5, atol=1e-5)
+
+
+EXPECTED_FILES = "exactly these files: data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, " \
+                 "test_batch, batches.meta"
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda d: (d / "test_batch").unlink(), "missing test_batch"),
+    (lambda d: (d / "data_batch_3").write_bytes(b"not a pickle"), "data_batch_3 is not a CIFAR-10 python pickle"),
+    (lambda d: (d / "data_batch_2").write_bytes(pickle.dumps({b"data": [1, 2]}, protocol=2)),
+     "data_batch_2 has no b'data' array of uint8 with 3072 values per image"),
+    (lambda d: (d / "data_batch_1").write_bytes(pickle.dumps(os.system, protocol=2)),
+     "data_batch_1 is not a CIFAR-10 python pickle (UnpicklingError: it refers to posix.system"),
+])
+def test_cifar10_missing_or_corrupt_directory_says_what_is_expected(tmp_path, damage, problem, capsys):
+    directory = tmp_path / "cifar-10-batches-py"
+    _write_cifar(directory)
+    damage(directory)
+    with pytest.raises(DataError, match="CIFAR-10 needs") as error:
+        load_dataset("cifar10", directory)
+    assert problem in str(error.value) and EXPECTED_FILES in str(error.value)
+    out = tmp_path / "run"
+    assert cli.main(["compare", "--dataset", "cifar10", "--data-dir", str(directory), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and problem in err and not out.exists()
+
+
+def test_cifar10_no_directory(tmp_path):
+    with pytest.raises(DataError, match=f"--data-dir {tmp_path / 'nowhere'}: no such directory; CIFAR-10 needs the "
+                                        f"cifar-10-batches-py folder of https://www.cs.toronto.edu/"):
+        load_dataset("cifar10", tmp_path / "nowhere")
+
+
+# --- EEG ------------------------------------------------------------------------------------------
+
+def test_eeg_synthetic_shapes_determinism_and_known_structure():
+    dataset = load_dataset("eeg-synthetic", seed=0)
+    assert dataset.input_shape == (1, 16, 128) and dataset.num_classes == 4
+    assert (len(dataset.train_labels), len(dataset.validation_labels)) == (640, 160)
+    assert dataset.model_arguments() == {"num_classes": 4, "channels": 16, "samples": 128}
+    assert torch.equal(load_dataset("eeg-synthetic", seed=0).train_inputs, dataset.train_inputs)
+    assert not torch.equal(load_dataset("eeg-synthetic", seed=1).train_inputs, dataset.train_inputs)
+    # the class signal is where the documentation says: projecting each trial on the known spatial
+    # pattern and waveform of each class classifies it far above chance (0.25)
+    trials, labels = make_eeg_synthetic(seed=3)
+    spatial, temporal = eeg_synthetic_templates()
+    scores = np.einsum("nct,kc,kt->nk", trials, spatial, temporal)
+    assert (scores.argmax(1) == labels).mean() > 0.6
+
+
+def test_eeg_synthetic_is_learnt_by_eegnet_and_its_twin(tmp_path, capsys):
+    out = tmp_path / "eeg"
+    argv = ["compare", "--dataset", "eeg-synthetic", "--epochs", "3", "--threads", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["model"] == "eegnet"
+    for twin in ("standard", "separable"):
+        assert metrics["models"][twin]["best_validation_accuracy"] > 0.4  # four classes: chance is 0.25
+    plots = {plot["file"] for plot in metrics["plots"]}
+    assert "filters_separable_features_block1_spatial_conv.png" in plots  # EEGNet's depthwise spatial filters
+
+
+def test_eeg_numpy_loader_and_its_errors(tmp_path):
+    generator = np.random.default_rng(0)
+    np.save(tmp_path / "X.npy", generator.normal(size=(20, 4, 64)))
+    np.save(tmp_path / "y.npy", np.array(["left", "right"] * 10))
+    dataset = load_dataset("eeg-numpy", tmp_path, seed=0)
+    assert dataset.input_shape == (1, 4, 64) and dataset.class_names == ("left", "right")
+    assert (len(dataset.train_labels), len(dataset.validation_labels)) == (16, 4)
+    np.save(tmp_path / "y.npy", np.zeros(19))
+    with pytest.raises(DataError, match=r"y.npy must hold one label per trial, shape \(20,\); got shape \(19,\)"):
+        load_dataset("eeg-numpy", tmp_path)
+    (tmp_path / "X.npy").unlink()
+    with pytest.raises(DataError, match=f"--data-dir {tmp_path}: no X.npy; eeg-numpy needs {tmp_path}/X.npy "
+                                        r"\(trials x channels x samples\)"):
+        load_dataset("eeg-numpy", tmp_path)
+
+
+# --- distributed ----------------------------------------------------------------------------------
+
+def test_torchrun_two_processes_train_with_ddp_and_only_rank_0_writes(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "sepconv", "compare",
+                             "--epochs", "1", "--batch-size", "64", "--threads", "1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("sepconv compare: digits_cnn") == 1 and result.stdout.count("wrote ") == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["environment"]["processes"] == 2 and metrics["status"] == "complete"
+    checkpoint = torch.load(out / "checkpoints" / "separable.pt", weights_only=True)
+    assert len(checkpoint["rng"]) == 2  # each process' RNG state, gathered by rank 0
+    assert not [path.name for path in out.rglob(".*.tmp")]  # no half-written file from a second writer
+
+
+# --- user errors ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--epochs", "0"], "sepconv compare: error: argument --epochs: must be an int >= 1; got '0'"),
+    (["compare", "--batch-size", "many"], "argument --batch-size: must be an int >= 1; got 'many'"),
+    (["compare", "--lr", "-0.1"], "argument --lr: must be a positive number; got '-0.1'"),
+    (["compare", "--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume"], "--resume needs --out DIR, the folder of the run to continue"),
+    (["--model", "resnet"], "--model 'resnet' is not a registered model; choose one of digits_cnn, eegnet,"),
+    (["--model", "eegnet"], "--model eegnet does not fit --dataset digits (inputs 1x8x8, 10 classes): TypeError: "
+                            "EEGNet.__init__() got an unexpected keyword argument 'in_channels'"),
+    (["--model", "vgg_cifar", "--dataset", "eeg-synthetic"], "--model vgg_cifar does not fit --dataset eeg-synthetic "
+                                                             "(inputs 1x16x128, 4 classes): TypeError:"),
+    (["--dataset", "cifar10"], "--dataset cifar10 needs --data-dir PATH"),
+    (["--data-dir", "data"], "--dataset digits reads no --data-dir (got 'data'); only cifar10 and eeg-numpy do"),
+])
+def test_bad_requests_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = argv if "--resume" in argv else [*argv, "--out", str(out)]
+    assert cli.main(["compare", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"sepconv compare: error: {message}" in err
+    assert not out.exists()
