@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from _common import block, calibrate, geomean, loadavg  # benchmarks/ is on sys.path as the script's folder
+
 import sepconv
 import sepconv.functional as SF
 from sepconv._io import atomic_write_text
@@ -169,23 +171,15 @@ def make_callables(shape: Shape, pass_: str):
 
 # --- timing ----------------------------------------------------------------------------------------
 
-def _block(fn, number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return time.perf_counter() - start
 
 
-def _calibrate(fn, block_s: float) -> int:
-    elapsed = _block(fn, 1)
-    return max(1, min(1000, round(block_s / max(elapsed, 1e-7))))
 
 
 def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float) -> dict:
     """Per-call times (seconds) of each candidate over interleaved rounds."""
     block_s = min(max(min_run_time / 20, 0.005), 0.05)
     names = list(fns)
-    numbers = {name: _calibrate(fns[name], block_s) for name in names}  # also the warm-up call
+    numbers = {name: calibrate(fns[name], block_s) for name in names}  # also the warm-up call
     times = {name: [] for name in names}
     spent = dict.fromkeys(names, 0.0)
     gc_was_enabled = gc.isenabled()
@@ -196,7 +190,7 @@ def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float
         while True:
             order = names[rounds % len(names):] + names[:rounds % len(names)]
             for name in order:
-                elapsed = _block(fns[name], numbers[name])
+                elapsed = block(fns[name], numbers[name])
                 times[name].append(elapsed / numbers[name])
                 spent[name] += elapsed
             rounds += 1
@@ -214,9 +208,6 @@ def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float
 
 # --- report ----------------------------------------------------------------------------------------
 
-def geomean(values) -> float:
-    values = list(values)
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
 def ratios(row: dict) -> dict:
@@ -294,11 +285,6 @@ def print_report(meta: dict, rows: list[dict], summary: list[dict], out_path: st
 
 # --- main ------------------------------------------------------------------------------------------
 
-def _loadavg():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def main(argv=None) -> int:
@@ -326,7 +312,7 @@ def main(argv=None) -> int:
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "min_run_time": min_run_time, "argv": sys.argv[1:], "numba_compile_or_cache_load_s": compile_s,
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "loadavg_start": _loadavg()}
+            "loadavg_start": loadavg()}
     print(f"bench_kernels: {len(plan)} rows, {threads} threads; Numba compile/cache load {compile_s:.1f} s",
           file=sys.stderr)
     rows = []
@@ -346,7 +332,7 @@ def main(argv=None) -> int:
         print(f" vs_nchw {row['ratios']['speedup_vs_nchw']:.2f} vs_cl {row['ratios']['speedup_vs_cl']:.2f}"
               f"{'' if check == 'ok' else ' ' + check}", file=sys.stderr, flush=True)
     meta["elapsed_s"] = time.perf_counter() - t0
-    meta["loadavg_end"] = _loadavg()
+    meta["loadavg_end"] = loadavg()
     summary = summarize(rows)
     atomic_write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n", args.out)
     print_report(meta, rows, summary, args.out)

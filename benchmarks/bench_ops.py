@@ -49,7 +49,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -57,7 +56,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from _common import block, calibrate, geomean, loadavg  # benchmarks/ is on sys.path as the script's folder
+
 import sepconv
+from sepconv._io import atomic_write_text
 from sepconv.functional import depthwise_conv, separable_conv
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_ops.json")
@@ -230,21 +232,8 @@ def _check(ours, theirs, tensors, grad) -> str:
 
 # --- timing ----------------------------------------------------------------------------------------
 
-def _block(fn, number: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return time.perf_counter() - t0
 
 
-def _calibrate(fn, block_s: float) -> int:
-    """Calls per block so that one block takes about ``block_s``."""
-    number = 1
-    while True:
-        elapsed = _block(fn, number)
-        if elapsed >= block_s / 5 or number >= 1_000_000:
-            return max(1, round(number * block_s / elapsed))
-        number *= 10 if elapsed < block_s / 50 else 5
 
 
 def _stats(times: list[float]) -> dict:
@@ -265,7 +254,7 @@ def compare(fa, fb, min_run_time: float, min_rounds: int, max_row_time: float | 
         for _ in range(warmup):
             fn()
     block_s = min(max(min_run_time / 20, 0.005), 0.05)
-    numbers = [_calibrate(fn, block_s) for fn in fns]
+    numbers = [calibrate(fn, block_s) for fn in fns]
     max_row_time = 4 * min_run_time if max_row_time is None else max_row_time
     times: tuple[list[float], list[float]] = ([], [])
     spent = [0.0, 0.0]
@@ -276,7 +265,7 @@ def compare(fa, fb, min_run_time: float, min_rounds: int, max_row_time: float | 
         rounds = 0
         while True:
             for i in ((0, 1) if rounds % 2 == 0 else (1, 0)):
-                elapsed = _block(fns[i], numbers[i])
+                elapsed = block(fns[i], numbers[i])
                 times[i].append(elapsed / numbers[i])
                 spent[i] += elapsed
             rounds += 1
@@ -330,9 +319,6 @@ def measure_overhead(min_run_time: float, min_rounds: int) -> list[dict]:
 
 # --- reporting -------------------------------------------------------------------------------------
 
-def geomean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def _confirmed(row: dict) -> bool:
@@ -412,21 +398,8 @@ def print_report(meta: dict, rows: list[dict], summary: list[dict], overhead: li
 
 
 def write_json(path: str, payload: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench_ops.", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write atomically (sepconv._io): never a half-written results file."""
+    atomic_write_text(json.dumps(payload, indent=2) + "\n", path)
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -441,11 +414,6 @@ def _positive(text: str) -> float:
     return value
 
 
-def _loadavg():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -502,7 +470,7 @@ def main(argv=None) -> int:
             "processor": platform.processor() or platform.machine(), "quick": args.quick,
             "min_run_time": min_run_time, "min_rounds": min_rounds, "argv": sys.argv[1:],
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "slower_threshold": SLOWER, "loadavg_start": _loadavg()}
+            "slower_threshold": SLOWER, "loadavg_start": loadavg()}
     load = (meta["loadavg_start"] or [0.0])[0]
     if load + threads > cpus + 0.5:
         meta["busy_warning"] = (f"load average {load} + {threads} thread(s) > {cpus} CPUs: other processes compete "
@@ -547,7 +515,7 @@ def main(argv=None) -> int:
         overhead = measure_overhead(max(min_run_time, 0.1), min_rounds)
     summary = summarize(rows)
     meta["elapsed_s"] = time.perf_counter() - t0
-    meta["loadavg_end"] = _loadavg()
+    meta["loadavg_end"] = loadavg()
     write_json(args.out, {"meta": meta, "summary": summary, "overhead": overhead, "rows": rows})
     print_report(meta, rows, summary, overhead, args.out)
     print(f"bench_ops: done in {meta['elapsed_s']:.0f} s", file=sys.stderr)
