@@ -90,18 +90,30 @@ def test_convert_inplace_include_exclude_and_ranks():
 def test_convert_meets_a_global_budget_with_least_error(budget):
     model = small_cnn()
     x = torch.randn(1, 1, 12, 12)
-    _, full = convert(model, energy=1.0, example_input=x)
+
+    def spent_and_original(report):
+        if budget == "budget_params":
+            return (sum(r.report.params_after for r in report.layers), sum(r.report.params_before for r in report.layers))
+        return report.macs_after, report.macs_before
+
+    def squared_error(report):
+        return sum(layer.report.relative_error ** 2 for layer in report.layers)
+
     for fraction in (0.2, 0.35, 0.6):
         _, report = convert(model, example_input=x, **{budget: fraction})
-        if budget == "budget_params":
-            spent, original = (sum(r.report.params_after for r in report.layers),
-                               sum(r.report.params_before for r in report.layers))
-        else:
-            spent, original = report.macs_after, report.macs_before
+        spent, original = spent_and_original(report)
         assert spent <= fraction * original
-        error = sum(layer.report.relative_error ** 2 for layer in report.layers)
-        # no single extra rank step still fits: the greedy stopped because the budget is spent
-        assert error > 0 and all(layer.report.rank <= layer.report.full_rank for layer in report.layers)
+        ranks = {layer.name: layer.report.rank for layer in report.layers}
+        # the greedy stopped because the budget is spent: no single extra rank step still fits
+        for layer in report.layers:
+            if layer.report.rank < layer.report.full_rank:
+                _, bigger = convert(model, example_input=x, ranks={**ranks, layer.name: layer.report.rank + 1})
+                assert spent_and_original(bigger)[0] > fraction * original
+        # and no uniform rank within the same budget has less error
+        for uniform in range(1, 10):
+            _, same_rank = convert(model, example_input=x, ranks=dict.fromkeys(ranks, uniform))
+            if spent_and_original(same_rank)[0] <= fraction * original:
+                assert squared_error(report) <= squared_error(same_rank) + 1e-12
     with pytest.raises(ValueError, match=r"the budget 0.01 is below the cost of rank 1 everywhere"):
         convert(model, example_input=x, **{budget: 0.01})
 
