@@ -36,13 +36,23 @@ def _layout(t):
     return t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _nlc(t):
+    """A 1-D ``(N, C, L)`` tensor backed by ``(N, L, C)`` memory."""
+    return t.ndim == 3 and t.shape[1] > 1 and t.shape[2] > 1 and t.permute(0, 2, 1).is_contiguous()
+
+
 def compare_with_reference(x, w, b, stride, pairs, dilation, mode, seed=0):
-    """Outputs, gradients and layout of the Numba kernel equal the reference's."""
+    """Outputs and gradients of the Numba kernel equal the reference's, and so does the output layout
+    (2-D), or it follows the input (1-D: an (N, L, C)-backed input gives an (N, L, C)-backed output)."""
     tolerance = TOLERANCE[x.dtype]
     out = numba_depthwise.depthwise_conv(x, w, b, stride, pairs, dilation, mode)
     ref = reference.conv(x, w, b, stride, pairs, dilation, x.shape[1], mode)
     assert out.shape == ref.shape
-    assert _layout(out) == _layout(ref), (out.stride(), ref.stride())
+    if x.ndim == 3:
+        assert _nlc(out) == _nlc(x) or out.shape[2] == 1, (out.stride(), x.stride())
+        assert out.is_contiguous() or _nlc(out)
+    else:
+        assert _layout(out) == _layout(ref), (out.stride(), ref.stride())
     torch.testing.assert_close(out, ref, **tolerance)
     grad = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(seed))
     leaves = [t for t in (x, w, b) if t is not None]
@@ -135,6 +145,53 @@ def test_more_threads_than_rows_and_unusual_inputs():
     x = make((1, 8, 4, 4), torch.float32)
     w = make((8, 1, 4, 4), torch.float32)
     compare_with_reference(x, w, None, (1, 1), ((0, 0), (0, 0)), (1, 1), "zeros")  # 1x1 output
+
+
+@pytest.mark.parametrize("chunks", [2, 5])
+def test_rows_cut_into_column_ranges(monkeypatch, chunks):
+    # With few rows per thread the kernels split rows into column ranges (1-D, batch 1, small outputs);
+    # forced here on every kernel, whatever this machine's thread count.
+    monkeypatch.setattr(numba_depthwise, "_col_chunks", lambda rows, columns, threads: chunks)
+    for dtype in (torch.float32, torch.float64):
+        x = make((1, 19, 3, 23), dtype)
+        w = make((19, 1, 3, 4), dtype, seed=1)
+        compare_with_reference(x, w, make((19,), dtype, seed=2), (1, 1), ((1, 1), (2, 1)), (1, 2), "zeros")
+        compare_with_reference(x, w, None, (2, 3), ((1, 0), (2, 2)), (1, 1), "zeros")
+        x1 = make((1, 300, 40), dtype).detach().transpose(1, 2).requires_grad_()
+        compare_with_reference(x1, make((40, 1, 4), dtype, seed=1), None, (1,), ((3, 0),), (1,), "zeros")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 3), (3, 16, 16), (2, 17, 33), (1, 40, 7)])
+def test_transpose_kernel(shape):
+    for dtype in (torch.float32, torch.float64):
+        src = torch.randn(shape, dtype=dtype)
+        dst = torch.empty(shape[0], shape[2], shape[1], dtype=dtype)
+        numba_depthwise._transpose(src.numpy(), dst.numpy())
+        assert torch.equal(dst, src.transpose(1, 2))
+
+
+def test_temporaries_never_leak_into_results():
+    # Layout temporaries are reused from call to call: a chain of layers (NCHW, so every layer transposes)
+    # must still give the reference's values and gradients, and an earlier result must survive later calls.
+    x = make((2, 6, 9, 8), torch.float64)
+    w1, w2 = make((6, 1, 3, 3), torch.float64, seed=1), make((12, 1, 2, 3), torch.float64, seed=2)
+    pairs = ((1, 1), (1, 1))
+
+    def chain(op):
+        first = op(x, w1, None, (1, 1), pairs, (1, 1), "zeros")
+        kept = first.detach().clone()
+        op(torch.randn(2, 6, 9, 8, dtype=x.dtype), w1.detach(), None, (1, 1), pairs, (1, 1), "zeros")
+        second = op(first, w2, None, (2, 1), pairs, (1, 1), "zeros")
+        assert torch.equal(first, kept)
+        return second, torch.autograd.grad(second.square().sum(), (x, w1, w2))
+
+    def ref(x, w, b, stride, pairs, dilation, mode):
+        return reference.conv(x, w, b, stride, pairs, dilation, x.shape[1], mode)
+
+    (got, got_grads), (want, want_grads) = chain(numba_depthwise.depthwise_conv), chain(ref)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float64])
+    for a, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, e, **TOLERANCE[torch.float64])
 
 
 def test_inference_mode_and_no_grad():

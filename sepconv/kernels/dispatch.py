@@ -9,9 +9,10 @@ Modes (environment variable ``SEPCONV_KERNELS``, or :func:`set_kernels` / :func:
   few times, interleaved, and every later call with that signature takes the faster one. Numba
   must be faster by :data:`MARGIN` to be chosen, so noise does not flip a tie away from the reference.
 
-Both paths give the same values, gradients and output layout; inputs the kernels do not cover (3-D,
-float16/bfloat16, non-CPU, subclasses/functorch-wrapped tensors, forward-mode AD) and everything
-under ``torch.compile``/``torch.export``/``torch.jit.trace`` take the reference in every mode.
+Both paths give the same values, gradients and (2-D) output layout; in 1-D the Numba path keeps an
+``(N, L, C)``-backed input's layout in its output (see :func:`numba_depthwise.depthwise_conv`).
+Inputs the kernels do not cover (3-D, float16/bfloat16, non-CPU, subclasses/functorch-wrapped
+tensors, forward-mode AD) and everything under ``torch.compile``/``torch.export``/``torch.jit.trace`` take the reference in every mode.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ count; NaN/Inf semantics are unchanged.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -65,13 +66,15 @@ def _tap_range(o, stride, pad, dilation, k, size):
 
 
 @numba.njit(**_JIT)
-def _forward(x, w, out, sh, sw, ph, pw, dh, dw):
+def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks):
     """Each output pixel's taps go four at a time through the channel loop: one store per four taps.
 
     ``w`` is ``(KH, KW, T*C)``: the weight tiled ``T`` times along its last axis. At stride 1 the ``T``
     output pixels ``ow..ow+T-1`` of the interior (all taps inside) read ``T*C`` consecutive input values
     per tap, so one loop of ``T*C`` covers them: long vector loops even for few channels. Borders and
-    strided columns go one pixel (``C`` values) at a time.
+    strided columns go one pixel (``C`` values) at a time. Each output starts from ``start_values``
+    (``T*C``: the bias, tiled like the weight, or zeros), so a bias costs no extra pass. Tasks are output rows cut into ``col_chunks``
+    column ranges, so few rows (1-D, batch 1) still spread over the threads.
     """
     n_batch, h, wd, c = x.shape
     kh_size, kw_size, tc = w.shape
@@ -79,20 +82,21 @@ def _forward(x, w, out, sh, sw, ph, pw, dh, dw):
     oh_size, ow_size = out.shape[1], out.shape[2]
     xf, wf, of = x.ravel(), w.ravel(), out.ravel()
     span_w = (kw_size - 1) * dw
-    for row in numba.prange(n_batch * oh_size):
+    for task in numba.prange(n_batch * oh_size * col_chunks):
+        row, part = task // col_chunks, task % col_chunks
         n = row // oh_size
         oh = row % oh_size
         h0, kh_lo, kh_hi = _tap_range(oh, sh, ph, dh, kh_size, h)
-        ow = 0
-        while ow < ow_size:
+        ow, ow_end = part * ow_size // col_chunks, (part + 1) * ow_size // col_chunks
+        while ow < ow_end:
             w0, kw_lo, kw_hi = _tap_range(ow, sw, pw, dw, kw_size, wd)
             pixels = 1
             if sw == 1 and tile > 1 and w0 >= 0:  # as many interior pixels as the tile holds
-                pixels = max(1, min(tile, ow_size - ow, wd - span_w - w0))
+                pixels = max(1, min(tile, ow_end - ow, wd - span_w - w0))
             length = pixels * c
             start = ((n * oh_size + oh) * ow_size + ow) * c
             ow += pixels
-            of[start:start + length] = 0
+            of[start:start + length] = start_values[:length]
             ob, ulength = numba.uint64(start), numba.uint64(length)
             if kw_hi <= kw_lo:
                 continue
@@ -146,15 +150,16 @@ def _forward(x, w, out, sh, sw, ph, pw, dh, dw):
 
 
 @numba.njit(**_JIT)
-def _input_grad(gy, w, gx, sh, sw, ph, pw, dh, dw):
+def _input_grad(gy, w, gx, sh, sw, ph, pw, dh, dw, col_chunks):
     """Gather form (race-free): each input pixel sums the output pixels whose taps reach it."""
     n_batch, h, wd, c = gx.shape
     kh_size, kw_size = w.shape[0], w.shape[1]
     oh_size, ow_size = gy.shape[1], gy.shape[2]
-    for row in numba.prange(n_batch * h):
+    for task in numba.prange(n_batch * h * col_chunks):
+        row, part = task // col_chunks, task % col_chunks
         n = row // h
         ih = row % h
-        for iw in range(wd):
+        for iw in range(part * wd // col_chunks, (part + 1) * wd // col_chunks):
             acc = gx[n, ih, iw]
             for ci in range(c):
                 acc[ci] = 0
@@ -181,21 +186,24 @@ def _input_grad(gy, w, gx, sh, sw, ph, pw, dh, dw):
 
 
 @numba.njit(**_JIT)
-def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw):
-    """``partial[t]``: chunk ``t``'s sum over its output rows; the caller adds the chunks (one reduction).
+def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw, col_chunks):
+    """``partial[t]``: chunk ``t``'s sum over its work; the caller adds the chunks (one reduction).
 
+    Work items are output rows cut into ``col_chunks`` column ranges, dealt to the chunks in order.
     Taps are the outer loop, so each tap's accumulator row takes four output columns per load/store.
     """
     n_batch, h, wd, c = x.shape
     kh_size, kw_size = partial.shape[1], partial.shape[2]
     oh_size, ow_size = gy.shape[1], gy.shape[2]
     chunks = partial.shape[0]
-    rows = n_batch * oh_size
+    items = n_batch * oh_size * col_chunks
     xf, gf = x.ravel(), gy.ravel()
     for t in numba.prange(chunks):
         acc = partial[t].ravel()
         acc[:] = 0
-        for row in range(t * rows // chunks, (t + 1) * rows // chunks):
+        for item in range(t * items // chunks, (t + 1) * items // chunks):
+            row, part = item // col_chunks, item % col_chunks
+            col_lo, col_hi = part * ow_size // col_chunks, (part + 1) * ow_size // col_chunks
             n = row // oh_size
             oh = row % oh_size
             h0, kh_lo, kh_hi = _tap_range(oh, sh, ph, dh, kh_size, h)
@@ -203,9 +211,9 @@ def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw):
                 xrow = (n * h + h0 + kh * dh) * wd
                 for kw in range(kw_size):
                     shift = kw * dw - pw  # input column of output column ow: ow * sw + shift
-                    ow_lo = max(0, -((shift) // sw)) if shift < 0 else 0
+                    ow_lo = max(col_lo, -(shift // sw)) if shift < 0 else col_lo
                     last = wd - 1 - shift
-                    ow_hi = min(ow_size, last // sw + 1) if last >= 0 else 0
+                    ow_hi = min(col_hi, last // sw + 1) if last >= 0 else 0
                     b = (kh * kw_size + kw) * c
                     ow = ow_lo
                     while ow + 4 <= ow_hi:
@@ -227,6 +235,25 @@ def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw):
                         for ci in range(c):
                             av[ci] += y0[ci] * x0[ci]
                         ow += 1
+
+
+@numba.njit(**_JIT)
+def _transpose(src, dst):
+    """``(B, R, S)`` -> ``(B, S, R)`` (NCHW <-> NHWC with ``HW`` as one axis), in 16 x 16 tiles that
+    stay in L1 while their rows are read and their columns written."""
+    b_size, r_size, s_size = src.shape
+    sf, df = src.ravel(), dst.ravel()
+    r_tiles = (r_size + 15) // 16
+    for task in numba.prange(b_size * r_tiles):
+        b = task // r_tiles
+        r0 = (task % r_tiles) * 16
+        r1 = min(r0 + 16, r_size)
+        base = numba.uint64(b * r_size * s_size)
+        ur0, ur1, ur, us = numba.uint64(r0), numba.uint64(r1), numba.uint64(r_size), numba.uint64(s_size)
+        for s0 in range(0, s_size, 16):
+            for s in range(numba.uint64(s0), numba.uint64(min(s0 + 16, s_size))):
+                for r in range(ur0, ur1):
+                    df[base + s * ur + r] = sf[base + r * us + s]
 
 
 # --- launchers -------------------------------------------------------------------------------------
@@ -273,9 +300,10 @@ def _threads() -> int:
     return threads
 
 
-# Output pixels per inner loop at stride 1: enough for a few AVX-512 vectors per loop even with few
-# channels; the tiled weight stays small (KH * KW * TILE_VALUES values).
-TILE_VALUES = 256
+# Values (output pixels x channels) per inner loop at stride 1: long vector loops even with few channels.
+# Measured, one thread, float32: 256 -> 1024 gave 26 -> 27 GMAC/s at k3 C32, 27 -> 37 at k7 C96,
+# 27 -> 31 at k5 C480 and 29 -> 31 at k31; 2048 and more were slower (the tiled weight leaves L1/L2).
+TILE_VALUES = 1024
 
 
 def _tiled(weight: torch.Tensor, stride_w: int) -> torch.Tensor:
@@ -284,65 +312,143 @@ def _tiled(weight: torch.Tensor, stride_w: int) -> torch.Tensor:
     return weight.repeat(1, 1, tile) if tile > 1 else weight.contiguous()
 
 
+# Column ranges per row: enough tasks to keep every thread busy (and balanced) when rows are few,
+# but ranges no narrower than MIN_CHUNK_COLUMNS, so the vector loops stay long.
+TASKS_PER_THREAD = 4
+MIN_CHUNK_COLUMNS = 16
+
+
+def _col_chunks(rows: int, columns: int, threads: int) -> int:
+    if threads == 1 or rows >= TASKS_PER_THREAD * threads:
+        return 1
+    wanted = -(-TASKS_PER_THREAD * threads // rows)
+    return max(1, min(wanted, columns // MIN_CHUNK_COLUMNS))
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-class DepthwiseChannelsLast(torch.autograd.Function):
-    """``(N, H, W, C)`` input, ``(KH, KW, C)`` weight -> ``(N, OH, OW, C)``; zero padding ``(ph, pw)`` before."""
+_scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _temporary(role: str, shape, dtype) -> torch.Tensor:
+    """An uninitialised tensor for a temporary that never leaves a launch, taken from one buffer kept
+    per role and dtype (the largest asked for so far; only used while holding :data:`_LOCK`).
+
+    Fresh multi-megabyte tensors cost page faults on every call (glibc maps large blocks anew each
+    time): measured at 32x32x112x112 3x3, forward from a contiguous input, 57 -> 33 ms per call.
+    """
+    numel = math.prod(shape)
+    buffer = _scratch.get((role, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch[role, dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
+
+
+def _to_channels_last(t: torch.Tensor, role: str) -> torch.Tensor:
+    """``(N, C, H, W)`` -> its ``(N, H, W, C)`` permutation, contiguous, for reading only: a view when ``t``
+    already is channels_last, else a temporary (:func:`_temporary`) filled by the Numba transpose
+    (PyTorch's permuted copy took 1.1-3x as long, measured)."""
+    view = t.permute(0, 2, 3, 1)
+    if view.is_contiguous():
+        return view
+    n, c, h, w = t.shape
+    out = _temporary(role, view.shape, t.dtype)
+    if t.is_contiguous():
+        _transpose(_np(t).reshape(n, c, h * w), _np(out).reshape(n, h * w, c))
+    else:
+        out.copy_(view)
+    return out
+
+
+def _to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``(N, H, W, C)`` contiguous -> ``(N, C, H, W)``: channels_last strides (a view) or contiguous."""
+    if channels_last:
+        return t.permute(0, 3, 1, 2)
+    n, h, w, c = t.shape
+    out = t.new_empty(n, c, h, w)
+    _transpose(_np(t).reshape(n, h * w, c), _np(out).reshape(n, c, h * w))
+    return out
+
+
+class DepthwiseConv(torch.autograd.Function):
+    """``(N, C, H, W)`` input of any layout, ``(KH, KW, C)`` weight, optional ``(C,)`` bias ->
+    ``(N, C, OH, OW)``, channels_last strides or contiguous as asked; zero padding ``(ph, pw)`` before.
+
+    The kernels run on channels-last data; layout changes happen in here (forward and backward),
+    through :func:`_transpose` where a transposing copy is needed, and a gradient leaves in its
+    input's layout.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, out_size, stride, pad, dilation):
-        xc, wc = x.contiguous(), weight.contiguous()
-        out = xc.new_empty(xc.shape[0], out_size[0], out_size[1], xc.shape[3])
+    def forward(ctx, x, weight, bias, out_size, stride, pad, dilation, channels_last_out):
+        tiled = _tiled(weight.contiguous(), stride[1])
+        start = torch.zeros(tiled.shape[2], dtype=x.dtype) if bias is None else bias.repeat(tiled.shape[2] // len(bias))
+        out_shape = (x.shape[0], out_size[0], out_size[1], x.shape[1])
         with _LOCK:
-            _threads()
-            _forward(_np(xc), _np(_tiled(wc, stride[1])), _np(out), *stride, *pad, *dilation)
+            threads = _threads()  # first: it starts Numba's thread pool the way it must be started
+            xl = _to_channels_last(x, "input")
+            # The result itself when it leaves as a channels_last view, else a temporary transposed out.
+            out = x.new_empty(out_shape) if channels_last_out else _temporary("output", out_shape, x.dtype)
+            chunks = _col_chunks(out.shape[0] * out.shape[1], out.shape[2], threads)
+            _forward(_np(xl), _np(tiled), _np(start), _np(out), *stride, *pad, *dilation, chunks)
+            result = _to_layout(out, channels_last_out)
         ctx.save_for_backward(x, weight)
         ctx.geometry = (stride, pad, dilation)
-        return out
+        return result
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         stride, pad, dilation = ctx.geometry
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        none = (None,) * 5
         if torch.is_grad_enabled():
             # create_graph=True (double backward, e.g. a gradient penalty): the Numba kernels are not
             # differentiable, so this rare path takes the gradient of the PyTorch twin instead.
-            return (*_reference_grads(x, weight, grad_out, stride, pad, dilation, ctx.needs_input_grad[:2]),
-                    None, None, None, None)
-        x, weight, grad_out = x.contiguous(), weight.contiguous(), grad_out.contiguous()
-        grad_x = grad_w = None
+            grads = _reference_grads(x, weight, grad_out, stride, pad, dilation, (needs_x, needs_w))
+            return (*grads, grad_out.sum((0, 2, 3)) if needs_b else None, *none)
+        grad_x = grad_w = grad_b = None
         with _LOCK:
             threads = _threads()
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.empty_like(x)
+            gl = _to_channels_last(grad_out, "grad_output")
+            if needs_x:
+                x_channels_last = x.permute(0, 2, 3, 1).is_contiguous()
+                shape = (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
+                grad_xl = x.new_empty(shape) if x_channels_last else _temporary("output", shape, x.dtype)
+                chunks = _col_chunks(grad_xl.shape[0] * grad_xl.shape[1], grad_xl.shape[2], threads)
                 if stride == (1, 1):
                     # The transposed convolution at stride 1 is a convolution of grad_out with the flipped
                     # kernel, padded by k_eff - 1 - pad before: the fast forward kernel does it.
                     flipped = _tiled(weight.flip(0, 1), 1)
                     before = tuple((k - 1) * d - p for k, d, p in zip(weight.shape[:2], dilation, pad))
-                    _forward(_np(grad_out), _np(flipped), _np(grad_x), 1, 1, *before, *dilation)
+                    zeros = torch.zeros(flipped.shape[2], dtype=x.dtype)
+                    _forward(_np(gl), _np(flipped), _np(zeros), _np(grad_xl), 1, 1, *before, *dilation, chunks)
                 else:
-                    _input_grad(_np(grad_out), _np(weight), _np(grad_x), *stride, *pad, *dilation)
-            if ctx.needs_input_grad[1]:
-                rows = grad_out.shape[0] * grad_out.shape[1]
-                chunks = max(1, min(threads, rows))
+                    _input_grad(_np(gl), _np(weight.contiguous()), _np(grad_xl), *stride, *pad, *dilation, chunks)
+                grad_x = _to_layout(grad_xl, x_channels_last)
+            if needs_w:
+                xl = _to_channels_last(x, "input")
+                rows = gl.shape[0] * gl.shape[1]
+                col_chunks = _col_chunks(rows, gl.shape[2], threads)
+                chunks = max(1, min(threads, rows * col_chunks))
                 partial = x.new_empty(chunks, *weight.shape)
-                _weight_grad(_np(x), _np(grad_out), _np(partial), *stride, *pad, *dilation)
+                _weight_grad(_np(xl), _np(gl), _np(partial), *stride, *pad, *dilation, col_chunks)
                 grad_w = partial[0] if chunks == 1 else partial.sum(0)
-        return grad_x, grad_w, None, None, None, None
+            if needs_b:
+                grad_b = gl.sum((0, 1, 2))
+        return grad_x, grad_w, grad_b, *none
 
 
 def _reference_grads(x, weight, grad_out, stride, pad, dilation, needs):
     """Gradients of the same convolution through PyTorch (differentiable, for double backward)."""
     with torch.enable_grad():
-        xs = x.permute(0, 3, 1, 2)
         after = [(o - 1) * s + (k - 1) * d + 1 - n - b
-                 for o, s, k, d, n, b in zip(grad_out.shape[1:3], stride, weight.shape[:2], dilation, xs.shape[2:], pad)]
-        xs = F.pad(xs, [pad[1], after[1], pad[0], after[0]])  # negative "after" crops unused rows/columns
+                 for o, s, k, d, n, b in zip(grad_out.shape[2:], stride, weight.shape[:2], dilation, x.shape[2:], pad)]
+        xs = F.pad(x, [pad[1], after[1], pad[0], after[0]])  # negative "after" crops unused rows/columns
         ws = weight.permute(2, 0, 1).unsqueeze(1)
-        out = F.conv2d(xs, ws, None, stride, 0, dilation, xs.shape[1]).permute(0, 2, 3, 1)
+        out = F.conv2d(xs, ws, None, stride, 0, dilation, xs.shape[1])
         inputs = [t for t, need in zip((x, weight), needs) if need]
         grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
     return tuple(next(grads) if need else None for need in needs)
@@ -363,42 +469,46 @@ def _suggests_channels_last(t: torch.Tensor) -> bool:
     return t.ndim == 4 and suggest_memory_format(t) == torch.channels_last
 
 
+def _channels_last_1d(t: torch.Tensor) -> bool:
+    """An ``(N, C, L)`` tensor backed by ``(N, L, C)`` memory: PyTorch's 1-D channels-last."""
+    return t.shape[1] > 1 and t.shape[2] > 1 and t.permute(0, 2, 1).is_contiguous()
+
+
 def depthwise_conv(x, weight, bias, stride, padding, dilation, padding_mode):
-    """Same contract and result as ``reference.conv(..., groups=C, ...)`` for 1-D/2-D float32/float64."""
+    """Same contract and values as ``reference.conv(..., groups=C, ...)`` for 1-D/2-D float32/float64.
+
+    The output's layout is the reference's in 2-D (channels_last when PyTorch's convolution would pick
+    it). In 1-D, an ``(N, L, C)``-backed input gives an ``(N, L, C)``-backed output, where PyTorch would
+    return a contiguous one: transposing it back would take several times the convolution's own time,
+    and a block of 1-D layers can then stay channels-last.
+    """
     rank = weight.ndim - 2
     channels = x.shape[1]
     multiplier = weight.shape[0] // channels
-    # The output layout PyTorch's CPU convolution picks (channels_last when its input or weight suggests it;
-    # 2-D only), so that the result is the reference's in strides as well as values.
-    input_channels_last = _suggests_channels_last(x)
-    channels_last = _suggests_channels_last(weight)
     if rank == 1:
+        channels_last = _channels_last_1d(x)
         x = x.unsqueeze(2)
         weight = weight.unsqueeze(2)
         stride, dilation, padding = (1, *stride), (1, *dilation), ((0, 0), *padding)
-    xl = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view if x is channels_last, copied by the kernel otherwise
+    else:
+        # PyTorch's CPU convolution returns channels_last when its input or weight suggests it; its
+        # circular F.pad returns a contiguous tensor, so the reference's output is contiguous then.
+        input_channels_last = _suggests_channels_last(x) and not (
+            padding_mode == "circular" and any(b or a for b, a in padding))
+        channels_last = input_channels_last or _suggests_channels_last(weight)
     if padding_mode != "zeros" and any(b or a for b, a in padding):
-        # The reference pads explicitly too, and PyTorch's circular F.pad returns a contiguous tensor,
-        # so the reference's output is contiguous then.
-        input_channels_last = input_channels_last and padding_mode != "circular"
-        xl = F.pad(xl.permute(0, 3, 1, 2), [v for pair in reversed(padding) for v in pair],
-                   mode=_PAD_MODE[padding_mode]).permute(0, 2, 3, 1)
+        x = F.pad(x, [v for pair in reversed(padding) for v in pair], mode=_PAD_MODE[padding_mode])
         padding = ((0, 0), (0, 0))
-    channels_last = channels_last or input_channels_last
     if multiplier > 1:
-        xl = xl.repeat_interleave(multiplier, dim=3)
+        # Repeated in the (N, H, W, C) view: the copy comes out channels-last, so the layout change
+        # rides along with the repeat instead of costing a transpose of its own.
+        x = x.permute(0, 2, 3, 1).repeat_interleave(multiplier, dim=3).permute(0, 3, 1, 2)
     wl = weight[:, 0].permute(1, 2, 0)  # (KH, KW, C*M)
-    size = (xl.shape[1], xl.shape[2])
     out_size = tuple((n + b + a - (k - 1) * d - 1) // s + 1
-                     for n, (b, a), k, s, d in zip(size, padding, wl.shape[:2], stride, dilation))
-    out = DepthwiseChannelsLast.apply(xl, wl, out_size, tuple(stride), tuple(b for b, _ in padding),
-                                      tuple(dilation))
-    if bias is not None:
-        out = out + bias
-    out = out.permute(0, 3, 1, 2)  # (N, C*M, OH, OW), channels_last strides
-    if rank == 1:
-        out = out.squeeze(2)
-    return out if channels_last else out.contiguous()
+                     for n, (b, a), k, s, d in zip(x.shape[2:], padding, wl.shape[:2], stride, dilation))
+    out = DepthwiseConv.apply(x, wl, bias, out_size, tuple(stride), tuple(b for b, _ in padding),
+                              tuple(dilation), channels_last)
+    return out.squeeze(2) if rank == 1 else out
 
 
 def compile_all() -> float:
