@@ -3,17 +3,20 @@
 Layout: the kernels see ``x`` as ``(N, H, W, C)`` and the weight as ``(KH, KW, C)``, both C-contiguous,
 and write ``(N, OH, OW, C)``; 1-D runs as 2-D with ``H = KH = 1``. Every inner loop runs over ``C``
 with unit stride (over ``T`` neighbouring pixels' channels at stride 1, see ``_forward``), so LLVM
-vectorises it (AVX-512 where the CPU has it); taps go four at a time per pass. Zero padding is not materialised: each output row and column
-clips its tap range to the input (``_tap_range``); other padding modes are padded once by ``F.pad``
-before the kernel (autograd then folds the padded border's gradient back). A depth multiplier ``M > 1``
-repeats the input's channels ``M`` times first (``repeat_interleave``, output order ``c*M + m``), so the
-kernels only ever see ``M = 1``: two compiled specialisations per kernel (float32, float64).
+vectorises it (AVX-512 where the CPU has it); taps go four at a time per pass. Zero padding is not
+materialised: each output row and column clips its tap range to the input (``_tap_range``); other
+padding modes are padded once by ``F.pad`` before the kernel (autograd then folds the padded border's
+gradient back). A depth multiplier ``M > 1`` repeats the input's channels ``M`` times first
+(``repeat_interleave``, output order ``c*M + m``), so the kernels only ever see ``M = 1``: two
+compiled specialisations per kernel (float32, float64).
 
 The three kernels (forward, input gradient, weight gradient) are wrapped in one
-``torch.autograd.Function`` (:class:`DepthwiseChannelsLast`); layout changes, padding and the
-multiplier expansion are ordinary PyTorch ops around it, so autograd differentiates them.
+``torch.autograd.Function`` (:class:`DepthwiseConv`), which also changes layouts (NCHW <-> NHWC through
+a Numba transpose, into temporaries reused from call to call); padding modes other than zeros and the
+multiplier expansion are ordinary PyTorch ops before it, so autograd differentiates them.
 :func:`depthwise_conv` has the signature of :func:`sepconv.kernels.depthwise_conv` and returns its
-output in the layout the reference would give (channels_last when PyTorch's convolution would pick it).
+output in the layout the reference would give in 2-D (channels_last when PyTorch's convolution would
+pick it) and in its input's layout in 1-D.
 
 ``fastmath={"contract"}`` only lets LLVM fuse ``a * b + c`` into one FMA (one rounding instead of two):
 no reassociation, so sums still run in a fixed order and results are deterministic for a given thread
@@ -73,8 +76,9 @@ def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks):
     output pixels ``ow..ow+T-1`` of the interior (all taps inside) read ``T*C`` consecutive input values
     per tap, so one loop of ``T*C`` covers them: long vector loops even for few channels. Borders and
     strided columns go one pixel (``C`` values) at a time. Each output starts from ``start_values``
-    (``T*C``: the bias, tiled like the weight, or zeros), so a bias costs no extra pass. Tasks are output rows cut into ``col_chunks``
-    column ranges, so few rows (1-D, batch 1) still spread over the threads.
+    (``T*C``: the bias, tiled like the weight, or zeros), so a bias costs no extra pass. Tasks are
+    output rows cut into ``col_chunks`` column ranges, so few rows (1-D, batch 1) still spread over
+    the threads.
     """
     n_batch, h, wd, c = x.shape
     kh_size, kw_size, tc = w.shape
@@ -301,7 +305,7 @@ def _threads() -> int:
 
 
 # Values (output pixels x channels) per inner loop at stride 1: long vector loops even with few channels.
-# Measured, one thread, float32: 256 -> 1024 gave 26 -> 27 GMAC/s at k3 C32, 27 -> 37 at k7 C96,
+# Measured, two threads, float32: 256 -> 1024 gave 26 -> 27 GMAC/s at k3 C32, 27 -> 37 at k7 C96,
 # 27 -> 31 at k5 C480 and 29 -> 31 at k31; 2048 and more were slower (the tiled weight leaves L1/L2).
 TILE_VALUES = 1024
 
