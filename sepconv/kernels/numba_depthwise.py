@@ -68,6 +68,22 @@ def _tap_range(o, stride, pad, dilation, k, size):
     return start, lo, hi
 
 
+@numba.njit(cache=True, inline="always")
+def _tap_offsets(kh, kw, row0, w0, wd, c, dh, dw, kw_size, tc, kw_lo, kw_hi):
+    """Where tap ``(kh, kw)`` reads: its first input value (pixel row ``row0 + kh*dh``, column
+    ``w0 + kw*dw``) and its weight row; then the next tap, row by row over columns ``[kw_lo, kw_hi)``.
+
+    Unsigned offsets: with signed ones Numba tests every index for negative wraparound, which stops
+    LLVM vectorising the loop (measured: 8.8 -> 15.8 GMAC/s at 32 channels).
+    """
+    a = numba.uint64(((row0 + kh * dh) * wd + w0 + kw * dw) * c)
+    b = numba.uint64((kh * kw_size + kw) * tc)
+    kw += 1
+    if kw == kw_hi:
+        kw, kh = kw_lo, kh + 1
+    return a, b, kh, kw
+
+
 @numba.njit(**_JIT)
 def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks):
     """Each output pixel's taps go four at a time through the channel loop: one store per four taps.
@@ -106,37 +122,18 @@ def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks):
                 continue
             taps = (kh_hi - kh_lo) * (kw_hi - kw_lo)
             kh, kw = kh_lo, kw_lo
+            row0 = n * h + h0
             done = 0
             while done < taps:
                 group = min(4, taps - done)
-                a0 = ((n * h + h0 + kh * dh) * wd + w0 + kw * dw) * c
-                b0 = (kh * kw_size + kw) * tc
+                a0, b0, kh, kw = _tap_offsets(kh, kw, row0, w0, wd, c, dh, dw, kw_size, tc, kw_lo, kw_hi)
                 a1, b1, a2, b2, a3, b3 = a0, b0, a0, b0, a0, b0
-                kw += 1
-                if kw == kw_hi:
-                    kw, kh = kw_lo, kh + 1
                 if group > 1:
-                    a1 = ((n * h + h0 + kh * dh) * wd + w0 + kw * dw) * c
-                    b1 = (kh * kw_size + kw) * tc
-                    kw += 1
-                    if kw == kw_hi:
-                        kw, kh = kw_lo, kh + 1
+                    a1, b1, kh, kw = _tap_offsets(kh, kw, row0, w0, wd, c, dh, dw, kw_size, tc, kw_lo, kw_hi)
                 if group > 2:
-                    a2 = ((n * h + h0 + kh * dh) * wd + w0 + kw * dw) * c
-                    b2 = (kh * kw_size + kw) * tc
-                    kw += 1
-                    if kw == kw_hi:
-                        kw, kh = kw_lo, kh + 1
+                    a2, b2, kh, kw = _tap_offsets(kh, kw, row0, w0, wd, c, dh, dw, kw_size, tc, kw_lo, kw_hi)
                 if group > 3:
-                    a3 = ((n * h + h0 + kh * dh) * wd + w0 + kw * dw) * c
-                    b3 = (kh * kw_size + kw) * tc
-                    kw += 1
-                    if kw == kw_hi:
-                        kw, kh = kw_lo, kh + 1
-                # Unsigned offsets: with signed ones Numba tests every index for negative wraparound,
-                # which stops LLVM vectorising the loop (measured: 8.8 -> 15.8 GMAC/s at 32 channels).
-                a0, a1, a2, a3 = numba.uint64(a0), numba.uint64(a1), numba.uint64(a2), numba.uint64(a3)
-                b0, b1, b2, b3 = numba.uint64(b0), numba.uint64(b1), numba.uint64(b2), numba.uint64(b3)
+                    a3, b3, kh, kw = _tap_offsets(kh, kw, row0, w0, wd, c, dh, dw, kw_size, tc, kw_lo, kw_hi)
                 if group == 4:
                     for ci in range(ulength):
                         of[ob + ci] += (xf[a0 + ci] * wf[b0 + ci] + xf[a1 + ci] * wf[b1 + ci]
@@ -151,6 +148,15 @@ def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks):
                     for ci in range(ulength):
                         of[ob + ci] += xf[a0 + ci] * wf[b0 + ci]
                 done += group
+
+
+@numba.njit(cache=True, inline="always")
+def _reading_output(i, tap, stride, pad, dilation, size):
+    """The output position whose tap ``tap`` reads input position ``i`` along one axis, or -1 if none."""
+    t = i + pad - tap * dilation
+    if t < 0 or t % stride != 0 or t // stride >= size:
+        return -1
+    return t // stride
 
 
 @numba.njit(**_JIT)
@@ -168,20 +174,14 @@ def _input_grad(gy, w, gx, sh, sw, ph, pw, dh, dw, col_chunks):
             for ci in range(c):
                 acc[ci] = 0
             for kh in range(kh_size):
-                t = ih + ph - kh * dh
-                if t < 0 or t % sh != 0:
-                    continue
-                oh = t // sh
-                if oh >= oh_size:
+                oh = _reading_output(ih, kh, sh, ph, dh, oh_size)
+                if oh < 0:
                     continue
                 gyrow = gy[n, oh]
                 wrow = w[kh]
                 for kw in range(kw_size):
-                    u = iw + pw - kw * dw
-                    if u < 0 or u % sw != 0:
-                        continue
-                    ow = u // sw
-                    if ow >= ow_size:
+                    ow = _reading_output(iw, kw, sw, pw, dw, ow_size)
+                    if ow < 0:
                         continue
                     gv = gyrow[ow]
                     wv = wrow[kw]
@@ -387,7 +387,7 @@ class DepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, out_size, stride, pad, dilation, channels_last_out):
-        tiled = _tiled(weight.contiguous(), stride[1])
+        tiled = _tiled(weight, stride[1])
         start = torch.zeros(tiled.shape[2], dtype=x.dtype) if bias is None else bias.repeat(tiled.shape[2] // len(bias))
         out_shape = (x.shape[0], out_size[0], out_size[1], x.shape[1])
         with _LOCK:
