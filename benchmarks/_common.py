@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: timing blocks of calls, geometric means, the machine's load."""
+"""What the benchmark scripts share: timing blocks of calls, geometric means, the machine's load, tables."""
 
 from __future__ import annotations
 
@@ -36,3 +36,11 @@ def loadavg():
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+def print_table(header: str, lines) -> None:
+    """A table as the scripts print it: the header, a rule as wide, then one line per row."""
+    print(header)
+    print("-" * len(header))
+    for line in lines:
+        print(line)

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from _common import block, calibrate, geomean, loadavg  # benchmarks/ is on sys.path as the script's folder
+from _common import block, calibrate, geomean, loadavg, print_table  # benchmarks/ is on sys.path as the script's folder
 
 import sepconv
 import sepconv.functional as SF
@@ -246,6 +246,18 @@ def summarize(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def _row_line(r: dict) -> str:
+    t = {k: v["median_s"] * 1e3 for k, v in r["times"].items()}
+    q = r["ratios"]
+    copy = f"{t['copy']:8.3f}" if "copy" in t else " " * 8
+    over_copy = f"{q['numba_cl_over_copy']:6.1f}" if "numba_cl_over_copy" in q else " " * 6
+    flag = "" if r["check"] == "ok" else "  " + r["check"]
+    return (f"{r['name']:<13} {r['shape']:<34} {r['pass']:<9} {t['numba_cl']:9.3f} {t['numba_nchw']:10.3f} "
+            f"{t['torch_nchw']:10.3f} {t['torch_cl']:9.3f} {copy} {q['speedup_vs_nchw']:7.2f} "
+            f"{q['speedup_vs_cl']:6.2f} {q['speedup_vs_best']:7.2f} {over_copy} {q['auto_vs_nchw']:9.2f} "
+            f"{q['auto_vs_cl']:5.2f} {q['auto_vs_best']:5.2f}{flag}")
+
+
 def print_report(meta: dict, rows: list[dict], summary: list[dict], out_path: str) -> None:
     print(f"sepconv {meta['sepconv']} Numba depthwise kernels vs PyTorch {meta['torch']} eager -- "
           f"{meta['threads']} threads (torch.set_num_threads; Numba follows it), {meta['cpu_count']} CPUs")
@@ -257,29 +269,16 @@ def print_report(meta: dict, rows: list[dict], summary: list[dict], out_path: st
           "time / copy_ time of the input's bytes;\n  auto: the same speed-ups for the op in 'auto' mode (the dispatcher's choice)\n")
     header = (f"{'layer':<13} {'shape':<34} {'pass':<9} {'numba_cl':>9} {'numba_nchw':>10} {'torch_nchw':>10} "
               f"{'torch_cl':>9} {'copy':>8} {'vs_nchw':>7} {'vs_cl':>6} {'vs_best':>7} {'/copy':>6} {'auto:nchw':>9} {'cl':>5} {'best':>5}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        t = {k: v["median_s"] * 1e3 for k, v in r["times"].items()}
-        q = r["ratios"]
-        copy = f"{t['copy']:8.3f}" if "copy" in t else " " * 8
-        over_copy = f"{q['numba_cl_over_copy']:6.1f}" if "numba_cl_over_copy" in q else " " * 6
-        flag = "" if r["check"] == "ok" else "  " + r["check"]
-        print(f"{r['name']:<13} {r['shape']:<34} {r['pass']:<9} {t['numba_cl']:9.3f} {t['numba_nchw']:10.3f} "
-              f"{t['torch_nchw']:10.3f} {t['torch_cl']:9.3f} {copy} {q['speedup_vs_nchw']:7.2f} "
-              f"{q['speedup_vs_cl']:6.2f} {q['speedup_vs_best']:7.2f} {over_copy} {q['auto_vs_nchw']:9.2f} "
-              f"{q['auto_vs_cl']:5.2f} {q['auto_vs_best']:5.2f}{flag}")
+    print_table(header, map(_row_line, rows))
     print("\nsummary (geometric means of the speed-ups over the rows of each pass; worst = lowest vs_best)")
     header = (f"{'pass':<9} {'rows':>4} {'vs_nchw':>8} {'vs_cl':>7} {'vs_best':>8} {'worst':>7} {'>10% slower':>11} "
               f"{'auto:nchw':>9} {'cl':>5} {'best':>5} {'worst':>5} {'>10%':>4}  worst row (numba)")
-    print(header)
-    print("-" * len(header))
-    for s in summary:
-        print(f"{s['pass']:<9} {s['rows']:>4} {s['geomean_speedup_vs_nchw']:8.2f} {s['geomean_speedup_vs_cl']:7.2f} "
-              f"{s['geomean_speedup_vs_best']:8.2f} {s['worst_vs_best']:7.2f} {s['rows_more_than_10pct_slower']:>11} "
-              f"{s['geomean_auto_vs_nchw']:9.2f} {s['geomean_auto_vs_cl']:5.2f} {s['geomean_auto_vs_best']:5.2f} "
-              f"{s['auto_worst_vs_best']:5.2f} {s['auto_rows_more_than_10pct_slower']:>4}  "
-              f"{s['worst_row']}")
+    print_table(header, (
+        f"{s['pass']:<9} {s['rows']:>4} {s['geomean_speedup_vs_nchw']:8.2f} {s['geomean_speedup_vs_cl']:7.2f} "
+        f"{s['geomean_speedup_vs_best']:8.2f} {s['worst_vs_best']:7.2f} {s['rows_more_than_10pct_slower']:>11} "
+        f"{s['geomean_auto_vs_nchw']:9.2f} {s['geomean_auto_vs_cl']:5.2f} {s['geomean_auto_vs_best']:5.2f} "
+        f"{s['auto_worst_vs_best']:5.2f} {s['auto_rows_more_than_10pct_slower']:>4}  {s['worst_row']}"
+        for s in summary))
     print(f"\nwrote {out_path}")
 
 

@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from _common import block, calibrate, geomean, loadavg  # benchmarks/ is on sys.path as the script's folder
+from _common import block, calibrate, geomean, loadavg, print_table  # benchmarks/ is on sys.path as the script's folder
 
 import sepconv
 from sepconv._io import atomic_write_text
@@ -347,6 +347,15 @@ def _ms(stats: dict) -> str:
     return f"{stats['median_s'] * 1e3:9.3f} ± {stats['iqr_s'] * 1e3:7.3f}"
 
 
+def _row_line(r: dict) -> str:
+    flag = " !" if r["ratio"] > SLOWER else ""
+    recheck = f"{r['recheck_ratio']:7.3f}" if "recheck_ratio" in r else " " * 7
+    check = "" if r["check"] == "ok" else f"  MISMATCH: {r['check']}"
+    return (f"{r['op']:<9} {r['layer']:<7} {r['shape']:<31} {r['format']:<13} {r['pass']:<7} "
+            f"{_ms(r['sepconv'])} {_ms(r['pytorch'])} {r['ratio']:6.3f} {r['paired_ratio']:6.3f} "
+            f"{r['min_ratio']:6.3f} {recheck}{flag}{check}")
+
+
 def print_report(meta: dict, rows: list[dict], summary: list[dict], overhead: list[dict], out_path: str) -> None:
     print(f"sepconv {meta['sepconv']} vs plain PyTorch {meta['torch']} -- {meta['threads']} threads "
           f"(torch.set_num_threads), {meta['cpu_count']} CPUs, min run time {meta['min_run_time']} s per side "
@@ -360,37 +369,24 @@ def print_report(meta: dict, rows: list[dict], summary: list[dict], overhead: li
           "recheck = ratio re-measured at the end (1.5x as long; flagged rows, worst first, within a time budget)\n")
     header = (f"{'op':<9} {'layer':<7} {'shape':<31} {'format':<13} {'pass':<7} {'sepconv ms':>19} "
               f"{'pytorch ms':>19} {'ratio':>6} {'paired':>6} {'min':>6} {'recheck':>7}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        flag = " !" if r["ratio"] > SLOWER else ""
-        recheck = f"{r['recheck_ratio']:7.3f}" if "recheck_ratio" in r else " " * 7
-        check = "" if r["check"] == "ok" else f"  MISMATCH: {r['check']}"
-        print(f"{r['op']:<9} {r['layer']:<7} {r['shape']:<31} {r['format']:<13} {r['pass']:<7} "
-              f"{_ms(r['sepconv'])} {_ms(r['pytorch'])} {r['ratio']:6.3f} {r['paired_ratio']:6.3f} {r['min_ratio']:6.3f} {recheck}{flag}"
-              f"{check}")
+    print_table(header, map(_row_line, rows))
 
     print(f"\nsummary (ratio = sepconv / pytorch; geomean over rows; slower = rows with ratio > {SLOWER}; "
           "rechecked = of those, re-measured; confirmed = slower again when re-measured)")
     header = (f"{'op':<9} {'format':<13} {'pass':<7} {'rows':>4} {'geomean':>8} {'worst':>7} {'slower':>6} "
               f"{'rechecked':>9} {'confirmed':>9}  worst row")
-    print(header)
-    print("-" * len(header))
-    for s in summary:
-        print(f"{s['op']:<9} {s['format']:<13} {s['pass']:<7} {s['rows']:>4} {s['geomean_ratio']:8.3f} "
-              f"{s['worst_ratio']:7.3f} {s['slower_rows']:>6} {s['rechecked_rows']:>9} {s['confirmed_slower_rows']:>9}  "
-              f"{s['worst_row']}")
+    print_table(header, (
+        f"{s['op']:<9} {s['format']:<13} {s['pass']:<7} {s['rows']:>4} {s['geomean_ratio']:8.3f} "
+        f"{s['worst_ratio']:7.3f} {s['slower_rows']:>6} {s['rechecked_rows']:>9} {s['confirmed_slower_rows']:>9}  "
+        f"{s['worst_row']}" for s in summary))
 
     if overhead:
         print("\nPython overhead per call on a tiny tensor (forward, inference mode, contiguous, 1 thread; "
               "overhead = sepconv - pytorch, from the medians and from the minima)")
         header = (f"{'op':<9} {'shape':<31} {'sepconv us':>11} {'pytorch us':>11} {'overhead us':>12} "
                   f"{'(min-based)':>12}")
-        print(header)
-        print("-" * len(header))
-        for o in overhead:
-            print(f"{o['op']:<9} {o['shape']:<31} {o['sepconv_us']:11.1f} {o['pytorch_us']:11.1f} "
-                  f"{o['overhead_us']:12.1f} {o['overhead_min_us']:12.1f}")
+        print_table(header, (f"{o['op']:<9} {o['shape']:<31} {o['sepconv_us']:11.1f} {o['pytorch_us']:11.1f} "
+                             f"{o['overhead_us']:12.1f} {o['overhead_min_us']:12.1f}" for o in overhead))
     mismatches = [r for r in rows if r["check"] != "ok"]
     if mismatches:
         print(f"\nWARNING: {len(mismatches)} rows where sepconv and PyTorch disagree (see MISMATCH above)")
