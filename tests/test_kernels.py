@@ -19,7 +19,7 @@ pytest.importorskip("numba")
 from test_functional import geometry_case, reference_pairs
 
 import sepconv.functional as F
-from sepconv.kernels import dispatch, numba_depthwise, reference
+from sepconv.kernels import dispatch, numba_depthwise, reference, unroll
 
 # float32: gradients of the weight sum up to thousands of products, summed in a different order by each side.
 TOLERANCE = {torch.float64: {"atol": 1e-10, "rtol": 1e-9}, torch.float32: {"atol": 3e-4, "rtol": 1e-3}}
@@ -161,6 +161,38 @@ def test_rows_cut_into_column_ranges(monkeypatch, chunks):
         compare_with_reference(x1, make((40, 1, 4), dtype, seed=1), None, (1,), ((3, 0),), (1,), "zeros")
 
 
+@pytest.mark.parametrize("pad_share", [0.0, 1.0])  # the input padded once first always / never
+@pytest.mark.parametrize("kernel", unroll.SIZES)
+def test_unrolled_blocks_equal_reference(monkeypatch, kernel, pad_share):
+    # Every generated size: widths whose last block overlaps the one before (forward) or leaves columns
+    # to the tap loop (weight gradient: two blocks of 8 and the rest), more channels than one channel
+    # block (16..128 channels), vertical stride 2 (the blocks only need stride 1 along the width),
+    # column ranges, and the input gradient (the forward kernel, flipped weight).
+    monkeypatch.setattr(numba_depthwise, "PAD_BORDER_SHARE", pad_share)
+    kh, kw = kernel
+    for dtype in (torch.float32, torch.float64):
+        assert numba_depthwise._forward_plan(make((kh, kw, 3), dtype), 1, (1, 1))[1] > 0
+        assert numba_depthwise._weight_grad_plan(make((kh, kw, 3), dtype), 1, 1)[0] > 0
+        w = make((150, 1, kw) if kh == 1 else (150, 1, kh, kw), dtype, seed=1)
+        b = make((150,), dtype, seed=2)
+        if kh == 1:
+            x = make((2, 150, kw + 20), dtype)
+            compare_with_reference(x, w, b, (1,), ((kw - 1, 0),), (1,), "zeros")
+            compare_with_reference(x, w, None, (1,), ((1, 2),), (1,), "zeros")
+            continue
+        x = make((2, 150, kh + 4, kw + 17), dtype, channels_last=dtype == torch.float32)
+        compare_with_reference(x, w, b, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)), (1, 1), "zeros")
+        compare_with_reference(x, w, None, (2, 1), ((1, 0), (0, 2)), (1, 1), "zeros")
+        monkeypatch.setattr(numba_depthwise, "_col_chunks", lambda rows, columns, threads: 3)
+        compare_with_reference(x, w, b, (1, 1), ((0, 0), (1, 1)), (1, 1), "zeros")
+        monkeypatch.undo()
+        monkeypatch.setattr(numba_depthwise, "PAD_BORDER_SHARE", pad_share)
+
+
+def test_generated_module_is_current():
+    assert unroll.TARGET.read_text() == unroll.source(), "run: python -m sepconv.kernels.unroll"
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 3), (3, 16, 16), (2, 17, 33), (1, 40, 7)])
 def test_transpose_kernel(shape):
     for dtype in (torch.float32, torch.float64):
@@ -194,7 +226,9 @@ def test_temporaries_never_leak_into_results():
         torch.testing.assert_close(a, e, **TOLERANCE[torch.float64])
 
 
-def test_inference_mode_and_no_grad():
+def test_inference_mode_and_no_grad(monkeypatch):
+    # Temporaries first made under inference_mode are then reused (and written) outside it.
+    monkeypatch.setattr(numba_depthwise, "_scratch", {})
     x, w = torch.randn(2, 4, 8, 8), torch.randn(4, 1, 3, 3)
     ref = reference.conv(x, w, None, (1, 1), ((1, 1), (1, 1)), (1, 1), 4, "zeros")
     with torch.inference_mode():
@@ -203,6 +237,13 @@ def test_inference_mode_and_no_grad():
     with torch.no_grad():
         out = numba_depthwise.depthwise_conv(x.requires_grad_(), w, None, (1, 1), ((1, 1), (1, 1)), (1, 1), "zeros")
     assert not out.requires_grad
+    with torch.inference_mode():  # a transposed input: neither contiguous nor channels_last
+        numba_depthwise.depthwise_conv(x.detach().transpose(2, 3), w, None, (1, 1), ((1, 1), (1, 1)), (1, 1), "zeros")
+    compare_with_reference(make((2, 4, 8, 8), torch.float32), make((4, 1, 3, 3), torch.float32, seed=1), None,
+                           (1, 1), ((1, 1), (1, 1)), (1, 1), "zeros")
+    transposed = make((2, 4, 8, 8), torch.float32).detach().transpose(2, 3).requires_grad_()
+    compare_with_reference(transposed, make((4, 1, 3, 3), torch.float32, seed=1), None, (1, 1), ((1, 1), (1, 1)),
+                           (1, 1), "zeros")
 
 
 # --- the dispatcher --------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ with unit stride (over ``T`` neighbouring pixels' channels at stride 1, see ``_f
 vectorises it (AVX-512 where the CPU has it); taps go four at a time per pass. Zero padding is not
 materialised: each output row and column clips its tap range to the input (``_tap_range``); other
 padding modes are padded once by ``F.pad`` before the kernel (autograd then folds the padded border's
-gradient back). A depth multiplier ``M > 1`` repeats the input's channels ``M`` times first
+gradient back). For the common kernel sizes at stride 1 (:mod:`sepconv.kernels.unroll`), the forward and
+weight-gradient interiors go through generated blocks with every tap unrolled and the sums in
+registers; on small maps, where many windows cross the padding, the input is zero-padded once into a
+temporary so the blocks cover every pixel (:data:`PAD_BORDER_SHARE`). A depth multiplier ``M > 1`` repeats the input's channels ``M`` times first
 (``repeat_interleave``, output order ``c*M + m``), so the kernels only ever see ``M = 1``: two
 compiled specialisations per kernel (float32, float64).
 
@@ -18,9 +21,8 @@ multiplier expansion are ordinary PyTorch ops before it, so autograd differentia
 output in the layout the reference would give in 2-D (channels_last when PyTorch's convolution would
 pick it) and in its input's layout in 1-D.
 
-``fastmath={"contract"}`` only lets LLVM fuse ``a * b + c`` into one FMA (one rounding instead of two):
-no reassociation, so sums still run in a fixed order and results are deterministic for a given thread
-count; NaN/Inf semantics are unchanged.
+Compilation options are :data:`sepconv.kernels._jit.OPTIONS`: FMA contraction only, so sums run in a fixed
+order and results are deterministic for a given thread count.
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ except ImportError:  # a private module: fall back to the plain stride test
         channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
         return torch.channels_last if channels_last else torch.contiguous_format
 
+from . import _unrolled
+from ._jit import OPTIONS
+
 _PAD_MODE = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}
-_JIT = {"cache": True, "parallel": True, "nogil": True, "fastmath": {"contract"}}
+_JIT = {**OPTIONS, "parallel": True}
 DTYPES = (torch.float32, torch.float64)
 # One kernel launch at a time: Numba's thread pools are not all safe to enter from several threads.
 _LOCK = threading.Lock()
@@ -85,8 +90,13 @@ def _tap_offsets(kh, kw, row0, w0, wd, c, dh, dw, kw_size, tc, kw_lo, kw_hi):
 
 
 @numba.njit(**_JIT)
-def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks):
+def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks, unrolled, channel_block):
     """Each output pixel's taps go four at a time through the channel loop: one store per four taps.
+
+    With ``unrolled > 0`` (a kind of :mod:`sepconv.kernels._unrolled`: this kernel size, horizontal
+    stride 1, no dilation, ``w`` untiled), runs of :data:`~sepconv.kernels._unrolled.PIXELS` pixels
+    whose taps are all inside go through that generated block instead (every tap unrolled, the sums in
+    registers, channels in blocks of ``channel_block``); the loop below then only does the borders.
 
     ``w`` is ``(KH, KW, T*C)``: the weight tiled ``T`` times along its last axis. At stride 1 the ``T``
     output pixels ``ow..ow+T-1`` of the interior (all taps inside) read ``T*C`` consecutive input values
@@ -102,13 +112,27 @@ def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks):
     oh_size, ow_size = out.shape[1], out.shape[2]
     xf, wf, of = x.ravel(), w.ravel(), out.ravel()
     span_w = (kw_size - 1) * dw
+    uc, urow, ucb = numba.uint64(c), numba.uint64(wd * c), numba.uint64(channel_block)
+    block = _unrolled.PIXELS
     for task in numba.prange(n_batch * oh_size * col_chunks):
         row, part = task // col_chunks, task % col_chunks
         n = row // oh_size
         oh = row % oh_size
         h0, kh_lo, kh_hi = _tap_range(oh, sh, ph, dh, kh_size, h)
-        ow, ow_end = part * ow_size // col_chunks, (part + 1) * ow_size // col_chunks
+        full_rows = unrolled > 0 and kh_lo == 0 and kh_hi == kh_size
+        ow_start, ow_end = part * ow_size // col_chunks, (part + 1) * ow_size // col_chunks
+        # Unrolled blocks cover the run of pixels whose taps are all inside (stride 1: w0 = ow - pw); the
+        # run's last block overlaps the one before instead of leaving a remainder to the loop below.
+        fast_lo, fast_hi = max(ow_start, pw), min(ow_end, wd - span_w + pw)
+        fast = full_rows and fast_hi - fast_lo >= block
+        ow = ow_start
         while ow < ow_end:
+            if fast and fast_lo <= ow < fast_hi:
+                at = min(ow, fast_hi - block)
+                _unrolled.block(unrolled, xf, wf, start_values, of, numba.uint64(((n * oh_size + oh) * ow_size + at) * c),
+                                numba.uint64(((n * h + h0) * wd + at - pw) * c), uc, urow, ucb)
+                ow = at + block
+                continue
             w0, kw_lo, kw_hi = _tap_range(ow, sw, pw, dw, kw_size, wd)
             pixels = 1
             if sw == 1 and tile > 1 and w0 >= 0:  # as many interior pixels as the tile holds
@@ -189,12 +213,47 @@ def _input_grad(gy, w, gx, sh, sw, ph, pw, dh, dw, col_chunks):
                         acc[ci] += gv[ci] * wv[ci]
 
 
+@numba.njit(cache=True, inline="always")
+def _weight_grad_columns(acc, xf, gf, row, xrow, kh, col_lo, col_hi, kw_size, sw, pw, dw, wd, ow_size, c):
+    """One kernel row's taps over output columns ``[col_lo, col_hi)`` of output row ``row`` (input row
+    starting at ``xf[xrow * C]``). Taps are the outer loop, so each tap's accumulator row takes four
+    output columns per load/store."""
+    for kw in range(kw_size):
+        shift = kw * dw - pw  # input column of output column ow: ow * sw + shift
+        ow_lo = max(col_lo, -(shift // sw)) if shift < 0 else col_lo
+        last = wd - 1 - shift
+        ow_hi = min(col_hi, last // sw + 1) if last >= 0 else 0
+        b = (kh * kw_size + kw) * c
+        ow = ow_lo
+        while ow + 4 <= ow_hi:
+            g0 = (row * ow_size + ow) * c
+            a0 = (xrow + ow * sw + shift) * c
+            g1, a1 = g0 + c, a0 + sw * c
+            g2, a2 = g1 + c, a1 + sw * c
+            g3, a3 = g2 + c, a2 + sw * c
+            av = acc[b:b + c]
+            y0, y1, y2, y3 = gf[g0:g0 + c], gf[g1:g1 + c], gf[g2:g2 + c], gf[g3:g3 + c]
+            x0, x1, x2, x3 = xf[a0:a0 + c], xf[a1:a1 + c], xf[a2:a2 + c], xf[a3:a3 + c]
+            for ci in range(c):
+                av[ci] += y0[ci] * x0[ci] + y1[ci] * x1[ci] + y2[ci] * x2[ci] + y3[ci] * x3[ci]
+            ow += 4
+        while ow < ow_hi:
+            g0 = (row * ow_size + ow) * c
+            a0 = (xrow + ow * sw + shift) * c
+            av, y0, x0 = acc[b:b + c], gf[g0:g0 + c], xf[a0:a0 + c]
+            for ci in range(c):
+                av[ci] += y0[ci] * x0[ci]
+            ow += 1
+
+
 @numba.njit(**_JIT)
-def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw, col_chunks):
+def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw, col_chunks, unrolled, channel_block):
     """``partial[t]``: chunk ``t``'s sum over its work; the caller adds the chunks (one reduction).
 
     Work items are output rows cut into ``col_chunks`` column ranges, dealt to the chunks in order.
-    Taps are the outer loop, so each tap's accumulator row takes four output columns per load/store.
+    With ``unrolled > 0`` (a weight-gradient kind of :mod:`sepconv.kernels._unrolled`: this kernel
+    width, horizontal stride 1, no horizontal dilation), each kernel row's columns whose taps are all
+    inside go :data:`~sepconv.kernels._unrolled.COLUMNS` at a time through that generated block.
     """
     n_batch, h, wd, c = x.shape
     kh_size, kw_size = partial.shape[1], partial.shape[2]
@@ -202,6 +261,7 @@ def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw, col_chunks):
     chunks = partial.shape[0]
     items = n_batch * oh_size * col_chunks
     xf, gf = x.ravel(), gy.ravel()
+    uc, ucb, columns = numba.uint64(c), numba.uint64(channel_block), _unrolled.COLUMNS
     for t in numba.prange(chunks):
         acc = partial[t].ravel()
         acc[:] = 0
@@ -211,34 +271,18 @@ def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw, col_chunks):
             n = row // oh_size
             oh = row % oh_size
             h0, kh_lo, kh_hi = _tap_range(oh, sh, ph, dh, kh_size, h)
+            # Columns the blocks take (stride 1: every tap inside from pw to wd - kw_size + 1 + pw).
+            fast_lo, fast_hi = max(col_lo, pw), min(col_hi, wd - kw_size + 1 + pw)
+            fast_hi = fast_lo + max(0, fast_hi - fast_lo) // columns * columns if unrolled > 0 else fast_lo
             for kh in range(kh_lo, kh_hi):
                 xrow = (n * h + h0 + kh * dh) * wd
-                for kw in range(kw_size):
-                    shift = kw * dw - pw  # input column of output column ow: ow * sw + shift
-                    ow_lo = max(col_lo, -(shift // sw)) if shift < 0 else col_lo
-                    last = wd - 1 - shift
-                    ow_hi = min(col_hi, last // sw + 1) if last >= 0 else 0
-                    b = (kh * kw_size + kw) * c
-                    ow = ow_lo
-                    while ow + 4 <= ow_hi:
-                        g0 = (row * ow_size + ow) * c
-                        a0 = (xrow + ow * sw + shift) * c
-                        g1, a1 = g0 + c, a0 + sw * c
-                        g2, a2 = g1 + c, a1 + sw * c
-                        g3, a3 = g2 + c, a2 + sw * c
-                        av = acc[b:b + c]
-                        y0, y1, y2, y3 = gf[g0:g0 + c], gf[g1:g1 + c], gf[g2:g2 + c], gf[g3:g3 + c]
-                        x0, x1, x2, x3 = xf[a0:a0 + c], xf[a1:a1 + c], xf[a2:a2 + c], xf[a3:a3 + c]
-                        for ci in range(c):
-                            av[ci] += y0[ci] * x0[ci] + y1[ci] * x1[ci] + y2[ci] * x2[ci] + y3[ci] * x3[ci]
-                        ow += 4
-                    while ow < ow_hi:
-                        g0 = (row * ow_size + ow) * c
-                        a0 = (xrow + ow * sw + shift) * c
-                        av, y0, x0 = acc[b:b + c], gf[g0:g0 + c], xf[a0:a0 + c]
-                        for ci in range(c):
-                            av[ci] += y0[ci] * x0[ci]
-                        ow += 1
+                for ow in range(fast_lo, fast_hi, columns):
+                    _unrolled.wgrad_block(unrolled, xf, gf, acc, numba.uint64((row * ow_size + ow) * c),
+                                          numba.uint64((xrow + ow - pw) * c), numba.uint64(kh * kw_size * c), uc, ucb)
+                _weight_grad_columns(acc, xf, gf, row, xrow, kh, col_lo, min(col_hi, fast_lo), kw_size, sw, pw, dw, wd,
+                                     ow_size, c)
+                _weight_grad_columns(acc, xf, gf, row, xrow, kh, max(col_lo, fast_hi), col_hi, kw_size, sw, pw, dw, wd,
+                                     ow_size, c)
 
 
 @numba.njit(**_JIT)
@@ -316,6 +360,63 @@ def _tiled(weight: torch.Tensor, stride_w: int) -> torch.Tensor:
     return weight.repeat(1, 1, tile) if tile > 1 else weight.contiguous()
 
 
+# Bytes of the input, weight and output streams one channel block of an unrolled block keeps in L1 (32 KiB
+# here). Without blocks, 3x3 over 1024 channels ran at 8 GMAC/s: 31 streams of 4 KiB each.
+L1_BUDGET = 16384
+
+
+def _forward_plan(weight: torch.Tensor, stride_w: int, dilation) -> tuple[torch.Tensor, int, int]:
+    """The weight as :func:`_forward` takes it, the unrolled block kind (0: none) and its channel block."""
+    kh, kw, _ = weight.shape
+    if stride_w == 1 and tuple(dilation) == (1, 1) and (kh, kw) in _unrolled.SIZES:
+        streams = kh * (_unrolled.PIXELS + kw - 1) + kh * kw + _unrolled.PIXELS
+        block = max(16, L1_BUDGET // (weight.element_size() * streams) // 16 * 16)
+        return weight.contiguous(), _unrolled.SIZES.index((kh, kw)) + 1, block
+    return _tiled(weight, stride_w), 0, 1
+
+
+
+def _weight_grad_plan(weight: torch.Tensor, stride_w: int, dilation_w: int) -> tuple[int, int]:
+    """The weight-gradient block kind for :func:`_weight_grad` (0: none) and its channel block."""
+    kw = weight.shape[1]
+    if stride_w != 1 or dilation_w != 1 or kw not in _unrolled.WIDTHS:
+        return 0, 1
+    streams = 2 * _unrolled.COLUMNS + kw - 1 + 2 * kw
+    return _unrolled.WIDTHS.index(kw) + 1, max(16, L1_BUDGET // (weight.element_size() * streams) // 16 * 16)
+
+# Pad the input once (into a temporary) when more than this share of output pixels would miss the unrolled
+# blocks because their windows cross the zero padding: small maps (7x7 at k7, padding 3: all of them).
+PAD_BORDER_SHARE = 0.1
+
+
+def _border_share(in_size, out_size, kernel, stride_h, pad) -> float:
+    """The share of output pixels whose windows cross the padding (stride 1 along the width)."""
+    (h, w), (oh, ow), (kh, kw), (ph, pw) = in_size, out_size, kernel, pad
+    rows = max(0, min(oh - 1, (h - kh + ph) // stride_h) - -(-ph // stride_h) + 1)
+    columns = max(0, min(ow, w - kw + 1 + pw) - min(pw, ow))
+    return 1 - rows * columns / (oh * ow)
+
+
+def _run_forward(xl, weight, bias, out, stride, pad, dilation, threads) -> None:
+    """:func:`_forward` of channels-last ``xl`` into ``out`` with its plan (:func:`_forward_plan`), the bias
+    (or zeros) as start values, and the input padded first where :data:`PAD_BORDER_SHARE` says so."""
+    kernel_weight, unrolled, block = _forward_plan(weight, stride[1], dilation)
+    values = kernel_weight.shape[2]
+    start = torch.zeros(values, dtype=xl.dtype) if bias is None else bias.repeat(values // len(bias))
+    n, h, w, c = xl.shape
+    out_hw, kernel = out.shape[1:3], weight.shape[:2]
+    if unrolled and min(pad) >= 0 and any(pad) and _border_share((h, w), out_hw, kernel, stride[0], pad) > PAD_BORDER_SHARE:
+        after = [max(0, (o - 1) * s + k - p - size)
+                 for o, s, k, p, size in zip(out_hw, stride, kernel, pad, (h, w))]
+        padded = _temporary("padded", (n, h + pad[0] + after[0], w + pad[1] + after[1], c), xl.dtype)
+        view = _np(padded)  # numpy: the temporary may have been made under inference_mode
+        view[:, :pad[0]] = view[:, pad[0] + h:] = view[:, :, :pad[1]] = view[:, :, pad[1] + w:] = 0
+        view[:, pad[0]:pad[0] + h, pad[1]:pad[1] + w] = _np(xl)
+        xl, pad = padded, (0, 0)
+    chunks = _col_chunks(out.shape[0] * out.shape[1], out.shape[2], threads)
+    _forward(_np(xl), _np(kernel_weight), _np(start), _np(out), *stride, *pad, *dilation, chunks, unrolled, block)
+
+
 # Column ranges per row: enough tasks to keep every thread busy (and balanced) when rows are few,
 # but ranges no narrower than MIN_CHUNK_COLUMNS, so the vector loops stay long.
 TASKS_PER_THREAD = 4
@@ -362,7 +463,7 @@ def _to_channels_last(t: torch.Tensor, role: str) -> torch.Tensor:
     if t.is_contiguous():
         _transpose(_np(t).reshape(n, c, h * w), _np(out).reshape(n, h * w, c))
     else:
-        out.copy_(view)
+        _np(out)[...] = _np(view)  # numpy: the temporary may have been made under inference_mode
     return out
 
 
@@ -387,16 +488,13 @@ class DepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, out_size, stride, pad, dilation, channels_last_out):
-        tiled = _tiled(weight, stride[1])
-        start = torch.zeros(tiled.shape[2], dtype=x.dtype) if bias is None else bias.repeat(tiled.shape[2] // len(bias))
         out_shape = (x.shape[0], out_size[0], out_size[1], x.shape[1])
         with _LOCK:
             threads = _threads()  # first: it starts Numba's thread pool the way it must be started
             xl = _to_channels_last(x, "input")
             # The result itself when it leaves as a channels_last view, else a temporary transposed out.
             out = x.new_empty(out_shape) if channels_last_out else _temporary("output", out_shape, x.dtype)
-            chunks = _col_chunks(out.shape[0] * out.shape[1], out.shape[2], threads)
-            _forward(_np(xl), _np(tiled), _np(start), _np(out), *stride, *pad, *dilation, chunks)
+            _run_forward(xl, weight, bias, out, stride, pad, dilation, threads)
             result = _to_layout(out, channels_last_out)
         ctx.save_for_backward(x, weight)
         ctx.geometry = (stride, pad, dilation)
@@ -421,15 +519,13 @@ class DepthwiseConv(torch.autograd.Function):
                 x_channels_last = x.permute(0, 2, 3, 1).is_contiguous()
                 shape = (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
                 grad_xl = x.new_empty(shape) if x_channels_last else _temporary("output", shape, x.dtype)
-                chunks = _col_chunks(grad_xl.shape[0] * grad_xl.shape[1], grad_xl.shape[2], threads)
                 if stride == (1, 1):
                     # The transposed convolution at stride 1 is a convolution of grad_out with the flipped
                     # kernel, padded by k_eff - 1 - pad before: the fast forward kernel does it.
-                    flipped = _tiled(weight.flip(0, 1), 1)
                     before = tuple((k - 1) * d - p for k, d, p in zip(weight.shape[:2], dilation, pad))
-                    zeros = torch.zeros(flipped.shape[2], dtype=x.dtype)
-                    _forward(_np(gl), _np(flipped), _np(zeros), _np(grad_xl), 1, 1, *before, *dilation, chunks)
+                    _run_forward(gl, weight.flip(0, 1), None, grad_xl, stride, before, dilation, threads)
                 else:
+                    chunks = _col_chunks(grad_xl.shape[0] * grad_xl.shape[1], grad_xl.shape[2], threads)
                     _input_grad(_np(gl), _np(weight.contiguous()), _np(grad_xl), *stride, *pad, *dilation, chunks)
                 grad_x = _to_layout(grad_xl, x_channels_last)
             if needs_w:
@@ -438,7 +534,8 @@ class DepthwiseConv(torch.autograd.Function):
                 col_chunks = _col_chunks(rows, gl.shape[2], threads)
                 chunks = max(1, min(threads, rows * col_chunks))
                 partial = x.new_empty(chunks, *weight.shape)
-                _weight_grad(_np(xl), _np(gl), _np(partial), *stride, *pad, *dilation, col_chunks)
+                unrolled, block = _weight_grad_plan(weight, stride[1], dilation[1])
+                _weight_grad(_np(xl), _np(gl), _np(partial), *stride, *pad, *dilation, col_chunks, unrolled, block)
                 grad_w = partial[0] if chunks == 1 else partial.sum(0)
             if needs_b:
                 grad_b = gl.sum((0, 1, 2))
