@@ -169,6 +169,7 @@ def test_unrolled_blocks_equal_reference(monkeypatch, kernel, pad_share):
     # block (16..128 channels), vertical stride 2 (the blocks only need stride 1 along the width),
     # column ranges, and the input gradient (the forward kernel, flipped weight).
     monkeypatch.setattr(numba_depthwise, "PAD_BORDER_SHARE", pad_share)
+    monkeypatch.setattr(numba_depthwise, "PAD_MIN_TAPS", 0)
     kh, kw = kernel
     for dtype in (torch.float32, torch.float64):
         assert numba_depthwise._forward_plan(make((kh, kw, 3), dtype), 1, (1, 1))[1] > 0
@@ -187,6 +188,7 @@ def test_unrolled_blocks_equal_reference(monkeypatch, kernel, pad_share):
         compare_with_reference(x, w, b, (1, 1), ((0, 0), (1, 1)), (1, 1), "zeros")
         monkeypatch.undo()
         monkeypatch.setattr(numba_depthwise, "PAD_BORDER_SHARE", pad_share)
+        monkeypatch.setattr(numba_depthwise, "PAD_MIN_TAPS", 0)
 
 
 def test_generated_module_is_current():
@@ -229,6 +231,7 @@ def test_temporaries_never_leak_into_results():
 def test_inference_mode_and_no_grad(monkeypatch):
     # Temporaries first made under inference_mode are then reused (and written) outside it.
     monkeypatch.setattr(numba_depthwise, "_scratch", {})
+    monkeypatch.setattr(numba_depthwise, "PAD_MIN_TAPS", 0)  # the padded temporary too
     x, w = torch.randn(2, 4, 8, 8), torch.randn(4, 1, 3, 3)
     ref = reference.conv(x, w, None, (1, 1), ((1, 1), (1, 1)), (1, 1), 4, "zeros")
     with torch.inference_mode():
