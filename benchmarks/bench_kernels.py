@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark sepconv's Numba depthwise kernels against every PyTorch eager path (not a test).
+"""Benchmark sepconv's Numba depthwise kernels against every PyTorch path (not a test).
 
 Each row times, interleaved in one loop (every round runs a block of calls of each candidate, the
 order rotating from round to round, so drift on a shared machine hits all alike):
@@ -11,6 +11,13 @@ order rotating from round to round, so drift on a shared machine hits all alike)
   ``(N, C, L)``);
 * ``auto_cl``, ``auto_nchw``: sepconv's op in ``SEPCONV_KERNELS=auto`` mode (the dispatcher's measured
   choice per signature; its one-off measurement happens in the agreement check, before timing);
+* ``compile``    ``torch_nchw``'s op under ``torch.compile`` (inductor, ``fullgraph``, static shapes), on
+  NCHW input by default (``--compile-format cl`` for channels_last). Each row compiles afresh before
+  timing; the seconds its first call took (compiling forward, and backward where there is one) go
+  to the JSON as ``compile.compile_s``. Where compiling fails, the error goes there instead and the
+  table shows n/a. Compiling costs ~1-8 s a row on 2 cores (measured: ~55 s for ``--quick``, ~2 min
+  for the full suite; inductor's on-disk cache helps little); ``--no-compile`` leaves it out. sepconv's
+  own candidates are never compiled (under ``torch.compile`` its dispatcher takes the reference anyway);
 * ``copy``       ``dst.copy_(x)`` of the input's bytes: the memory-bound floor (forward rows only).
 
 PyTorch spells padding the way plain PyTorch code does: inside the convolution when symmetric, an
@@ -18,13 +25,39 @@ PyTorch spells padding the way plain PyTorch code does: inside the convolution w
 output w.r.t. input and weight with a fixed random output gradient) and, for kernels >= 5, ``fwd+wgrad``
 (weight gradient only). Before timing, each row checks that all candidates agree (values and gradients).
 Times are medians of the per-call times over the rounds; ratios are taken between medians of the
-same run, never against other runs.
+same run, never against other runs. ``vs_best`` compares with the best *eager* path, so runs with and
+without ``--compile`` give the same column; the torch.compile ratios are separate fields.
+
+Separable-block rows (names ``sep.*``: MobileNetV1's stride-1 layers at batch 1, a k5 and a k7 layer,
+and in the full suite MobileNetV1's 56x56 layer at the largest batch) time whole depthwise-separable
+layers, depthwise k x k ("same" padding) then 1x1, forward and fwd+bwd (gradients w.r.t. input and
+both weights), with these candidates, each on NCHW and channels_last input (``_nchw`` / ``_cl``):
+
+* ``numba_*``, ``auto_*``: ``sepconv.functional.separable_conv`` with the kernels forced to Numba / auto;
+* ``torch_*``: PyTorch eager ``F.conv2d(F.conv2d(x, dw, groups=C), pw)``;
+* ``std_*``: the standard dense k x k ``F.conv2d`` the layer replaces, with the composed kernel
+  ``pw[o, c] * dw[c]`` as its weight so that it computes the same function and is checked like the
+  others (output and input gradient; its weight gradient has another shape).
+
+Per row: ``mac_ratio`` = standard MACs / separable MACs (``sepconv.cost.separable_reduction``),
+``realised_{torch,numba,auto}`` = best standard time (of NCHW and channels_last) / that path's best
+separable time, and ``efficiency_*`` = realised / mac_ratio (issue 7's target: >= 0.8 on MobileNet
+shapes). The summary gives their geometric means per pass and how many MobileNet rows meet 0.8.
+
+JSON (``--out``): ``meta``, ``summary`` and ``rows`` (depthwise; a ``compile`` record and
+``compile_vs_eager`` / ``speedup_vs_compile`` / ``auto_vs_compile`` ratios when compiling), and
+``separable_summary`` and ``separable_rows``.
+
+Run times measured with the machine's load average at 3-5 from other work (the full suite took ~7
+minutes at load ~1 before the compile and separable rows were added).
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_kernels.py                # full suite, ~10 minutes on 2 cores
-    .venv/bin/python benchmarks/bench_kernels.py --quick        # batch 1 only, shorter timing
+    .venv/bin/python benchmarks/bench_kernels.py                # full suite: 23 minutes on 2 busy cores
+    .venv/bin/python benchmarks/bench_kernels.py --quick        # batch 1 only, shorter timing: ~4 minutes
     .venv/bin/python benchmarks/bench_kernels.py --filter k31 --threads 1 --out /tmp/k31.json
+    .venv/bin/python benchmarks/bench_kernels.py --quick --filter sep.   # separable rows only: ~1.5 minutes
+    .venv/bin/python benchmarks/bench_kernels.py --no-compile           # without the torch.compile column
 """
 
 from __future__ import annotations
@@ -48,11 +81,13 @@ from _common import block, calibrate, geomean, loadavg, print_table  # benchmark
 
 import sepconv
 import sepconv.functional as SF
+from sepconv import cost
 from sepconv._io import atomic_write_text
 from sepconv.kernels import dispatch, numba_depthwise
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_kernels.json")
 CANDIDATES = ("numba_cl", "numba_nchw", "auto_cl", "auto_nchw", "torch_nchw", "torch_cl", "copy")
+COMPILE_FORMAT = "nchw"  # the layout the torch.compile candidate gets by default (--compile-format)
 
 
 @dataclass(frozen=True)
@@ -133,40 +168,163 @@ def _sepconv_op(shape: Shape, mode: str):
     return op
 
 
-def make_callables(shape: Shape, pass_: str):
-    """name -> zero-argument callable, and a string saying whether the candidates agree."""
+def _compiled(op):
+    """``op`` under ``torch.compile`` (inductor), compiled afresh for this row.
+
+    ``_dynamo.reset()`` first: every row's op shares one code object, so without it dynamo would see
+    recompilations of one function, make sizes dynamic, and past its recompile limit fall back to eager
+    silently. ``fullgraph`` turns a graph break into an error (reported as n/a) rather than a part-eager op.
+    """
+    torch._dynamo.reset()
+    return torch.compile(op, fullgraph=True, dynamic=False)
+
+
+def _agreement(results: dict, want: str, labels) -> str:
+    """"ok", or which candidates' tensors differ from ``results[want]`` (pairs compared in order)."""
+    problems = []
+    for name, got in results.items():
+        for label, a, b in zip(labels, got, results[want]):
+            scale = max(1.0, b.abs().max().item())
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * scale):
+                problems.append(f"{name} {label}")
+    return "ok" if not problems else "MISMATCH: " + ", ".join(problems)
+
+
+def _grad_like(grad: torch.Tensor, fmt: str) -> torch.Tensor:
+    return grad.contiguous(memory_format=torch.channels_last) if fmt == "cl" and grad.ndim == 4 else grad
+
+
+def make_callables(shape: Shape, pass_: str, compile_format: str | None):
+    """name -> zero-argument callable, whether the candidates agree, and the torch.compile record
+    (``compile_format``: the compiled candidate's input layout, None for none)."""
     specs = {"numba_cl": (_sepconv_op(shape, "numba"), "cl"), "numba_nchw": (_sepconv_op(shape, "numba"), "nchw"),
              "auto_cl": (_sepconv_op(shape, "auto"), "cl"), "auto_nchw": (_sepconv_op(shape, "auto"), "nchw"),
              "torch_nchw": (_torch_op(shape), "nchw"), "torch_cl": (_torch_op(shape), "cl")}
+    compiled = None
+    if compile_format:  # last, so that its first (compiling) call is the one timed below
+        specs["compile"] = (_compiled(_torch_op(shape)), compile_format)
+        compiled = {"format": compile_format, "compile_s": None, "error": None}
     fns, results = {}, {}
     grad = None
     for name, (op, fmt) in specs.items():
         x, w = _tensors(shape, fmt)
-        if pass_ == "forward":
-            fns[name] = (lambda op=op, x=x, w=w: op(x, w))
-            with torch.inference_mode():
-                results[name] = (op(x, w),)
-            continue
-        leaves = (x.requires_grad_(), w.requires_grad_()) if pass_ == "fwd+bwd" else (w.requires_grad_(),)
-        if grad is None:
-            with torch.no_grad():
-                grad = torch.randn(op(x, w).shape, generator=torch.Generator().manual_seed(1))
-        g = grad.contiguous(memory_format=torch.channels_last) if fmt == "cl" and grad.ndim == 4 else grad
-        fns[name] = (lambda op=op, x=x, w=w, leaves=leaves, g=g: torch.autograd.grad(op(x, w), leaves, g))
-        out = op(x, w)
-        results[name] = (out.detach(), *torch.autograd.grad(out, leaves, g))
+        start = time.perf_counter()
+        try:
+            if pass_ == "forward":
+                fns[name] = (lambda op=op, x=x, w=w: op(x, w))
+                with torch.inference_mode():
+                    results[name] = (op(x, w),)
+                continue
+            leaves = (x.requires_grad_(), w.requires_grad_()) if pass_ == "fwd+bwd" else (w.requires_grad_(),)
+            if grad is None:
+                with torch.no_grad():
+                    grad = torch.randn(op(x, w).shape, generator=torch.Generator().manual_seed(1))
+            g = _grad_like(grad, fmt)
+            fns[name] = (lambda op=op, x=x, w=w, leaves=leaves, g=g: torch.autograd.grad(op(x, w), leaves, g))
+            out = op(x, w)
+            results[name] = (out.detach(), *torch.autograd.grad(out, leaves, g))
+        except Exception as error:  # only torch.compile may fail here; its row shows n/a
+            if name != "compile":
+                raise
+            fns.pop(name, None)
+            compiled["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        finally:
+            if name == "compile" and compiled["error"] is None:
+                compiled["compile_s"] = time.perf_counter() - start  # the first call (forward and backward)
     if pass_ == "forward":
         x, _ = _tensors(shape, "nchw")
         dst = torch.empty_like(x)
         fns["copy"] = lambda: dst.copy_(x)
-    problems = []
-    want = results["torch_nchw"]
-    for name, got in results.items():
-        for label, a, b in zip(("out", "grad_first", "grad_second"), got, want):
-            scale = max(1.0, b.abs().max().item())
-            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * scale):
-                problems.append(f"{name} {label}")
-    return fns, ("ok" if not problems else "MISMATCH: " + ", ".join(problems))
+    return fns, _agreement(results, "torch_nchw", ("out", "grad_first", "grad_second")), compiled
+
+
+# --- separable blocks ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SepShape:
+    """A depthwise-separable layer (depthwise k x k, stride 1, "same" padding, then 1x1) and the
+    standard k x k convolution it replaces."""
+    name: str
+    n: int
+    c: int
+    out: int
+    size: int
+    k: int
+
+    def describe(self) -> str:
+        return f"{self.n}x{self.c}x{self.size}x{self.size}->{self.out} k{self.k}"
+
+    def mac_ratio(self) -> float:
+        """Standard MACs / separable MACs, counted by the project's cost model."""
+        reduction = cost.separable_reduction((self.n, self.c, self.size, self.size), self.out, self.k,
+                                             padding=self.k // 2)
+        return float(1 / reduction.macs_ratio)
+
+
+def sep_suite(batches) -> list[SepShape]:
+    # name (MobileNetV1's numbering of its separable layers, as in suite()), C_in, C_out, size, k
+    layers = [("sep.mnv1.1", 32, 64, 112, 3), ("sep.mnv1.3", 128, 128, 56, 3), ("sep.mnv1.5", 256, 256, 28, 3),
+              ("sep.mnv1.7", 512, 512, 14, 3), ("sep.mnv1.13", 1024, 1024, 7, 3),
+              ("sep.effnet.k5", 240, 240, 28, 5), ("sep.convnext.k7", 96, 96, 56, 7)]
+    shapes = [SepShape(name, 1, c, out, size, k) for name, c, out, size, k in layers]
+    if any(n > 1 for n in batches):  # one large-batch row: a dense k3 conv at batch 32 costs ~0.3 s per call
+        shapes.append(SepShape("sep.mnv1.3", max(batches), 128, 128, 56, 3))
+    return shapes
+
+
+def _sep_tensors(shape: SepShape, fmt: str, seed=0):
+    """Input, depthwise and pointwise weights, and the dense weight of the composed kernel (so the
+    standard conv computes the same function and can be checked against the separable candidates)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape.n, shape.c, shape.size, shape.size, generator=g)
+    dw = torch.randn(shape.c, 1, shape.k, shape.k, generator=g) / shape.k
+    pw = torch.randn(shape.out, shape.c, 1, 1, generator=g) / shape.c ** 0.5
+    dense = pw * dw.transpose(0, 1)  # (out, c, 1, 1) * (1, c, k, k)
+    if fmt == "cl":
+        x, dw, pw, dense = (t.contiguous(memory_format=torch.channels_last) for t in (x, dw, pw, dense))
+    return x, dw, pw, dense
+
+
+def make_sep_callables(shape: SepShape, pass_: str):
+    """Like :func:`make_callables` for a separable block; the standard conv's weight gradient has another
+    shape, so only its output and input gradient are checked."""
+    pad = shape.k // 2
+
+    def sepconv_op(mode):
+        def op(x, dw, pw, dense):
+            with dispatch.use_kernels(mode):
+                return SF.separable_conv(x, dw, pw, padding=pad)
+        return op
+
+    def torch_sep(x, dw, pw, dense):
+        return F.conv2d(F.conv2d(x, dw, None, 1, pad, 1, shape.c), pw)
+
+    def standard(x, dw, pw, dense):
+        return F.conv2d(x, dense, None, 1, pad)
+
+    specs = {"numba_cl": (sepconv_op("numba"), "cl"), "numba_nchw": (sepconv_op("numba"), "nchw"),
+             "auto_cl": (sepconv_op("auto"), "cl"), "auto_nchw": (sepconv_op("auto"), "nchw"),
+             "torch_nchw": (torch_sep, "nchw"), "torch_cl": (torch_sep, "cl"),
+             "std_nchw": (standard, "nchw"), "std_cl": (standard, "cl")}
+    grad = torch.randn(shape.n, shape.out, shape.size, shape.size, generator=torch.Generator().manual_seed(1))
+    fns, results = {}, {}
+    for name, (op, fmt) in specs.items():
+        x, dw, pw, dense = _sep_tensors(shape, fmt)
+        if pass_ == "forward":
+            fns[name] = (lambda op=op, t=(x, dw, pw, dense): op(*t))
+            with torch.inference_mode():
+                results[name] = (op(x, dw, pw, dense),)
+            continue
+        leaves = (x, dense) if name.startswith("std") else (x, dw, pw)
+        for t in leaves:
+            t.requires_grad_()
+        g = _grad_like(grad, fmt)
+        fns[name] = (lambda op=op, t=(x, dw, pw, dense), leaves=leaves, g=g:
+                     torch.autograd.grad(op(*t), leaves, g))
+        out = op(x, dw, pw, dense)
+        results[name] = (out.detach(), *torch.autograd.grad(out, leaves, g))
+    results = {k: v[:2] if k.startswith("std") else v for k, v in results.items()}  # out, grad_x
+    return fns, _agreement(results, "torch_nchw", ("out", "grad_x", "grad_dw", "grad_pw"))
 
 
 # --- timing ----------------------------------------------------------------------------------------
@@ -208,8 +366,6 @@ def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float
 
 # --- report ----------------------------------------------------------------------------------------
 
-
-
 def ratios(row: dict) -> dict:
     t = {name: stats["median_s"] for name, stats in row["times"].items()}
     best_torch = min(t["torch_nchw"], t["torch_cl"])
@@ -223,6 +379,21 @@ def ratios(row: dict) -> dict:
     if "copy" in t:
         out["numba_cl_over_copy"] = t["numba_cl"] / t["copy"]
         out["torch_best_over_copy"] = best_torch / t["copy"]
+    if "compile" in t:  # "best" above stays eager-only, so runs with and without --compile compare
+        out["compile_vs_eager"] = best_torch / t["compile"]
+        out["speedup_vs_compile"] = t["compile"] / min(t["numba_cl"], t["numba_nchw"])
+        out["auto_vs_compile"] = t["compile"] / min(t["auto_cl"], t["auto_nchw"])
+    return out
+
+
+def sep_ratios(row: dict, mac_ratio: float) -> dict:
+    """Realised speed-ups of each separable path over the best standard conv, and their share of the MAC ratio."""
+    t = {name: stats["median_s"] for name, stats in row["times"].items()}
+    standard = min(t["std_nchw"], t["std_cl"])
+    out = {"mac_ratio": mac_ratio}
+    for path in ("torch", "numba", "auto"):
+        out[f"realised_{path}"] = standard / min(t[f"{path}_nchw"], t[f"{path}_cl"])
+        out[f"efficiency_{path}"] = out[f"realised_{path}"] / mac_ratio
     return out
 
 
@@ -242,43 +413,129 @@ def summarize(rows: list[dict]) -> list[dict]:
         entry["rows_more_than_10pct_slower"] = sum(r["ratios"]["speedup_vs_best"] < 1 / 1.1 for r in members)
         entry["auto_worst_vs_best"] = min(r["ratios"]["auto_vs_best"] for r in members)
         entry["auto_rows_more_than_10pct_slower"] = sum(r["ratios"]["auto_vs_best"] < 1 / 1.1 for r in members)
+        compiled = [r for r in members if "compile_vs_eager" in r["ratios"]]
+        if any(r.get("compile") for r in rows if r["pass"] == pass_):
+            entry["compile"] = {
+                "rows": len(compiled),
+                "failed": sum(bool(r["compile"]["error"]) for r in rows if r["pass"] == pass_),
+                "compile_s_total": sum(r["compile"]["compile_s"] or 0.0 for r in rows if r["pass"] == pass_),
+                **{f"geomean_{key}": geomean(r["ratios"][key] for r in compiled) if compiled else None
+                   for key in ("compile_vs_eager", "speedup_vs_compile", "auto_vs_compile")}}
         summary.append(entry)
     return summary
 
 
-def _row_line(r: dict) -> str:
+def sep_summarize(rows: list[dict]) -> list[dict]:
+    summary = []
+    for pass_ in ("forward", "fwd+bwd"):
+        members = [r for r in rows if r["pass"] == pass_ and r["check"] == "ok"]
+        if not members:
+            continue
+        entry = {"pass": pass_, "rows": len(members),
+                 "geomean_mac_ratio": geomean(r["ratios"]["mac_ratio"] for r in members)}
+        mobilenet = [r for r in members if r["name"].startswith("sep.mnv1")]  # where the issue sets the 0.8 target
+        for path in ("torch", "numba", "auto"):
+            entry[f"geomean_realised_{path}"] = geomean(r["ratios"][f"realised_{path}"] for r in members)
+            entry[f"geomean_efficiency_{path}"] = geomean(r["ratios"][f"efficiency_{path}"] for r in members)
+            entry[f"min_efficiency_{path}"] = min(r["ratios"][f"efficiency_{path}"] for r in members)
+            entry[f"mobilenet_rows_efficiency_ge_0.8_{path}"] = sum(r["ratios"][f"efficiency_{path}"] >= 0.8
+                                                                    for r in mobilenet)
+        entry["mobilenet_rows"] = len(mobilenet)
+        summary.append(entry)
+    return summary
+
+
+def _ms(t: dict, name: str, width: int) -> str:
+    if name not in t:
+        return " " * width
+    return f"{t[name]:{width}.3f}" if t[name] is not None else f"{'n/a':>{width}}"
+
+
+def _row_line(r: dict, with_compile: bool) -> str:
     t = {k: v["median_s"] * 1e3 for k, v in r["times"].items()}
     q = r["ratios"]
-    copy = f"{t['copy']:8.3f}" if "copy" in t else " " * 8
     over_copy = f"{q['numba_cl_over_copy']:6.1f}" if "numba_cl_over_copy" in q else " " * 6
     flag = "" if r["check"] == "ok" else "  " + r["check"]
+    compiled = ""
+    if with_compile:
+        t.setdefault("compile", None)  # compiling failed: n/a
+        vs = f"{q['speedup_vs_compile']:6.2f} {q['auto_vs_compile']:5.2f}" if "speedup_vs_compile" in q else \
+            f"{'n/a':>6} {'n/a':>5}"
+        compiled = f" {_ms(t, 'compile', 9)} {vs}"
     return (f"{r['name']:<13} {r['shape']:<34} {r['pass']:<9} {t['numba_cl']:9.3f} {t['numba_nchw']:10.3f} "
-            f"{t['torch_nchw']:10.3f} {t['torch_cl']:9.3f} {copy} {q['speedup_vs_nchw']:7.2f} "
+            f"{t['torch_nchw']:10.3f} {t['torch_cl']:9.3f} {_ms(t, 'copy', 8)} {q['speedup_vs_nchw']:7.2f} "
             f"{q['speedup_vs_cl']:6.2f} {q['speedup_vs_best']:7.2f} {over_copy} {q['auto_vs_nchw']:9.2f} "
-            f"{q['auto_vs_cl']:5.2f} {q['auto_vs_best']:5.2f}{flag}")
+            f"{q['auto_vs_cl']:5.2f} {q['auto_vs_best']:5.2f}{compiled}{flag}")
 
 
-def print_report(meta: dict, rows: list[dict], summary: list[dict], out_path: str) -> None:
+def _sep_line(r: dict) -> str:
+    t = {k: v["median_s"] * 1e3 for k, v in r["times"].items()}
+    best = {path: min(t[f"{path}_nchw"], t[f"{path}_cl"]) for path in ("std", "torch", "numba", "auto")}
+    q = r["ratios"]
+    flag = "" if r["check"] == "ok" else "  " + r["check"]
+    return (f"{r['name']:<16} {r['shape']:<26} {r['pass']:<8} {best['std']:9.3f} {best['torch']:9.3f} "
+            f"{best['numba']:9.3f} {best['auto']:9.3f} {q['mac_ratio']:6.2f} {q['realised_torch']:7.2f} "
+            f"{q['realised_numba']:6.2f} {q['realised_auto']:5.2f} {q['efficiency_torch']:7.2f} "
+            f"{q['efficiency_numba']:6.2f} {q['efficiency_auto']:5.2f}{flag}")
+
+
+def print_report(meta: dict, rows: list[dict], summary: list[dict], sep_rows: list[dict], sep_summary: list[dict],
+                 out_path: str) -> None:
     print(f"sepconv {meta['sepconv']} Numba depthwise kernels vs PyTorch {meta['torch']} eager -- "
           f"{meta['threads']} threads (torch.set_num_threads; Numba follows it), {meta['cpu_count']} CPUs")
     print(f"load average at start / end: {meta['loadavg_start']} / {meta['loadavg_end']}")
-    print("times: median ms per call over interleaved rounds; speed-ups are PyTorch time / sepconv time "
-          "(> 1: sepconv faster) from medians of the same run:\n"
-          "  vs_nchw = torch_nchw / numba_nchw (both given NCHW input); vs_cl = torch_cl / numba_cl (both "
-          "channels_last);\n  vs_best = min(torch_nchw, torch_cl) / min(numba_cl, numba_nchw); /copy = numba_cl "
-          "time / copy_ time of the input's bytes;\n  auto: the same speed-ups for the op in 'auto' mode (the dispatcher's choice)\n")
-    header = (f"{'layer':<13} {'shape':<34} {'pass':<9} {'numba_cl':>9} {'numba_nchw':>10} {'torch_nchw':>10} "
-              f"{'torch_cl':>9} {'copy':>8} {'vs_nchw':>7} {'vs_cl':>6} {'vs_best':>7} {'/copy':>6} {'auto:nchw':>9} {'cl':>5} {'best':>5}")
-    print_table(header, map(_row_line, rows))
-    print("\nsummary (geometric means of the speed-ups over the rows of each pass; worst = lowest vs_best)")
-    header = (f"{'pass':<9} {'rows':>4} {'vs_nchw':>8} {'vs_cl':>7} {'vs_best':>8} {'worst':>7} {'>10% slower':>11} "
-              f"{'auto:nchw':>9} {'cl':>5} {'best':>5} {'worst':>5} {'>10%':>4}  worst row (numba)")
-    print_table(header, (
-        f"{s['pass']:<9} {s['rows']:>4} {s['geomean_speedup_vs_nchw']:8.2f} {s['geomean_speedup_vs_cl']:7.2f} "
-        f"{s['geomean_speedup_vs_best']:8.2f} {s['worst_vs_best']:7.2f} {s['rows_more_than_10pct_slower']:>11} "
-        f"{s['geomean_auto_vs_nchw']:9.2f} {s['geomean_auto_vs_cl']:5.2f} {s['geomean_auto_vs_best']:5.2f} "
-        f"{s['auto_worst_vs_best']:5.2f} {s['auto_rows_more_than_10pct_slower']:>4}  {s['worst_row']}"
-        for s in summary))
+    with_compile = meta["compile"]
+    if rows:
+        print("times: median ms per call over interleaved rounds; speed-ups are PyTorch time / sepconv time "
+              "(> 1: sepconv faster) from medians of the same run:\n"
+              "  vs_nchw = torch_nchw / numba_nchw (both given NCHW input); vs_cl = torch_cl / numba_cl (both "
+              "channels_last);\n  vs_best = min(torch_nchw, torch_cl) / min(numba_cl, numba_nchw); /copy = numba_cl "
+              "time / copy_ time of the input's bytes;\n  auto: the same speed-ups for the op in 'auto' mode (the "
+              "dispatcher's choice)" + (f";\n  compile: PyTorch's op under torch.compile on {meta['compile_format']} "
+              "input; vs_cmp = compile / min(numba_*), auto = compile / min(auto_*) (n/a: it did not compile)"
+              if with_compile else "") + "\n")
+        header = (f"{'layer':<13} {'shape':<34} {'pass':<9} {'numba_cl':>9} {'numba_nchw':>10} {'torch_nchw':>10} "
+                  f"{'torch_cl':>9} {'copy':>8} {'vs_nchw':>7} {'vs_cl':>6} {'vs_best':>7} {'/copy':>6} "
+                  f"{'auto:nchw':>9} {'cl':>5} {'best':>5}"
+                  + (f" {'compile':>9} {'vs_cmp':>6} {'auto':>5}" if with_compile else ""))
+        print_table(header, (_row_line(r, with_compile) for r in rows))
+        print("\nsummary (geometric means of the speed-ups over the rows of each pass; worst = lowest vs_best)")
+        header = (f"{'pass':<9} {'rows':>4} {'vs_nchw':>8} {'vs_cl':>7} {'vs_best':>8} {'worst':>7} "
+                  f"{'>10% slower':>11} {'auto:nchw':>9} {'cl':>5} {'best':>5} {'worst':>5} {'>10%':>4}  "
+                  "worst row (numba)")
+        print_table(header, (
+            f"{s['pass']:<9} {s['rows']:>4} {s['geomean_speedup_vs_nchw']:8.2f} {s['geomean_speedup_vs_cl']:7.2f} "
+            f"{s['geomean_speedup_vs_best']:8.2f} {s['worst_vs_best']:7.2f} {s['rows_more_than_10pct_slower']:>11} "
+            f"{s['geomean_auto_vs_nchw']:9.2f} {s['geomean_auto_vs_cl']:5.2f} {s['geomean_auto_vs_best']:5.2f} "
+            f"{s['auto_worst_vs_best']:5.2f} {s['auto_rows_more_than_10pct_slower']:>4}  {s['worst_row']}"
+            for s in summary))
+    if any("compile" in s for s in summary):
+        print(f"\ntorch.compile ({meta['compile_format']} input; geometric means over the rows where it compiled): "
+              "eager = best eager / compile; numba, auto = compile / best sepconv")
+        header = f"{'pass':<9} {'rows':>4} {'failed':>6} {'compile s':>9} {'eager':>6} {'numba':>6} {'auto':>6}"
+        print_table(header, (
+            f"{s['pass']:<9} {c['rows']:>4} {c['failed']:>6} {c['compile_s_total']:9.1f} " + " ".join(
+                "   n/a" if c[key] is None else f"{c[key]:6.2f}" for key in
+                ("geomean_compile_vs_eager", "geomean_speedup_vs_compile", "geomean_auto_vs_compile"))
+            for s in summary if (c := s.get("compile"))))
+    if sep_rows:
+        print("\nseparable blocks (depthwise k x k + 1x1) vs the standard k x k conv they replace: times are the "
+              "best of NCHW and channels_last (ms);\n  MACx = standard MACs / separable MACs (sepconv.cost); "
+              "realised = std time / separable time; /MAC = realised / MACx (issue 7 target >= 0.8 on MobileNet)\n")
+        header = (f"{'layer':<16} {'shape':<26} {'pass':<8} {'std':>9} {'torch_sep':>9} {'numba':>9} {'auto':>9} "
+                  f"{'MACx':>6} {'r:torch':>7} {'numba':>6} {'auto':>5} {'/MAC:t':>7} {'numba':>6} {'auto':>5}")
+        print_table(header, map(_sep_line, sep_rows))
+        print("\nseparable summary (geometric means; >=0.8: MobileNet rows meeting the target, of all MobileNet rows)")
+        groups = (("r:torch", "geomean_realised", "{:.2f}"), ("/MAC:t", "geomean_efficiency", "{:.2f}"),
+                  ("min/MAC:t", "min_efficiency", "{:.2f}"), (">=0.8:t", "mobilenet_rows_efficiency_ge_0.8", "{}"))
+        widths = {"torch": 9, "numba": 6, "auto": 5}  # a group's first column carries its label
+        header = f"{'pass':<8} {'rows':>4} {'MACx':>6} " + " ".join(
+            f"{label:>9} {'numba':>6} {'auto':>5}" for label, _, _ in groups)
+        print_table(header, (
+            f"{s['pass']:<8} {s['rows']:>4} {s['geomean_mac_ratio']:6.2f} " + " ".join(
+                (fmt.format(s[f"{key}_{path}"]) + (f"/{s['mobilenet_rows']}" if fmt == "{}" else "")).rjust(width)
+                for _, key, fmt in groups for path, width in widths.items())
+            for s in sep_summary))
     print(f"\nwrote {out_path}")
 
 
@@ -293,8 +550,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per candidate per row")
     parser.add_argument("--max-row-time", type=float, default=20.0, help="seconds after which a slow row stops")
-    parser.add_argument("--filter", default=None, help="only rows whose 'name shape pass' contains TEXT")
+    parser.add_argument("--filter", default=None, help="only rows whose 'name shape pass' contains TEXT "
+                        "(separable rows' names start with 'sep.')")
     parser.add_argument("--passes", default="forward,fwd+bwd,fwd+wgrad")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="time torch.compile on the depthwise rows (compiling adds ~2 s per row)")
+    parser.add_argument("--compile-format", choices=("nchw", "cl"), default=COMPILE_FORMAT,
+                        help=f"input layout of the torch.compile candidate (default {COMPILE_FORMAT})")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     threads = args.threads or torch.get_num_threads()
@@ -305,20 +567,27 @@ def main(argv=None) -> int:
     compile_s = numba_depthwise.compile_all()
     plan = [(shape, p) for shape in suite(batches) for p in passes
             if p != "fwd+wgrad" or max(shape.kernel) >= 5]
+    plan += [(shape, p) for shape in sep_suite(batches) for p in passes if p in ("forward", "fwd+bwd")]
     if args.filter:
         plan = [(s, p) for s, p in plan if args.filter in f"{s.name} {s.describe()} {p}"]
     meta = {"sepconv": getattr(sepconv, "__version__", "?"), "torch": torch.__version__, "threads": threads,
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "min_run_time": min_run_time, "argv": sys.argv[1:], "numba_compile_or_cache_load_s": compile_s,
+            "compile": args.compile, "compile_format": args.compile_format,
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "loadavg_start": loadavg()}
     print(f"bench_kernels: {len(plan)} rows, {threads} threads; Numba compile/cache load {compile_s:.1f} s",
           file=sys.stderr)
-    rows = []
+    rows, sep_rows = [], []
     t0 = time.perf_counter()
     for i, (shape, pass_) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {shape.name} {shape.describe()} {pass_} ...", end="", file=sys.stderr, flush=True)
-        fns, check = make_callables(shape, pass_)
+        separable = isinstance(shape, SepShape)
+        if separable:
+            fns, check = make_sep_callables(shape, pass_)
+            compiled = None
+        else:
+            fns, check, compiled = make_callables(shape, pass_, args.compile and args.compile_format)
         if pass_ == "forward":
             with torch.inference_mode():
                 times = measure(fns, min_run_time, 5, args.max_row_time)
@@ -326,15 +595,29 @@ def main(argv=None) -> int:
             times = measure(fns, min_run_time, 5, args.max_row_time)
         row = {"name": shape.name, "shape": shape.describe(), "pass": pass_, "check": check, "times": times,
                "spec": asdict(shape)}
+        if separable:
+            row["ratios"] = sep_ratios(row, shape.mac_ratio())
+            sep_rows.append(row)
+            q = row["ratios"]
+            print(f" MACx {q['mac_ratio']:.2f} realised torch {q['realised_torch']:.2f} numba "
+                  f"{q['realised_numba']:.2f} auto {q['realised_auto']:.2f}{'' if check == 'ok' else ' ' + check}",
+                  file=sys.stderr, flush=True)
+            continue
+        if compiled is not None:
+            row["compile"] = compiled
         row["ratios"] = ratios(row)
         rows.append(row)
-        print(f" vs_nchw {row['ratios']['speedup_vs_nchw']:.2f} vs_cl {row['ratios']['speedup_vs_cl']:.2f}"
+        extra = ""
+        if compiled is not None:
+            extra = f" compile {compiled['compile_s']:.1f} s" if compiled["error"] is None else " compile n/a"
+        print(f" vs_nchw {row['ratios']['speedup_vs_nchw']:.2f} vs_cl {row['ratios']['speedup_vs_cl']:.2f}{extra}"
               f"{'' if check == 'ok' else ' ' + check}", file=sys.stderr, flush=True)
     meta["elapsed_s"] = time.perf_counter() - t0
     meta["loadavg_end"] = loadavg()
-    summary = summarize(rows)
-    atomic_write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n", args.out)
-    print_report(meta, rows, summary, args.out)
+    summary, sep_summary = summarize(rows), sep_summarize(sep_rows)
+    atomic_write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows, "separable_summary": sep_summary,
+                                  "separable_rows": sep_rows}, indent=2) + "\n", args.out)
+    print_report(meta, rows, summary, sep_rows, sep_summary, args.out)
     return 0
 
 
