@@ -257,6 +257,36 @@ def test_torchrun_two_processes_train_with_ddp_and_only_rank_0_writes(tmp_path):
     assert not [path.name for path in out.rglob(".*.tmp")]  # no half-written file from a second writer
 
 
+@pytest.mark.parametrize("backend, wait_for_all, calls", [
+    ("gloo", True, ["monitored_barrier", "destroy_process_group"]),  # gives Gloo's worker threads no work
+    ("nccl", True, ["barrier", "destroy_process_group"]),
+    ("gloo", False, ["destroy_process_group"]),  # after a failure: the processes may be at different collectives
+])
+def test_distributed_close_waits_for_every_process_only_when_asked(monkeypatch, backend, wait_for_all, calls):
+    made = []
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train_module.dist, "get_backend", lambda: backend)
+    for name in ("monitored_barrier", "barrier", "destroy_process_group"):
+        monkeypatch.setattr(train_module.dist, name, lambda name=name: made.append(name))
+    train_module.Distributed(rank=1, world_size=2).close(wait_for_all=wait_for_all)
+    assert made == calls
+
+
+def test_distributed_close_leaves_the_group_when_the_wait_fails(monkeypatch):
+    made = []
+
+    def lost_peer():
+        raise RuntimeError("Rank 0 failed to pass monitoredBarrier")
+
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train_module.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(train_module.dist, "monitored_barrier", lost_peer)
+    monkeypatch.setattr(train_module.dist, "destroy_process_group", lambda: made.append("destroy_process_group"))
+    with pytest.raises(RuntimeError, match="failed to pass monitoredBarrier"):
+        train_module.Distributed(rank=1, world_size=2).close(wait_for_all=True)
+    assert made == ["destroy_process_group"]
+
+
 # --- user errors ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [

@@ -142,6 +142,7 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
     """
     distributed = Distributed.from_environment()
     say = echo if distributed.is_main else (lambda line: None)
+    trained = False  # every process has run all of training's collectives: they can meet before leaving the group
     try:
         dataset = load_dataset(settings.dataset, settings.data_dir, settings.seed)
         _check_out_dir(settings)
@@ -165,6 +166,7 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
             for twin, trainer in trainers.items():
                 trainer.fit()
                 say(_trained_line(twin, trainer.history))
+            trained = True
             if not distributed.is_main:
                 return None
             say("measuring inference and training-step times (torch.utils.benchmark) ...")
@@ -182,4 +184,4 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
         say(f"wrote {settings.out / 'report.html'}, report.md, metrics.json and the plots")
         return metrics
     finally:
-        distributed.close()
+        distributed.close(wait_for_all=trained)  # ranks other than 0 wait here until rank 0 has written the report

@@ -97,9 +97,25 @@ class Distributed:
         dist.all_gather_object(gathered, value)
         return gathered
 
-    def close(self) -> None:
+    def close(self, *, wait_for_all: bool = False) -> None:
+        """Leave the process group; with ``wait_for_all`` first wait until every process gets here (only where all
+        have run the same collectives: after a failure they may be at different ones, and the wait would hang)."""
         if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                if wait_for_all:
+                    # No process may exit right after a collective: Gloo's worker thread can still be releasing its
+                    # tensors, which takes the GIL, and a thread that asks for the GIL once the interpreter shuts
+                    # down is ended inside a C++ destructor ("terminate called without an active exception",
+                    # SIGABRT). Ranks other than 0 end with the checkpoint's gather while rank 0 goes on to report;
+                    # waiting here with the GIL released lets their worker finish. A monitored barrier gives Gloo's
+                    # worker threads no work; a plain barrier would, and its work holds the collective it found in
+                    # flight, releasing it just as late.
+                    if dist.get_backend() == "gloo":
+                        dist.monitored_barrier()
+                    else:
+                        dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def _rng_state(device: torch.device) -> dict:
