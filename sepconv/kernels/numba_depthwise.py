@@ -9,9 +9,10 @@ padding modes are padded once by ``F.pad`` before the kernel (autograd then fold
 gradient back). For the common kernel sizes at stride 1 (:mod:`sepconv.kernels.unroll`), the forward and
 weight-gradient interiors go through generated blocks with every tap unrolled and the sums in
 registers; on small maps, where many windows cross the padding, the input is zero-padded once into a
-temporary so the blocks cover every pixel (:data:`PAD_BORDER_SHARE`, large kernels only). A depth multiplier ``M > 1`` repeats the input's channels ``M`` times first
-(``repeat_interleave``, output order ``c*M + m``), so the kernels only ever see ``M = 1``: two
-compiled specialisations per kernel (float32, float64).
+temporary so the blocks cover every pixel (:data:`PAD_BORDER_SHARE`, large kernels only). A depth
+multiplier ``M > 1`` repeats the input's channels ``M`` times first (``repeat_interleave``, output order
+``c*M + m``), so the kernels only ever see ``M = 1``: two compiled specialisations per kernel (float32,
+float64).
 
 The three kernels (forward, input gradient, weight gradient) are wrapped in one
 ``torch.autograd.Function`` (:class:`DepthwiseConv`), which also changes layouts (NCHW <-> NHWC through
@@ -369,11 +370,9 @@ def _forward_plan(weight: torch.Tensor, stride_w: int, dilation) -> tuple[torch.
     """The weight as :func:`_forward` takes it, the unrolled block kind (0: none) and its channel block."""
     kh, kw, _ = weight.shape
     if stride_w == 1 and tuple(dilation) == (1, 1) and (kh, kw) in _unrolled.SIZES:
-        streams = kh * (_unrolled.PIXELS + kw - 1) + kh * kw + _unrolled.PIXELS
-        block = max(16, L1_BUDGET // (weight.element_size() * streams) // 16 * 16)
-        return weight.contiguous(), _unrolled.SIZES.index((kh, kw)) + 1, block
+        streams = kh * (_unrolled.PIXELS + kw - 1) + kh * kw + _unrolled.PIXELS  # input, weight, output
+        return weight.contiguous(), _unrolled.SIZES.index((kh, kw)) + 1, _channel_block(streams, weight)
     return _tiled(weight, stride_w), 0, 1
-
 
 
 def _weight_grad_plan(weight: torch.Tensor, stride_w: int, dilation_w: int) -> tuple[int, int]:
@@ -381,8 +380,14 @@ def _weight_grad_plan(weight: torch.Tensor, stride_w: int, dilation_w: int) -> t
     kw = weight.shape[1]
     if stride_w != 1 or dilation_w != 1 or kw not in _unrolled.WIDTHS:
         return 0, 1
-    streams = 2 * _unrolled.COLUMNS + kw - 1 + 2 * kw
-    return _unrolled.WIDTHS.index(kw) + 1, max(16, L1_BUDGET // (weight.element_size() * streams) // 16 * 16)
+    streams = 2 * _unrolled.COLUMNS + kw - 1 + 2 * kw  # output gradient, input, accumulators (load, store)
+    return _unrolled.WIDTHS.index(kw) + 1, _channel_block(streams, weight)
+
+
+def _channel_block(streams: int, like: torch.Tensor) -> int:
+    """Channels per block when ``streams`` rows of them must fit :data:`L1_BUDGET`: a multiple of 16, at least 16."""
+    return max(16, L1_BUDGET // (like.element_size() * streams) // 16 * 16)
+
 
 # Pad the input once (into a temporary) when more than this share of output pixels would miss the unrolled
 # blocks because their windows cross the zero padding (7x7 maps at k7, padding 3: all of them), and the
