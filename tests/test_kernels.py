@@ -27,9 +27,11 @@ TOLERANCE = {torch.float64: {"atol": 1e-10, "rtol": 1e-9}, torch.float32: {"atol
 
 @pytest.fixture(autouse=True)
 def _restore_mode():
+    numba_depthwise._plan.cache_clear()  # plans are cached per signature; tests patch what they read
     yield
     dispatch.set_kernels(None)
     dispatch.clear_choices()
+    numba_depthwise._plan.cache_clear()
 
 
 def _layout(t):
@@ -172,8 +174,9 @@ def test_unrolled_blocks_equal_reference(monkeypatch, kernel, pad_share):
     monkeypatch.setattr(numba_depthwise, "PAD_MIN_TAPS", 0)
     kh, kw = kernel
     for dtype in (torch.float32, torch.float64):
-        assert numba_depthwise._forward_plan(make((kh, kw, 3), dtype), 1, (1, 1))[1] > 0
-        assert numba_depthwise._weight_grad_plan(make((kh, kw, 3), dtype), 1, 1)[0] > 0
+        itemsize = dtype.itemsize
+        assert numba_depthwise._forward_pass((1, 9, 9, 3), (9, 9), kernel, (1, 1), (0, 0), (1, 1), 1, itemsize).unrolled
+        assert numba_depthwise._weight_grad_plan(kw, 1, 1, itemsize)[0] > 0
         w = make((150, 1, kw) if kh == 1 else (150, 1, kh, kw), dtype, seed=1)
         b = make((150,), dtype, seed=2)
         if kh == 1:
@@ -186,7 +189,9 @@ def test_unrolled_blocks_equal_reference(monkeypatch, kernel, pad_share):
         compare_with_reference(x, w, None, (2, 1), ((1, 0), (0, 2)), (1, 1), "zeros")
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(numba_depthwise, "_col_chunks", lambda rows, columns, threads: 3)
+            numba_depthwise._plan.cache_clear()
             compare_with_reference(x, w, b, (1, 1), ((0, 0), (1, 1)), (1, 1), "zeros")
+        numba_depthwise._plan.cache_clear()
 
 
 def test_generated_module_is_current():
