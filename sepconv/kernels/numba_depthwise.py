@@ -9,15 +9,18 @@ padding modes are padded once by ``F.pad`` before the kernel (autograd then fold
 gradient back). For the common kernel sizes at stride 1 (:mod:`sepconv.kernels.unroll`), the forward and
 weight-gradient interiors go through generated blocks with every tap unrolled and the sums in
 registers; on small maps, where many windows cross the padding, the input is zero-padded once into a
-temporary so the blocks cover every pixel (:data:`PAD_BORDER_SHARE`, large kernels only). A depth
-multiplier ``M > 1`` repeats the input's channels ``M`` times first (``repeat_interleave``, output order
-``c*M + m``), so the kernels only ever see ``M = 1``: two compiled specialisations per kernel (float32,
-float64).
+temporary so that every pixel takes the fast path (:data:`PAD_BORDER_SHARE`, large kernels only). A depth
+multiplier ``M > 1`` repeats the input's channels ``M`` times into a temporary first (output order
+``c*M + m``; the input gradient sums each group back), so the kernels only ever see ``M = 1``: two
+compiled specialisations per kernel (float32, float64).
 
 The three kernels (forward, input gradient, weight gradient) are wrapped in one
 ``torch.autograd.Function`` (:class:`DepthwiseConv`), which also changes layouts (NCHW <-> NHWC through
-a Numba transpose, into temporaries reused from call to call); padding modes other than zeros and the
-multiplier expansion are ordinary PyTorch ops before it, so autograd differentiates them.
+a Numba transpose, into temporaries reused from call to call); padding modes other than zeros are an
+ordinary ``F.pad`` before it, so autograd differentiates them. Everything a call's signature decides
+(layouts, geometry, block kinds, task split) is worked out once per signature (:func:`_plan`), and a call
+that wants no gradient runs the forward without the autograd Function: for small layers the Python side
+otherwise costs more than the kernels.
 :func:`depthwise_conv` has the signature of :func:`sepconv.kernels.depthwise_conv` and returns its
 output in the layout the reference would give in 2-D (channels_last when PyTorch's convolution would
 pick it) and in its input's layout in 1-D.
@@ -320,8 +323,9 @@ def _prepare_weight(weight, bias, flip, out, start):
         src = taps - 1 - t if flip else t
         for ci in range(c):
             out[t, ci] = weight[ci, src]
-        for v in range(c, values):
-            out[t, v] = out[t, v - c]
+        for copy in range(1, values // c):
+            for ci in range(c):
+                out[t, copy * c + ci] = out[t, ci]
     for v in range(values):
         start[v] = bias[v % c] if bias.shape[0] else 0
 
@@ -336,6 +340,33 @@ def _reduce_partials(partial, out):
             for k in range(1, chunks):
                 total += partial[k, t, ci]
             out[ci, t] = total
+
+
+@numba.njit(**_JIT)
+def _repeat_channels(src, dst):
+    """``src`` ``(P, C)`` -> ``dst`` ``(P, C*M)``: each channel ``M`` times (the depth multiplier's input).
+    PyTorch's ``repeat_interleave`` took 80 us for 65 k values (an inner copy loop of length ``M``)."""
+    pixels, c = src.shape
+    m = dst.shape[1] // c
+    for p in numba.prange(pixels):
+        for ci in range(c):
+            value = src[p, ci]
+            for k in range(m):
+                dst[p, ci * m + k] = value
+
+
+@numba.njit(**_JIT)
+def _sum_groups(src, dst):
+    """``src`` ``(P, C*M)`` -> ``dst`` ``(P, C)``: each group of ``M`` channels summed (the gradient of
+    :func:`_repeat_channels`)."""
+    pixels, c = dst.shape
+    m = src.shape[1] // c
+    for p in numba.prange(pixels):
+        for ci in range(c):
+            total = src[p, ci * m]
+            for k in range(1, m):
+                total += src[p, ci * m + k]
+            dst[p, ci] = total
 
 
 # --- plans -----------------------------------------------------------------------------------------
@@ -374,6 +405,10 @@ L1_BUDGET = 16384
 # copy costs more than the few taps of the border pixels it saves).
 PAD_BORDER_SHARE = 0.1
 PAD_MIN_TAPS = 49
+# Without an unrolled block, padding pays only when a border pixel's loop (C values) is too short for the
+# vector unit. Measured, two threads, float32: 1-D k64 over 8 channels (EEGNet) 0.62 -> 0.22 ms padded;
+# k31 over 128 channels at 56x56 15.8 -> 17.5 ms (55 % more taps computed, on zeros).
+PAD_TILED_MAX_CHANNELS = 64
 
 # Column ranges per row: enough tasks to keep every thread busy (and balanced) when rows are few,
 # but ranges no narrower than MIN_CHUNK_COLUMNS, so the vector loops stay long.
@@ -425,11 +460,15 @@ def _forward_pass(in_shape, out_hw, kernel, stride, pad, dilation, threads, item
         streams = kh * (_unrolled.PIXELS + kw - 1) + kh * kw + _unrolled.PIXELS  # input, weight, output
         block = _channel_block(streams, itemsize)
     elif stride[1] == 1:
-        tile = max(1, TILE_VALUES // c)
+        # Laying out the tiled weight costs taps x tile x C writes per call against taps x pixels x C
+        # multiply-adds: keep it at 1/8 of them (measured: 64x1 taps over 16 channels and 128 output pixels,
+        # weight 35 us at tile 64, kernel 10 us at tile 64 or 8).
+        tile = max(1, min(TILE_VALUES // c, n * out_hw[0] * out_hw[1] // 8))
     padded = None
-    if (unrolled and min(pad) >= 0 and any(pad) and kh * kw >= PAD_MIN_TAPS
-            and _border_share((h, w), out_hw, kernel, stride[0], pad) > PAD_BORDER_SHARE):
-        after = [max(0, (o - 1) * s + k - p - size) for o, s, k, p, size in zip(out_hw, stride, kernel, pad, (h, w))]
+    span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+    if ((unrolled or c < PAD_TILED_MAX_CHANNELS) and min(pad) >= 0 and any(pad) and kh * kw >= PAD_MIN_TAPS
+            and _border_share((h, w), out_hw, span, stride[0], pad) > PAD_BORDER_SHARE):
+        after = [max(0, (o - 1) * s + k - p - size) for o, s, k, p, size in zip(out_hw, stride, span, pad, (h, w))]
         padded, pad = ((n, pad[0] + h + after[0], pad[1] + w + after[1], c), pad), (0, 0)
     return _Pass(kernel, stride, pad, dilation, padded, unrolled, block, tile, _col_chunks(n * out_hw[0], out_hw[1], threads))
 
@@ -447,7 +486,8 @@ class _Plan(NamedTuple):
     rank: int
     channels_last: bool  # the output's layout: see depthwise_conv
     pad_mode: tuple | None  # F.pad's (pad, mode) for padding modes other than zeros
-    multiplier: int
+    multiplier: int  # the input's channels are repeated M times inside (_repeated)
+    forward_in_shape: tuple  # (N, H, W, C*M): what the forward kernel reads (after F.pad, repeated)
     out_shape: tuple  # (N, OH, OW, C*M): what the kernels write
     stride: tuple[int, int]
     pad: tuple[int, int]  # zero padding before
@@ -508,7 +548,7 @@ def _plan(x_shape, x_strides, w_shape, w_strides, padding, stride, dilation, pad
     col_chunks = _col_chunks(rows, out_hw[1], threads)
     weight_grad = (*_weight_grad_plan(kernel[1], stride[1], dilation[1], itemsize), col_chunks,
                    max(1, min(threads, rows * col_chunks)))
-    return _Plan(rank, channels_last, pad_mode, w_shape[0] // channels, (x_shape[0], *out_hw, w_shape[0]),
+    return _Plan(rank, channels_last, pad_mode, w_shape[0] // channels, in_shape, (x_shape[0], *out_hw, w_shape[0]),
                  stride, before, dilation, forward, input_grad, weight_grad)
 
 
@@ -560,6 +600,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 _scratch: dict[tuple[str, torch.dtype], np.ndarray] = {}
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+_TORCH_DTYPE = {v: k for k, v in _NUMPY_DTYPE.items()}
 
 
 def _temporary(role: str, shape, dtype) -> np.ndarray:
@@ -619,6 +660,16 @@ def _channels_last(t: torch.Tensor, role: str) -> np.ndarray:
     return out
 
 
+def _repeated(xl: np.ndarray, multiplier: int) -> np.ndarray:
+    """``(N, H, W, C)`` -> ``(N, H, W, C*M)``, each channel ``M`` times (in a temporary), for ``M > 1``."""
+    if multiplier == 1:
+        return xl
+    c = xl.shape[3]
+    out = _temporary("repeated", (*xl.shape[:3], c * multiplier), _TORCH_DTYPE[xl.dtype.type])
+    _repeat_channels(xl.reshape(-1, c), out.reshape(-1, c * multiplier))
+    return out
+
+
 def _from_channels_last(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """``(N, H, W, C)`` C-contiguous values -> a new contiguous ``(N, C, H, W)`` tensor."""
     n, h, w, c = values.shape
@@ -630,7 +681,7 @@ def _from_channels_last(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 def _forward_call(x: torch.Tensor, weight: torch.Tensor, bias, plan: _Plan) -> torch.Tensor:
     """The forward of ``(N, C, H, W)`` ``x`` as ``plan`` says, in the output layout it says."""
     with _LOCK:
-        xl = _channels_last(x, "input")
+        xl = _repeated(_channels_last(x, "input"), plan.multiplier)
         if plan.channels_last:  # the kernel writes the result itself, returned as a channels_last view
             result = x.new_empty(plan.out_shape)
             _run(plan.forward, xl, weight, bias, False, _np(result))
@@ -677,16 +728,20 @@ class DepthwiseConv(torch.autograd.Function):
                     grad_x = grad_x.permute(0, 3, 1, 2)
                 else:
                     grad_xl = _temporary("output", shape, x.dtype)
+                # With a depth multiplier: the repeated input's gradient, then each group of M summed.
+                full = grad_xl if plan.multiplier == 1 else _temporary("grad_repeated", plan.forward_in_shape, x.dtype)
                 if plan.input_grad is not None:
-                    _run(plan.input_grad, gl, weight, None, True, grad_xl)
+                    _run(plan.input_grad, gl, weight, None, True, full)
                 else:
                     w, _ = _weights(weight, None, plan.forward.kernel, 1, False)
                     chunks = _col_chunks(shape[0] * shape[1], shape[2], _threads())
-                    _input_grad(gl, w, grad_xl, *plan.stride, *plan.pad, *plan.dilation, chunks)
+                    _input_grad(gl, w, full, *plan.stride, *plan.pad, *plan.dilation, chunks)
+                if plan.multiplier > 1:
+                    _sum_groups(full.reshape(-1, full.shape[3]), grad_xl.reshape(-1, shape[3]))
                 if grad_x is None:
                     grad_x = _from_channels_last(grad_xl, x)
             if needs_w:
-                xl = _channels_last(x, "input")
+                xl = _repeated(_channels_last(x, "input"), plan.multiplier)
                 unrolled, block, col_chunks, chunks = plan.weight_grad
                 taps, c = plan.forward.kernel[0] * plan.forward.kernel[1], weight.shape[0]
                 partial = _temporary("partial", (chunks, *plan.forward.kernel, c), x.dtype)
@@ -736,10 +791,6 @@ def depthwise_conv(x, weight, bias, stride, padding, dilation, padding_mode):
         x = x.unsqueeze(2)
     if plan.pad_mode is not None:
         x = F.pad(x, *plan.pad_mode)
-    if plan.multiplier > 1:
-        # Repeated in the (N, H, W, C) view: the copy comes out channels-last, so the layout change
-        # rides along with the repeat instead of costing a transpose of its own.
-        x = x.permute(0, 2, 3, 1).repeat_interleave(plan.multiplier, dim=3).permute(0, 3, 1, 2)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         out = DepthwiseConv.apply(x, weight, bias, plan)
     else:
