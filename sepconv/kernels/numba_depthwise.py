@@ -428,10 +428,11 @@ def _channel_block(streams: int, itemsize: int) -> int:
     return max(16, L1_BUDGET // (itemsize * streams) // 16 * 16)
 
 
-def _border_share(in_size, out_size, kernel, stride_h, pad) -> float:
-    """The share of output pixels whose windows cross the padding (stride 1 along the width)."""
+def _border_share(in_size, out_size, kernel, stride_h, pad, rows=True) -> float:
+    """The share of output pixels whose windows cross the padding (stride 1 along the width); with
+    ``rows=False``, only the side borders count."""
     (h, w), (oh, ow), (kh, kw), (ph, pw) = in_size, out_size, kernel, pad
-    rows = max(0, min(oh - 1, (h - kh + ph) // stride_h) - -(-ph // stride_h) + 1)
+    rows = max(0, min(oh - 1, (h - kh + ph) // stride_h) - -(-ph // stride_h) + 1) if rows else oh
     columns = max(0, min(ow, w - kw + 1 + pw) - min(pw, ow))
     return 1 - rows * columns / (oh * ow)
 
@@ -464,12 +465,19 @@ def _forward_pass(in_shape, out_hw, kernel, stride, pad, dilation, threads, item
         # multiply-adds: keep it at 1/8 of them (measured: 64x1 taps over 16 channels and 128 output pixels,
         # weight 35 us at tile 64, kernel 10 us at tile 64 or 8).
         tile = max(1, min(TILE_VALUES // c, n * out_hw[0] * out_hw[1] // 8))
+    # The blocks need every tap inside, so they pad both axes; the tiled loop clips rows for free and only
+    # suffers at the side borders (one pixel's C values per loop), so it pads the width alone.
     padded = None
     span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
-    if ((unrolled or c < PAD_TILED_MAX_CHANNELS) and min(pad) >= 0 and any(pad) and kh * kw >= PAD_MIN_TAPS
-            and _border_share((h, w), out_hw, span, stride[0], pad) > PAD_BORDER_SHARE):
-        after = [max(0, (o - 1) * s + k - p - size) for o, s, k, p, size in zip(out_hw, stride, span, pad, (h, w))]
-        padded, pad = ((n, pad[0] + h + after[0], pad[1] + w + after[1], c), pad), (0, 0)
+    axes = (0, 1) if unrolled else (1,)
+    if ((unrolled or c < PAD_TILED_MAX_CHANNELS) and min(pad) >= 0 and any(pad[a] for a in axes)
+            and kh * kw >= PAD_MIN_TAPS
+            and _border_share((h, w), out_hw, span, stride[0], pad, rows=bool(unrolled)) > PAD_BORDER_SHARE):
+        after = [max(0, (o - 1) * s + k - p - size) if a in axes else 0
+                 for a, o, s, k, p, size in zip((0, 1), out_hw, stride, span, pad, (h, w))]
+        before = tuple(p if a in axes else 0 for a, p in enumerate(pad))
+        padded = ((n, before[0] + h + after[0], before[1] + w + after[1], c), before)
+        pad = tuple(p - b for p, b in zip(pad, before))
     return _Pass(kernel, stride, pad, dilation, padded, unrolled, block, tile, _col_chunks(n * out_hw[0], out_hw[1], threads))
 
 
