@@ -343,6 +343,27 @@ def _reduce_partials(partial, out):
 
 
 @numba.njit(**_JIT)
+def _pad_into(src, dst, top, left):
+    """``src`` ``(N, H, W, C)`` into ``dst`` at rows ``top..``, columns ``left..``, zeros around it; rows
+    in parallel, so the forward's threads find most of their rows in their own caches (one thread with
+    NumPy: 40 us of a 7x7 layer's 290 us at 96x56x56)."""
+    n_batch, h, w, c = src.shape
+    rows, row_values = dst.shape[1], dst.shape[2] * c
+    sf, df = src.ravel(), dst.ravel()
+    head, body = left * c, w * c
+    for task in numba.prange(n_batch * rows):
+        n, row = task // rows, task % rows
+        out = df[task * row_values:(task + 1) * row_values]
+        if row < top or row >= top + h:
+            out[:] = 0
+            continue
+        start = (n * h + row - top) * body
+        out[:head] = 0
+        out[head:head + body] = sf[start:start + body]
+        out[head + body:] = 0
+
+
+@numba.njit(**_JIT)
 def _repeat_channels(src, dst):
     """``src`` ``(P, C)`` -> ``dst`` ``(P, C*M)``: each channel ``M`` times (the depth multiplier's input).
     PyTorch's ``repeat_interleave`` took 80 us for 65 k values (an inner copy loop of length ``M``)."""
@@ -644,10 +665,8 @@ def _run(p: _Pass, xl: np.ndarray, weight: torch.Tensor, bias, flip: bool, out: 
     """:func:`_forward` of channels-last ``xl`` into ``out`` as ``p`` plans it (padding ``xl`` first if so)."""
     w, start = _weights(weight, bias, p.kernel, p.tile, flip)
     if p.padded is not None:
-        (top, left), (h, w_size) = p.padded[1], xl.shape[1:3]
         padded = _temporary("padded", p.padded[0], weight.dtype)
-        padded[:, :top] = padded[:, top + h:] = padded[:, :, :left] = padded[:, :, left + w_size:] = 0
-        padded[:, top:top + h, left:left + w_size] = xl
+        _pad_into(xl, padded, *p.padded[1])
         xl = padded
     _forward(xl, w, start, out, *p.stride, *p.pad, *p.dilation, p.col_chunks, p.unrolled, p.channel_block)
 
