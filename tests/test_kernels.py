@@ -194,6 +194,70 @@ def test_unrolled_blocks_equal_reference(monkeypatch, kernel, pad_share):
         numba_depthwise._plan.cache_clear()
 
 
+@pytest.mark.parametrize("pad_share", [0.0, 1.0])
+def test_tiled_loop_padding_only_the_width_equals_reference(monkeypatch, pad_share):
+    # Kernels without an unrolled block (here 3x6, dilated 2x6, 5x1) pad once along the width alone when
+    # the side borders dominate and channels are few; rows stay clipped. With a depth multiplier, the
+    # input is repeated inside the Function and its gradient summed back.
+    monkeypatch.setattr(numba_depthwise, "PAD_BORDER_SHARE", pad_share)
+    monkeypatch.setattr(numba_depthwise, "PAD_MIN_TAPS", 0)
+    for dtype in (torch.float32, torch.float64):
+        x = make((2, 5, 9, 13), dtype, channels_last=dtype == torch.float64)
+        w = make((10, 1, 3, 6), dtype, seed=1)
+        b = make((10,), dtype, seed=2)
+        assert numba_depthwise._forward_pass((2, 9, 13, 10), (9, 13), (3, 6), (1, 1), (1, 2), (1, 1), 1,
+                                             dtype.itemsize).padded is not None or pad_share == 1.0
+        compare_with_reference(x, w, b, (1, 1), ((1, 1), (2, 3)), (1, 1), "zeros")
+        compare_with_reference(x, w, None, (2, 1), ((1, 1), (5, 5)), (1, 2), "zeros")
+        compare_with_reference(x, make((5, 1, 5, 1), dtype, seed=3), None, (1, 1), ((4, 0), (0, 0)), (1, 1), "zeros")
+
+
+def test_weight_layout_kernel():
+    # PyTorch's (C, T) weight -> (T, tile*C) rows, flipped for the input gradient; start values tiled the same.
+    for dtype in (torch.float32, torch.float64):
+        weight, bias = torch.randn(3, 4, dtype=dtype), torch.randn(3, dtype=dtype)
+        for flip, tile, with_bias in ((False, 1, True), (True, 2, False), (False, 5, True)):
+            out, start = torch.empty(4, tile * 3, dtype=dtype), torch.empty(tile * 3, dtype=dtype)
+            numba_depthwise._prepare_weight(weight.numpy(), (bias if with_bias else torch.empty(0, dtype=dtype)).numpy(),
+                                            flip, out.numpy(), start.numpy())
+            rows = weight.t().flip(0) if flip else weight.t()
+            assert torch.equal(out, rows.repeat(1, tile))
+            assert torch.equal(start, bias.repeat(tile) if with_bias else torch.zeros(tile * 3, dtype=dtype))
+
+
+def test_channel_repeat_and_group_sum_kernels():
+    src = torch.randn(7, 3, dtype=torch.float64)
+    repeated = torch.empty(7, 6, dtype=torch.float64)
+    numba_depthwise._repeat_channels(src.numpy(), repeated.numpy())
+    assert torch.equal(repeated, src.repeat_interleave(2, dim=1))
+    summed = torch.empty(7, 3, dtype=torch.float64)
+    numba_depthwise._sum_groups(repeated.numpy(), summed.numpy())
+    assert torch.equal(summed, 2 * src)
+
+
+def test_pad_kernel():
+    src = torch.randn(2, 3, 4, 5)
+    dst = torch.full((2, 6, 7, 5), float("nan"))
+    numba_depthwise._pad_into(src.numpy(), dst.numpy(), 1, 2)
+    assert torch.equal(dst, torch.nn.functional.pad(src, (0, 0, 2, 1, 1, 2)))
+
+
+def test_plans_follow_the_thread_count():
+    # A plan is cached per signature, thread count included: changing torch's thread count mid-run
+    # re-plans (task split) and Numba follows.
+    x, w = make((1, 6, 3, 40), torch.float64), make((6, 1, 3, 3), torch.float64, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            compare_with_reference(x, w, None, (1, 1), ((1, 1), (1, 1)), (1, 1), "zeros")
+            assert numba_depthwise._threads() == min(n, numba_depthwise.numba.config.NUMBA_NUM_THREADS)
+            assert numba_depthwise.numba.get_num_threads() == numba_depthwise._threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert numba_depthwise._plan.cache_info().currsize >= 2
+
+
 def test_generated_module_is_current():
     assert unroll.TARGET.read_text() == unroll.source(), "run: python -m sepconv.kernels.unroll"
 
