@@ -426,10 +426,13 @@ L1_BUDGET = 16384
 # copy costs more than the few taps of the border pixels it saves).
 PAD_BORDER_SHARE = 0.1
 PAD_MIN_TAPS = 49
-# Without an unrolled block, padding pays only when a border pixel's loop (C values) is too short for the
-# vector unit. Measured, two threads, float32: 1-D k64 over 8 channels (EEGNet) 0.62 -> 0.22 ms padded;
-# k31 over 128 channels at 56x56 15.8 -> 17.5 ms (55 % more taps computed, on zeros).
-PAD_TILED_MAX_CHANNELS = 64
+# Fewer than FEW_CHANNELS channels make a border pixel's loop (C values) short for the vector unit, so
+# padding pays from PAD_MIN_TAPS_FEW_CHANNELS taps, and it is the only case where the tiled loop pads.
+# Measured, two threads, float32, padded vs not: 5x5 over 32 channels at 56x56 71 vs 102 us (over 96
+# channels: 192 vs 193; 3x3 over 32 channels at 112x112: 143 vs 140); 1-D k64 over 8 channels (EEGNet)
+# 0.22 vs 0.62 ms; but k31 over 128 channels at 56x56 17.5 vs 15.8 ms (55 % more taps, on zeros).
+FEW_CHANNELS = 64
+PAD_MIN_TAPS_FEW_CHANNELS = 25
 
 # Column ranges per row: enough tasks to keep every thread busy (and balanced) when rows are few,
 # but ranges no narrower than MIN_CHUNK_COLUMNS, so the vector loops stay long.
@@ -491,8 +494,9 @@ def _forward_pass(in_shape, out_hw, kernel, stride, pad, dilation, threads, item
     padded = None
     span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
     axes = (0, 1) if unrolled else (1,)
-    if ((unrolled or c < PAD_TILED_MAX_CHANNELS) and min(pad) >= 0 and any(pad[a] for a in axes)
-            and kh * kw >= PAD_MIN_TAPS
+    few = c < FEW_CHANNELS
+    if ((unrolled or few) and min(pad) >= 0 and any(pad[a] for a in axes)
+            and kh * kw >= min(PAD_MIN_TAPS, PAD_MIN_TAPS_FEW_CHANNELS if few else PAD_MIN_TAPS)
             and _border_share((h, w), out_hw, span, stride[0], pad, rows=bool(unrolled)) > PAD_BORDER_SHARE):
         after = [max(0, (o - 1) * s + k - p - size) if a in axes else 0
                  for a, o, s, k, p, size in zip((0, 1), out_hw, stride, span, pad, (h, w))]
