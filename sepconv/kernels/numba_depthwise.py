@@ -51,6 +51,7 @@ except ImportError:  # a private module: fall back to the plain stride test
         return (len(shape) == 4 and not _is_contiguous(shape, strides)
                 and _is_contiguous([shape[i] for i in nhwc], [strides[i] for i in nhwc]))
 
+from ..geometry import effective_kernel_size, output_shape
 from . import _unrolled
 from ._jit import OPTIONS
 
@@ -492,11 +493,11 @@ def _forward_pass(in_shape, out_hw, kernel, stride, pad, dilation, threads, item
     # The blocks need every tap inside, so they pad both axes; the tiled loop clips rows for free and only
     # suffers at the side borders (one pixel's C values per loop), so it pads the width alone.
     padded = None
-    span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+    span = tuple(map(effective_kernel_size, kernel, dilation))
     axes = (0, 1) if unrolled else (1,)
     few = c < FEW_CHANNELS
     if ((unrolled or few) and min(pad) >= 0 and any(pad[a] for a in axes)
-            and kh * kw >= min(PAD_MIN_TAPS, PAD_MIN_TAPS_FEW_CHANNELS if few else PAD_MIN_TAPS)
+            and kh * kw >= (min(PAD_MIN_TAPS, PAD_MIN_TAPS_FEW_CHANNELS) if few else PAD_MIN_TAPS)
             and _border_share((h, w), out_hw, span, stride[0], pad, rows=bool(unrolled)) > PAD_BORDER_SHARE):
         after = [max(0, (o - 1) * s + k - p - size) if a in axes else 0
                  for a, o, s, k, p, size in zip((0, 1), out_hw, stride, span, pad, (h, w))]
@@ -527,6 +528,7 @@ class _Plan(NamedTuple):
     dilation: tuple[int, int]
     forward: _Pass
     input_grad: _Pass | None  # stride 1: the forward kernel with the flipped weight
+    gather_chunks: int  # column chunks of _input_grad (strided: the gather kernel)
     weight_grad: tuple[int, int, int, int]  # unrolled kind, channel block, column chunks, partial sums
 
 
@@ -552,37 +554,37 @@ def _plan(x_shape, x_strides, w_shape, w_strides, padding, stride, dilation, pad
             x_strides[0], x_strides[2], x_strides[1]))
         x_shape, w_shape = (n, channels, 1, length), (w_shape[0], 1, 1, w_shape[2])
         stride, dilation, padding = (1, *stride), (1, *dilation), ((0, 0), *padding)
-    else:
+    padded_any = any(b or a for b, a in padding)
+    if rank == 2:
         # PyTorch's CPU convolution returns channels_last when its input or weight suggests it; its
         # circular F.pad returns a contiguous tensor, so the reference's output is contiguous then.
-        padded_any = any(b or a for b, a in padding)
         channels_last = (are_strides_like_channels_last_or_false(x_shape, x_strides)
                          and not (padding_mode == "circular" and padded_any)) or \
             are_strides_like_channels_last_or_false(w_shape, w_strides)
     pad_mode = None
-    if padding_mode != "zeros" and any(b or a for b, a in padding):
+    if padding_mode != "zeros" and padded_any:
         pad_mode = ([v for pair in reversed(padding) for v in pair], _PAD_MODE[padding_mode])
         x_shape = (*x_shape[:2], *(n + b + a for n, (b, a) in zip(x_shape[2:], padding)))
         padding = ((0, 0), (0, 0))
     kernel = tuple(w_shape[2:])
     before = tuple(b for b, _ in padding)
-    out_hw = tuple((n + b + a - (k - 1) * d - 1) // s + 1
-                   for n, (b, a), k, s, d in zip(x_shape[2:], padding, kernel, stride, dilation))
+    out_hw = output_shape(x_shape[2:], kernel, stride, padding, dilation)
     in_shape = (x_shape[0], *x_shape[2:], w_shape[0])
     forward = _forward_pass(in_shape, out_hw, kernel, stride, before, dilation, threads, itemsize)
     input_grad = None
     if stride == (1, 1):
         # The transposed convolution at stride 1 is a convolution of grad_out with the flipped kernel,
         # padded by k_eff - 1 - pad before: the fast forward kernel does it.
-        flipped_pad = tuple((k - 1) * d - p for k, d, p in zip(kernel, dilation, before))
+        flipped_pad = tuple(effective_kernel_size(k, d) - 1 - p for k, d, p in zip(kernel, dilation, before))
         input_grad = _forward_pass((x_shape[0], *out_hw, w_shape[0]), in_shape[1:3], kernel, stride, flipped_pad,
                                    dilation, threads, itemsize)
     rows = x_shape[0] * out_hw[0]
     col_chunks = _col_chunks(rows, out_hw[1], threads)
     weight_grad = (*_weight_grad_plan(kernel[1], stride[1], dilation[1], itemsize), col_chunks,
                    max(1, min(threads, rows * col_chunks)))
+    gather_chunks = _col_chunks(x_shape[0] * x_shape[2], x_shape[3], threads)
     return _Plan(rank, channels_last, pad_mode, w_shape[0] // channels, in_shape, (x_shape[0], *out_hw, w_shape[0]),
-                 stride, before, dilation, forward, input_grad, weight_grad)
+                 stride, before, dilation, forward, input_grad, gather_chunks, weight_grad)
 
 
 # --- launchers -------------------------------------------------------------------------------------
@@ -765,8 +767,7 @@ class DepthwiseConv(torch.autograd.Function):
                     _run(plan.input_grad, gl, weight, None, True, full)
                 else:
                     w, _ = _weights(weight, None, plan.forward.kernel, 1, False)
-                    chunks = _col_chunks(shape[0] * shape[1], shape[2], _threads())
-                    _input_grad(gl, w, full, *plan.stride, *plan.pad, *plan.dilation, chunks)
+                    _input_grad(gl, w, full, *plan.stride, *plan.pad, *plan.dilation, plan.gather_chunks)
                 if plan.multiplier > 1:
                     _sum_groups(full.reshape(-1, full.shape[3]), grad_xl.reshape(-1, shape[3]))
                 if grad_x is None:
@@ -788,7 +789,7 @@ def _reference_grads(x, weight, grad_out, plan: _Plan, needs):
     """Gradients of the same convolution through PyTorch (differentiable, for double backward)."""
     stride, pad, dilation, kernel = plan.stride, plan.pad, plan.dilation, plan.forward.kernel
     with torch.enable_grad():
-        after = [(o - 1) * s + (k - 1) * d + 1 - n - b
+        after = [(o - 1) * s + effective_kernel_size(k, d) - n - b
                  for o, s, k, d, n, b in zip(grad_out.shape[2:], stride, kernel, dilation, x.shape[2:], pad)]
         xs = F.pad(x, [pad[1], after[1], pad[0], after[0]])  # negative "after" crops unused rows/columns
         out = F.conv2d(xs, weight.reshape(weight.shape[0], 1, *kernel), None, stride, 0, dilation, xs.shape[1])
