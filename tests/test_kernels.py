@@ -11,7 +11,7 @@ Numba compiles the kernels on first use (about 10 s for both dtypes on 2 cores) 
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("numba")
@@ -19,7 +19,7 @@ pytest.importorskip("numba")
 from test_functional import geometry_case, reference_pairs
 
 import sepconv.functional as F
-from sepconv.kernels import dispatch, numba_depthwise, reference, unroll
+from sepconv.kernels import dispatch, numba_depthwise, numba_planar, reference, unroll
 
 # float32: gradients of the weight sum up to thousands of products, summed in a different order by each side.
 TOLERANCE = {torch.float64: {"atol": 1e-10, "rtol": 1e-9}, torch.float32: {"atol": 3e-4, "rtol": 1e-3}}
@@ -80,7 +80,11 @@ def make(shape, dtype, channels_last=False, seed=0):
 def test_numba_equals_reference(case, channels, multiplier, bias, dtype, channels_last, weight_channels_last):
     rank = len(case["size"])
     pairs = tuple(reference_pairs(case["padding"], case["size"], case["kernel"], case["stride"], case["dilation"]))
-    x = make((2, channels, *case["size"]), dtype, channels_last and rank == 2)
+    # Contiguous inputs take the planar kernels, channels-last ones (1-D: (N, L, C)-backed) the others.
+    if channels_last and rank == 1:
+        x = make((2, *case["size"], channels), dtype).detach().transpose(1, 2).requires_grad_()
+    else:
+        x = make((2, channels, *case["size"]), dtype, channels_last)
     w = make((channels * multiplier, 1, *case["kernel"]), dtype, weight_channels_last and rank == 2, seed=1)
     b = make((channels * multiplier,), dtype, seed=2) if bias else None
     compare_with_reference(x, w, b, case["stride"], pairs, case["dilation"], case["padding_mode"])
@@ -155,7 +159,7 @@ def test_rows_cut_into_column_ranges(monkeypatch, chunks):
     # forced here on every kernel, whatever this machine's thread count.
     monkeypatch.setattr(numba_depthwise, "_col_chunks", lambda rows, columns, threads: chunks)
     for dtype in (torch.float32, torch.float64):
-        x = make((1, 19, 3, 23), dtype)
+        x = make((1, 19, 3, 23), dtype, channels_last=True)
         w = make((19, 1, 3, 4), dtype, seed=1)
         compare_with_reference(x, w, make((19,), dtype, seed=2), (1, 1), ((1, 1), (2, 1)), (1, 2), "zeros")
         compare_with_reference(x, w, None, (2, 3), ((1, 0), (2, 2)), (1, 1), "zeros")
@@ -179,12 +183,12 @@ def test_unrolled_blocks_equal_reference(monkeypatch, kernel, pad_share):
         assert numba_depthwise._weight_grad_plan(kw, 1, 1, itemsize)[0] > 0
         w = make((150, 1, kw) if kh == 1 else (150, 1, kh, kw), dtype, seed=1)
         b = make((150,), dtype, seed=2)
-        if kh == 1:
-            x = make((2, 150, kw + 20), dtype)
+        if kh == 1:  # (N, L, C)-backed: the channels-last kernels
+            x = make((2, kw + 20, 150), dtype).detach().transpose(1, 2).requires_grad_()
             compare_with_reference(x, w, b, (1,), ((kw - 1, 0),), (1,), "zeros")
             compare_with_reference(x, w, None, (1,), ((1, 2),), (1,), "zeros")
             continue
-        x = make((2, 150, kh + 4, kw + 17), dtype, channels_last=dtype == torch.float32)
+        x = make((2, 150, kh + 4, kw + 17), dtype, channels_last=True)
         compare_with_reference(x, w, b, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)), (1, 1), "zeros")
         compare_with_reference(x, w, None, (2, 1), ((1, 0), (0, 2)), (1, 1), "zeros")
         with pytest.MonkeyPatch.context() as patch:
@@ -202,7 +206,7 @@ def test_tiled_loop_padding_only_the_width_equals_reference(monkeypatch, pad_sha
     monkeypatch.setattr(numba_depthwise, "PAD_BORDER_SHARE", pad_share)
     monkeypatch.setattr(numba_depthwise, "PAD_MIN_TAPS", 0)
     for dtype in (torch.float32, torch.float64):
-        x = make((2, 5, 9, 13), dtype, channels_last=dtype == torch.float64)
+        x = make((2, 5, 9, 13), dtype, channels_last=True)
         w = make((10, 1, 3, 6), dtype, seed=1)
         b = make((10,), dtype, seed=2)
         assert numba_depthwise._forward_pass((2, 9, 13, 10), (9, 13), (3, 6), (1, 1), (1, 2), (1, 1), 1,
@@ -260,6 +264,54 @@ def test_plans_follow_the_thread_count():
 
 def test_generated_module_is_current():
     assert unroll.TARGET.read_text() == unroll.source(), "run: python -m sepconv.kernels.unroll"
+
+
+# --- planar (contiguous NCHW) kernels ----------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(case=geometry_case(rank=2, max_kernel=5), channels=st.integers(1, 3), multiplier=st.integers(1, 3),
+       band_values=st.sampled_from([1, 7, 4096]), threads=st.sampled_from([1, 3]))
+def test_planar_kernels_equal_pytorch(case, channels, multiplier, band_values, threads):
+    # The three kernels called directly, bands of one row upwards (BAND_VALUES) and tasks cut into
+    # chunks for 1 and 3 threads: every phase of the strided grids, padding rows clipped per kernel row.
+    pairs = reference_pairs(case["padding"], case["size"], case["kernel"], case["stride"], case["dilation"])
+    x = torch.randn(2, channels, *case["size"], dtype=torch.float64)
+    w = torch.randn(channels * multiplier, 1, *case["kernel"], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(channels * multiplier, dtype=torch.float64)
+    x.requires_grad_()
+    flat = [v for pair in reversed(pairs) for v in pair]
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, flat), w, b, case["stride"], 0, case["dilation"],
+                                     channels)
+    gy = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad(ref, (x, w), gy)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_planar, "BAND_VALUES", band_values)
+        g = numba_planar.plan(2, channels, case["size"], ref.shape[2:], case["kernel"], case["stride"],
+                              tuple(p[0] for p in pairs), case["dilation"], threads)
+    taps = w.detach().numpy().reshape(w.shape[0], -1)
+    out = torch.empty_like(ref)
+    numba_planar.forward(x.detach().numpy(), taps, b.numpy(), out.detach().numpy(), g)
+    torch.testing.assert_close(out, ref.detach(), **TOLERANCE[torch.float64])
+    got_x, got_w = torch.empty_like(x), torch.empty_like(taps := torch.from_numpy(taps))
+    numba_planar.input_grad(gy.numpy(), taps.numpy(), got_x.detach().numpy(), g)
+    numba_planar.weight_grad(x.detach().numpy(), gy.numpy(), got_w.numpy(), g)
+    torch.testing.assert_close(got_x, gx, **TOLERANCE[torch.float64])
+    torch.testing.assert_close(got_w, gw.reshape(taps.shape), **TOLERANCE[torch.float64])
+
+
+def test_planar_kernels_take_contiguous_inputs_only():
+    # Contiguous 2-D and 1-D inputs go planar (no transposes); channels-last ones, (N, L, C)-backed 1-D
+    # ones and channels_last weights (the reference then returns channels_last) do not.
+    def planar(x, w):
+        return numba_depthwise._plan(x.shape, x.stride(), w.shape, w.stride(), ((1, 1),) * (x.ndim - 2),
+                                     (1,) * (x.ndim - 2), (1,) * (x.ndim - 2), "zeros", 1, 4).planar is not None
+
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(4, 1, 3, 3)
+    assert planar(x, w)
+    assert not planar(x.to(memory_format=torch.channels_last), w)
+    assert not planar(x, w.to(memory_format=torch.channels_last))
+    assert planar(torch.randn(2, 4, 9), torch.randn(4, 1, 3))
+    assert not planar(torch.randn(2, 9, 4).transpose(1, 2), torch.randn(4, 1, 3))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 3), (3, 16, 16), (2, 17, 33), (1, 40, 7)])

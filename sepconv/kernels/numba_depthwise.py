@@ -52,7 +52,7 @@ except ImportError:  # a private module: fall back to the plain stride test
                 and _is_contiguous([shape[i] for i in nhwc], [strides[i] for i in nhwc]))
 
 from ..geometry import effective_kernel_size, output_shape
-from . import _unrolled
+from . import _unrolled, numba_planar
 from ._jit import OPTIONS
 
 _PAD_MODE = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -530,6 +530,7 @@ class _Plan(NamedTuple):
     input_grad: _Pass | None  # stride 1: the forward kernel with the flipped weight
     gather_chunks: int  # column chunks of _input_grad (strided: the gather kernel)
     weight_grad: tuple[int, int, int, int]  # unrolled kind, channel block, column chunks, partial sums
+    planar: numba_planar.Geometry | None  # contiguous NCHW in and out: the planar kernels, no transposes
 
 
 def _is_contiguous(shape, strides) -> bool:
@@ -548,6 +549,7 @@ def _plan(x_shape, x_strides, w_shape, w_strides, padding, stride, dilation, pad
     kernels otherwise (measured: 960x7x7 3x3 forward, 100 us a call around a 17 us kernel)."""
     rank = len(w_shape) - 2
     channels = x_shape[1]
+    contiguous = _is_contiguous(x_shape, x_strides)
     if rank == 1:
         n, _, length = x_shape
         channels_last = channels > 1 and length > 1 and _is_contiguous((n, length, channels), (
@@ -583,8 +585,11 @@ def _plan(x_shape, x_strides, w_shape, w_strides, padding, stride, dilation, pad
     weight_grad = (*_weight_grad_plan(kernel[1], stride[1], dilation[1], itemsize), col_chunks,
                    max(1, min(threads, rows * col_chunks)))
     gather_chunks = _col_chunks(x_shape[0] * x_shape[2], x_shape[3], threads)
+    planar = None
+    if contiguous and not channels_last:
+        planar = numba_planar.plan(x_shape[0], channels, x_shape[2:], out_hw, kernel, stride, before, dilation, threads)
     return _Plan(rank, channels_last, pad_mode, w_shape[0] // channels, in_shape, (x_shape[0], *out_hw, w_shape[0]),
-                 stride, before, dilation, forward, input_grad, gather_chunks, weight_grad)
+                 stride, before, dilation, forward, input_grad, gather_chunks, weight_grad, planar)
 
 
 # --- launchers -------------------------------------------------------------------------------------
@@ -667,6 +672,11 @@ def _weights(weight: torch.Tensor, bias, kernel, tile: int, flip: bool) -> tuple
     return out.reshape(*kernel, values), start
 
 
+def _taps(weight: torch.Tensor) -> np.ndarray:
+    """PyTorch's ``(C, 1, *kernel)`` weight as ``(C, taps)``, C-contiguous (a view when it already is)."""
+    return np.ascontiguousarray(_np(weight).reshape(weight.shape[0], -1))
+
+
 def _run(p: _Pass, xl: np.ndarray, weight: torch.Tensor, bias, flip: bool, out: np.ndarray) -> None:
     """:func:`_forward` of channels-last ``xl`` into ``out`` as ``p`` plans it (padding ``xl`` first if so)."""
     w, start = _weights(weight, bias, p.kernel, p.tile, flip)
@@ -713,6 +723,13 @@ def _from_channels_last(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 
 def _forward_call(x: torch.Tensor, weight: torch.Tensor, bias, plan: _Plan) -> torch.Tensor:
     """The forward of ``(N, C, H, W)`` ``x`` as ``plan`` says, in the output layout it says."""
+    if plan.planar is not None:
+        n, oh, ow, cm = plan.out_shape
+        out = x.new_empty(n, cm, oh, ow)
+        with _LOCK:
+            numba_planar.forward(_np(x.contiguous()), _taps(weight), _NO_BIAS[x.dtype] if bias is None else _np(bias),
+                                 _np(out), plan.planar)
+        return out
     with _LOCK:
         xl = _repeated(_channels_last(x, "input"), plan.multiplier)
         if plan.channels_last:  # the kernel writes the result itself, returned as a channels_last view
@@ -749,8 +766,11 @@ class DepthwiseConv(torch.autograd.Function):
             # differentiable, so this rare path takes the gradient of the PyTorch twin instead.
             grads = _reference_grads(x, weight, grad_out, plan, (needs_x, needs_w))
             return *grads, grad_out.sum((0, 2, 3)) if needs_b else None, None
-        grad_x = grad_w = grad_b = None
         _threads()  # the backward may run on another thread than the forward
+        if plan.planar is not None:
+            return (*_planar_grads(x, weight, grad_out, plan.planar, needs_x, needs_w),
+                    grad_out.sum((0, 2, 3)) if needs_b else None, None)
+        grad_x = grad_w = grad_b = None
         with _LOCK:
             gl = _channels_last(grad_out, "grad_output")
             if needs_x:
@@ -783,6 +803,21 @@ class DepthwiseConv(torch.autograd.Function):
             if needs_b:
                 grad_b = torch.from_numpy(gl).sum((0, 1, 2))
         return grad_x, grad_w, grad_b, None
+
+
+def _planar_grads(x, weight, grad_out, geometry, needs_x: bool, needs_w: bool):
+    """Input and weight gradients of a contiguous NCHW call through :mod:`~sepconv.kernels.numba_planar`."""
+    gy = _np(grad_out.contiguous())
+    taps = _taps(weight)
+    grad_x = grad_w = None
+    with _LOCK:
+        if needs_x:
+            grad_x = x.new_empty(x.shape)
+            numba_planar.input_grad(gy, taps, _np(grad_x), geometry)
+        if needs_w:
+            grad_w = weight.new_empty(weight.shape)
+            numba_planar.weight_grad(_np(x), gy, _np(grad_w).reshape(taps.shape), geometry)
+    return grad_x, grad_w
 
 
 def _reference_grads(x, weight, grad_out, plan: _Plan, needs):
@@ -833,8 +868,11 @@ def depthwise_conv(x, weight, bias, stride, padding, dilation, padding_mode):
 def compile_all() -> float:
     """Compile (or load from Numba's cache) every specialisation; returns the seconds it took."""
     start = time.perf_counter()
-    for dtype in DTYPES:
-        x = torch.randn(1, 2, 3, 3, dtype=dtype, requires_grad=True)
+    for dtype, channels_last in ((d, c) for d in DTYPES for c in (False, True)):  # planar and channels-last kernels
+        x = torch.randn(1, 2, 3, 3, dtype=dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_()
         w = torch.randn(2, 1, 2, 2, dtype=dtype, requires_grad=True)
         for stride in ((1, 1), (2, 2)):  # stride 1 takes its input gradient from the forward kernel
             depthwise_conv(x, w, None, stride, ((0, 0), (0, 0)), (1, 1), "zeros").sum().backward()
