@@ -5,7 +5,8 @@ Each row times, interleaved in one loop (every round runs a block of calls of ea
 order rotating from round to round, so drift on a shared machine hits all alike):
 
 * ``numba_cl``   sepconv's depthwise op forced to the Numba kernels, channels_last input (their layout);
-* ``numba_nchw`` the same on a contiguous NCHW input (so it pays the layout conversions);
+* ``numba_nchw`` the same on a contiguous NCHW input (the planar kernels, :mod:`sepconv.kernels.numba_planar`:
+  no layout conversion);
 * ``torch_nchw`` ``F.conv2d(..., groups=C)`` (``F.conv1d`` for 1-D) on a contiguous input;
 * ``torch_cl``   the same with a channels_last input and weight (1-D: an ``(N, L, C)`` tensor viewed as
   ``(N, C, L)``);

@@ -15,8 +15,9 @@ multiplier ``M > 1`` repeats the input's channels ``M`` times into a temporary f
 compiled specialisations per kernel (float32, float64).
 
 The three kernels (forward, input gradient, weight gradient) are wrapped in one
-``torch.autograd.Function`` (:class:`DepthwiseConv`), which also changes layouts (NCHW <-> NHWC through
-a Numba transpose, into temporaries reused from call to call); padding modes other than zeros are an
+``torch.autograd.Function`` (:class:`DepthwiseConv`). Contiguous NCHW inputs with a contiguous output go
+to the planar kernels (:mod:`sepconv.kernels.numba_planar`) instead, with no layout change; other layouts
+are changed in here (NCHW <-> NHWC through a Numba transpose, into temporaries reused from call to call); padding modes other than zeros are an
 ordinary ``F.pad`` before it, so autograd differentiates them. Everything a call's signature decides
 (layouts, geometry, block kinds, task split) is worked out once per signature (:func:`_plan`), and a call
 that wants no gradient runs the forward without the autograd Function: for small layers the Python side
