@@ -244,7 +244,6 @@ def input_grad(gy, w, gx, g):
                     k += 1
     starts[phases] = k
     bands = -(-phase_rows // band_rows)
-    uug, umc, uow = numba.uint64(ug), numba.uint64(mc), numba.uint64(ow)
     tasks = n_batch * c * bands
     chunks = min(tasks, CHUNKS_PER_THREAD * g.threads)
     for chunk in numba.prange(chunks):
@@ -263,21 +262,8 @@ def input_grad(gy, w, gx, g):
                 o = ci * m + mi
                 for t in range(taps):
                     weights[t] = w[o, order[t]]
-                source = gy[n, o].ravel()
-                for r in range(grid_rows):  # grid row r, column v holds gy[r0 + r - mr, v - mc]
-                    start = numba.uint64(r * ug)
-                    y = r0 + r - mr
-                    if y < 0 or y >= oh:
-                        for v in range(uug):
-                            grid[start + v] = 0
-                        continue
-                    for v in range(umc):
-                        grid[start + v] = 0
-                    line = numba.uint64(y * ow)
-                    for v in range(uow):
-                        grid[start + umc + v] = source[line + v]
-                    for v in range(umc + uow, uug):
-                        grid[start + v] = 0
+                # Grid row r, column v holds gy[r0 + r - mr, v - mc]: a phase grid of stride 1, padded by (mr, mc).
+                _fill_phases(gy[n, o], grid, r0, grid_rows, ug, 1, 1, mr, mc)
                 for p in range(phases):  # each kernel row's run of taps over the rows where it reads grad_out
                     t = starts[p]
                     while t < starts[p + 1]:
