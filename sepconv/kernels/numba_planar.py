@@ -12,8 +12,8 @@ rows the band reads into a small zero-padded buffer (in L1/L2), split into ``sh 
 column ``x + (j*dw)//sw``. Laid out flat with ``uw`` columns per row, that is the output's flat index
 ``q = y*uw + x`` plus one offset per tap: every tap is one long, unit-stride loop over the whole band
 (:func:`_accumulate`), whatever the stride, dilation, padding or plane width. The price is
-``uw - OW`` columns of discarded results per row (``(KW - 1) * dw // sw``), and zeros computed at the
-borders instead of skipped.
+``uw - OW`` columns of discarded results per row (``(KW - 1) * dw // sw``), and zeros multiplied at the
+side borders; each kernel row's taps skip the rows where they would read the top or bottom padding.
 
 * Forward: the taps accumulated over the input's phase grid, started from the bias.
 * Input gradient: the transposed convolution, as the same loop per phase of the input gradient (each
