@@ -229,9 +229,7 @@ def _weight_grad_columns(acc, xf, gf, row, xrow, kh, col_lo, col_hi, kw_size, sw
     output columns per load/store."""
     for kw in range(kw_size):
         shift = kw * dw - pw  # input column of output column ow: ow * sw + shift
-        ow_lo = max(col_lo, -(shift // sw)) if shift < 0 else col_lo
-        last = wd - 1 - shift
-        ow_hi = min(col_hi, last // sw + 1) if last >= 0 else 0
+        ow_lo, ow_hi = numba_planar.inside(col_lo, col_hi, sw, pw, kw * dw, wd)
         b = (kh * kw_size + kw) * c
         ow = ow_lo
         while ow + 4 <= ow_hi:

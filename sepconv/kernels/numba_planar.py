@@ -117,9 +117,10 @@ def _accumulate(out, src, bases, weights, first, last, start, length):
 
 
 @numba.njit(**OPTIONS, inline="always")
-def _inside(first, last, stride, pad, offset, size):
-    """Output positions ``[lo, hi)`` of ``[first, last)`` whose read ``o*stride - pad + offset`` is in ``[0, size)``:
-    a kernel row's taps are run only over the rows where they read data, not padding."""
+def inside(first, last, stride, pad, offset, size):
+    """Output positions ``[lo, hi)`` of ``[first, last)`` whose read ``o*stride - pad + offset`` is in ``[0, size)``
+    (here a kernel row's taps run only over the rows where they read data; the channels-last weight
+    gradient clips each tap's columns with it too)."""
     lo = max(first, -((offset - pad) // stride))
     hi = min(last, (size - 1 + pad - offset) // stride + 1)
     return lo, max(lo, hi)
@@ -171,6 +172,17 @@ def _grid_bases(kh, kw, sh, sw, dh, dw, size, uw):
     return bases
 
 
+@numba.njit(**OPTIONS, inline="always")
+def _forward_grid(g, oh, ow):
+    """The forward's phase grid (shared by the weight gradient): columns per row, rows per phase (one spare:
+    the band's last discarded columns read past it), values per phase, each tap's offset, bands."""
+    sh, sw, _, _, dh, dw, kh, kw, band_rows, _, _ = g
+    uw = ow + (kw - 1) * dw // sw
+    rows = band_rows + (kh - 1) * dh // sh + 1
+    size = rows * uw
+    return uw, rows, size, _grid_bases(kh, kw, sh, sw, dh, dw, size, uw), -(-oh // band_rows)
+
+
 # --- the kernels -----------------------------------------------------------------------------------
 
 @numba.njit(**_JIT)
@@ -180,11 +192,7 @@ def forward(x, w, bias, out, g):
     n_batch, c, h, wd = x.shape
     cm, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     m = cm // c
-    uw = ow + (kw - 1) * dw // sw
-    rows = band_rows + (kh - 1) * dh // sh + 1  # one spare row: the band's last discarded columns read past it
-    size = rows * uw
-    bases = _grid_bases(kh, kw, sh, sw, dh, dw, size, uw)
-    bands = -(-oh // band_rows)
+    uw, rows, size, bases, bands = _forward_grid(g, oh, ow)
     tasks = n_batch * c * bands
     chunks = min(tasks, CHUNKS_PER_THREAD * g.threads)
     for chunk in numba.prange(chunks):
@@ -201,7 +209,7 @@ def forward(x, w, bias, out, g):
                 o = ci * m + mi
                 acc[:] = bias[o] if bias.shape[0] else 0
                 for i in range(kh):
-                    lo, hi = _inside(y0, y1, sh, ph, i * dh, h)
+                    lo, hi = inside(y0, y1, sh, ph, i * dh, h)
                     _accumulate(acc, buf, bases, w[o], i * kw, (i + 1) * kw, (lo - y0) * uw, (hi - lo) * uw)
                 target = out[n, o].ravel()
                 for y in range(y0, y1):
@@ -270,7 +278,7 @@ def input_grad(gy, w, gx, g):
                         i, end = order[t] // kw, t + 1
                         while end < starts[p + 1] and order[end] // kw == i:
                             end += 1
-                        lo, hi = _inside(r0, r1, 1, (i * dh) // sh, 0, oh)
+                        lo, hi = inside(r0, r1, 1, (i * dh) // sh, 0, oh)
                         _accumulate(acc[p * length:(p + 1) * length], grid, bases, weights, t, end, (lo - r0) * ug,
                                     (hi - lo) * ug)
                         t = end
@@ -303,11 +311,7 @@ def weight_grad(x, gy, gw, g):
     cm, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
     m = cm // c
     taps = kh * kw
-    uw = ow + (kw - 1) * dw // sw
-    rows = band_rows + (kh - 1) * dh // sh + 1
-    size = rows * uw
-    bases = _grid_bases(kh, kw, sh, sw, dh, dw, size, uw)
-    bands = -(-oh // band_rows)
+    uw, rows, size, bases, bands = _forward_grid(g, oh, ow)
     for ci in numba.prange(c):
         buf = np.empty(sh * sw * size, x.dtype)
         wide = np.zeros(band_rows * uw, x.dtype)
@@ -326,7 +330,7 @@ def weight_grad(x, gy, gw, g):
                             wide[w0 + col] = source[s0 + col]
                     total = sums[mi]
                     for i in range(kh):  # the kernel row's taps, four per pass, over the rows where they read x
-                        lo, hi = _inside(y0, y1, sh, ph, i * dh, h)
+                        lo, hi = inside(y0, y1, sh, ph, i * dh, h)
                         start, length = numba.uint64((lo - y0) * uw), numba.uint64((hi - lo) * uw)
                         last = (i + 1) * kw
                         for t in range(i * kw, last, 4):
