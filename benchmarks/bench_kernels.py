@@ -4,7 +4,8 @@
 Each row times, interleaved in one loop (every round runs a block of calls of each candidate, the
 order rotating from round to round, so drift on a shared machine hits all alike):
 
-* ``numba_cl``   sepconv's depthwise op forced to the Numba kernels, channels_last input (their layout);
+* ``numba_cl``   sepconv's depthwise op forced to the Numba kernels, channels_last input (their layout; with
+  at most 8 channels, as in the EEGNet rows, transposed to the planar kernels and back);
 * ``numba_nchw`` the same on a contiguous NCHW input (the planar kernels, :mod:`sepconv.kernels.numba_planar`:
   no layout conversion);
 * ``torch_nchw`` ``F.conv2d(..., groups=C)`` (``F.conv1d`` for 1-D) on a contiguous input;

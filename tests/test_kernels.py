@@ -9,6 +9,8 @@ Numba compiles the kernels on first use (about 10 s for both dtypes on 2 cores) 
 ``sepconv/kernels/__pycache__``; later runs load them in well under a second.
 """
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -76,18 +78,33 @@ def make(shape, dtype, channels_last=False, seed=0):
 @given(case=geometry_case(rank=None, max_kernel=5).filter(lambda c: len(c["size"]) < 3),
        channels=st.integers(1, 4), multiplier=st.integers(1, 3), bias=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float64]), channels_last=st.booleans(),
-       weight_channels_last=st.booleans())
-def test_numba_equals_reference(case, channels, multiplier, bias, dtype, channels_last, weight_channels_last):
+       weight_channels_last=st.booleans(), few_channels_planar=st.booleans())
+def test_numba_equals_reference(case, channels, multiplier, bias, dtype, channels_last, weight_channels_last,
+                                few_channels_planar):
     rank = len(case["size"])
     pairs = tuple(reference_pairs(case["padding"], case["size"], case["kernel"], case["stride"], case["dilation"]))
-    # Contiguous inputs take the planar kernels, channels-last ones (1-D: (N, L, C)-backed) the others.
+    # Contiguous inputs take the planar kernels, channels-last ones (1-D: (N, L, C)-backed) the others,
+    # unless they have few channels (FEW_CHANNELS_PLANAR, off here half the time: these have 1-4).
     if channels_last and rank == 1:
         x = make((2, *case["size"], channels), dtype).detach().transpose(1, 2).requires_grad_()
     else:
         x = make((2, channels, *case["size"]), dtype, channels_last)
     w = make((channels * multiplier, 1, *case["kernel"]), dtype, weight_channels_last and rank == 2, seed=1)
     b = make((channels * multiplier,), dtype, seed=2) if bias else None
-    compare_with_reference(x, w, b, case["stride"], pairs, case["dilation"], case["padding_mode"])
+    with planar_limit(numba_depthwise.FEW_CHANNELS_PLANAR if few_channels_planar else 0):
+        compare_with_reference(x, w, b, case["stride"], pairs, case["dilation"], case["padding_mode"])
+
+
+@contextlib.contextmanager
+def planar_limit(channels):
+    """Channels-last inputs with at most ``channels`` channels take the planar kernels (plans re-made)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_depthwise, "FEW_CHANNELS_PLANAR", channels)
+        numba_depthwise._plan.cache_clear()
+        try:
+            yield
+        finally:
+            numba_depthwise._plan.cache_clear()
 
 
 # Wide channel counts run the vectorised loops and their remainders; large kernels the tap grouping.
@@ -134,9 +151,11 @@ def test_gradcheck_and_gradgradcheck_float64():
             return numba_depthwise.depthwise_conv(x, w, b, stride, ((1, 2), (0, 1)), (1, 2), mode)
         assert torch.autograd.gradcheck(op, (x, w, b))
     # Double backward goes through PyTorch's twin (the Numba kernels are once differentiable).
-    x, w = make((1, 2, 4, 4), torch.float64), make((2, 1, 2, 2), torch.float64, seed=1)
-    assert torch.autograd.gradgradcheck(
-        lambda x, w: numba_depthwise.depthwise_conv(x, w, None, (2, 1), ((1, 0), (0, 1)), (1, 1), "zeros"), (x, w))
+    w = make((2, 1, 2, 2), torch.float64, seed=1)
+    for channels_last in (False, True):  # channels-last with few channels: the planar kernels on a copy
+        x = make((1, 2, 4, 4), torch.float64, channels_last)
+        assert torch.autograd.gradgradcheck(
+            lambda x, w: numba_depthwise.depthwise_conv(x, w, None, (2, 1), ((1, 0), (0, 1)), (1, 1), "zeros"), (x, w))
     x1 = make((1, 3, 9), torch.float64)
     w1 = make((3, 1, 4), torch.float64, seed=1)
     assert torch.autograd.gradcheck(
@@ -299,19 +318,41 @@ def test_planar_kernels_equal_pytorch(case, channels, multiplier, band_values, t
     torch.testing.assert_close(got_w, gw.reshape(taps.shape), **TOLERANCE[torch.float64])
 
 
-def test_planar_kernels_take_contiguous_inputs_only():
+def test_planar_kernels_take_contiguous_or_few_channel_inputs():
     # Contiguous 2-D and 1-D inputs go planar (no transposes); channels-last ones, (N, L, C)-backed 1-D
-    # ones and channels_last weights (the reference then returns channels_last) do not.
+    # ones and channels_last weights (the reference then returns channels_last) do not, unless they have
+    # at most FEW_CHANNELS_PLANAR channels (transposed in and out).
     def planar(x, w):
         return numba_depthwise._plan(x.shape, x.stride(), w.shape, w.stride(), ((1, 1),) * (x.ndim - 2),
                                      (1,) * (x.ndim - 2), (1,) * (x.ndim - 2), "zeros", 1, 4).planar is not None
 
-    x, w = torch.randn(2, 4, 6, 6), torch.randn(4, 1, 3, 3)
-    assert planar(x, w)
-    assert not planar(x.to(memory_format=torch.channels_last), w)
-    assert not planar(x, w.to(memory_format=torch.channels_last))
-    assert planar(torch.randn(2, 4, 9), torch.randn(4, 1, 3))
-    assert not planar(torch.randn(2, 9, 4).transpose(1, 2), torch.randn(4, 1, 3))
+    few = numba_depthwise.FEW_CHANNELS_PLANAR
+    for c, transposed in ((few + 1, False), (few, True)):
+        x, w = torch.randn(2, c, 6, 6), torch.randn(c, 1, 3, 3)
+        assert planar(x, w)
+        assert planar(x.to(memory_format=torch.channels_last), w) is transposed
+        assert planar(x, w.to(memory_format=torch.channels_last)) is transposed
+        assert planar(torch.randn(2, c, 9), torch.randn(c, 1, 3))
+        assert planar(torch.randn(2, 9, c).transpose(1, 2), torch.randn(c, 1, 3)) is transposed
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_few_channel_channels_last_inputs_keep_their_layout(rank):
+    # Through the planar kernels by transposes, but the output and the input gradient come back in the
+    # channels-last layout the channels-last kernels (and, in 2-D, PyTorch) give.
+    c = numba_depthwise.FEW_CHANNELS_PLANAR
+    x = make((2, 10, 11, c) if rank == 2 else (2, 11, c), torch.float32).detach()
+    x = x.permute(0, 3, 1, 2) if rank == 2 else x.transpose(1, 2)
+    x.requires_grad_()
+    w = make((2 * c, 1, *(3,) * rank), torch.float32, seed=1)
+    with dispatch.use_kernels("numba"):
+        out = numba_depthwise.depthwise_conv(x, w, None, (1,) * rank, ((1, 1),) * rank, (1,) * rank, "zeros")
+    ref = reference.conv(x, w, None, (1,) * rank, ((1, 1),) * rank, (1,) * rank, c, "zeros")
+    torch.testing.assert_close(out, ref)
+    assert out.movedim(1, -1).is_contiguous()
+    (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert grad_x.movedim(1, -1).is_contiguous()
+    torch.testing.assert_close(grad_x, torch.autograd.grad(ref, x, torch.ones_like(ref))[0])
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 3), (3, 16, 16), (2, 17, 33), (1, 40, 7)])

@@ -434,6 +434,13 @@ PAD_MIN_TAPS = 49
 FEW_CHANNELS = 64
 PAD_MIN_TAPS_FEW_CHANNELS = 25
 
+# Channels-last inputs with at most this many channels go to the planar kernels through a transpose in
+# and out: a few channels make short vectors for the channels-last loops but leave the planar rows long.
+# Measured, two threads, float32, forward / fwd+bwd (us), channels-last kernels vs transposes + planar:
+# EEGNet 8x64x128 1x64 216/1375 vs 199/643, 64x1 M2 113/421 vs 64/245; 112x112 3x3 over 4 channels
+# 127/466 vs 77/276, over 8 162/551 vs 124/387, but over 16 121/465 vs 227/857.
+FEW_CHANNELS_PLANAR = 8
+
 # Column ranges per row: enough tasks to keep every thread busy (and balanced) when rows are few,
 # but ranges no narrower than MIN_CHUNK_COLUMNS, so the vector loops stay long.
 TASKS_PER_THREAD = 4
@@ -529,7 +536,7 @@ class _Plan(NamedTuple):
     input_grad: _Pass | None  # stride 1: the forward kernel with the flipped weight
     gather_chunks: int  # column chunks of _input_grad (strided: the gather kernel)
     weight_grad: tuple[int, int, int, int]  # unrolled kind, channel block, column chunks, partial sums
-    planar: numba_planar.Geometry | None  # contiguous NCHW in and out: the planar kernels, no transposes
+    planar: numba_planar.Geometry | None  # the planar kernels: contiguous NCHW, or transposed with few channels
 
 
 def _is_contiguous(shape, strides) -> bool:
@@ -585,7 +592,8 @@ def _plan(x_shape, x_strides, w_shape, w_strides, padding, stride, dilation, pad
                    max(1, min(threads, rows * col_chunks)))
     gather_chunks = _col_chunks(x_shape[0] * x_shape[2], x_shape[3], threads)
     planar = None
-    if contiguous and not channels_last:
+    # Contiguous in and out: no transposes. Channels-last in or out: transposes, worth it with few channels.
+    if (contiguous and not channels_last) or channels <= FEW_CHANNELS_PLANAR:
         planar = numba_planar.plan(x_shape[0], channels, x_shape[2:], out_hw, kernel, stride, before, dilation, threads)
     return _Plan(rank, channels_last, pad_mode, w_shape[0] // channels, in_shape, (x_shape[0], *out_hw, w_shape[0]),
                  stride, before, dilation, forward, input_grad, gather_chunks, weight_grad, planar)
@@ -720,6 +728,12 @@ def _from_channels_last(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _planar_output(t: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """A planar kernel's contiguous result in the layout ``plan`` wants (a transposed copy for channels_last;
+    PyTorch's copy measured as fast as :func:`_transpose` here, which has one task per image at 8 channels)."""
+    return t.contiguous(memory_format=torch.channels_last) if plan.channels_last else t
+
+
 def _forward_call(x: torch.Tensor, weight: torch.Tensor, bias, plan: _Plan) -> torch.Tensor:
     """The forward of ``(N, C, H, W)`` ``x`` as ``plan`` says, in the output layout it says."""
     if plan.planar is not None:
@@ -728,7 +742,7 @@ def _forward_call(x: torch.Tensor, weight: torch.Tensor, bias, plan: _Plan) -> t
         with _LOCK:
             numba_planar.forward(_np(x.contiguous()), _taps(weight), _NO_BIAS[x.dtype] if bias is None else _np(bias),
                                  _np(out), plan.planar)
-        return out
+        return _planar_output(out, plan)
     with _LOCK:
         xl = _repeated(_channels_last(x, "input"), plan.multiplier)
         if plan.channels_last:  # the kernel writes the result itself, returned as a channels_last view
@@ -767,8 +781,10 @@ class DepthwiseConv(torch.autograd.Function):
             return *grads, grad_out.sum((0, 2, 3)) if needs_b else None, None
         _threads()  # the backward may run on another thread than the forward
         if plan.planar is not None:
-            return (*_planar_grads(x, weight, grad_out, plan.planar, needs_x, needs_w),
-                    grad_out.sum((0, 2, 3)) if needs_b else None, None)
+            grad_x, grad_w = _planar_grads(x, weight, grad_out, plan.planar, needs_x, needs_w)
+            if grad_x is not None and not x.is_contiguous():
+                grad_x = _planar_output(grad_x, plan)  # the input's layout (then the output's too)
+            return grad_x, grad_w, grad_out.sum((0, 2, 3)) if needs_b else None, None
         grad_x = grad_w = grad_b = None
         with _LOCK:
             gl = _channels_last(grad_out, "grad_output")
@@ -805,7 +821,7 @@ class DepthwiseConv(torch.autograd.Function):
 
 
 def _planar_grads(x, weight, grad_out, geometry, needs_x: bool, needs_w: bool):
-    """Input and weight gradients of a contiguous NCHW call through :mod:`~sepconv.kernels.numba_planar`."""
+    """Input and weight gradients through :mod:`~sepconv.kernels.numba_planar` (contiguous results)."""
     gy = _np(grad_out.contiguous())
     taps = _taps(weight)
     grad_x = grad_w = None
@@ -815,7 +831,7 @@ def _planar_grads(x, weight, grad_out, geometry, needs_x: bool, needs_w: bool):
             numba_planar.input_grad(gy, taps, _np(grad_x), geometry)
         if needs_w:
             grad_w = weight.new_empty(weight.shape)
-            numba_planar.weight_grad(_np(x), gy, _np(grad_w).reshape(taps.shape), geometry)
+            numba_planar.weight_grad(_np(x.contiguous()), gy, _np(grad_w).reshape(taps.shape), geometry)
     return grad_x, grad_w
 
 
