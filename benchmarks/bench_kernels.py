@@ -25,7 +25,9 @@ order rotating from round to round, so drift on a shared machine hits all alike)
 PyTorch spells padding the way plain PyTorch code does: inside the convolution when symmetric, an
 ``F.pad`` first otherwise. Passes: ``forward`` (inference mode), ``fwd+bwd`` (``autograd.grad`` of the
 output w.r.t. input and weight with a fixed random output gradient) and, for kernels >= 5, ``fwd+wgrad``
-(weight gradient only). Before timing, each row checks that all candidates agree (values and gradients).
+(the forward and the weight gradient only) and ``wgrad`` (the weight gradient alone: the forward runs once
+before timing and each call is ``autograd.grad(out, weight, retain_graph=True)``; issue 7's target is on
+this one). Before timing, each row checks that all candidates agree (values and gradients).
 Times are medians of the per-call times over the rounds; ratios are taken between medians of the
 same run, never against other runs. ``vs_best`` compares with the best *eager* path, so runs with and
 without ``--compile`` give the same column; the torch.compile ratios are separate fields.
@@ -65,6 +67,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -211,6 +214,8 @@ def make_callables(shape: Shape, pass_: str, compile_format: str | None):
     for name, (op, fmt) in specs.items():
         x, w = _tensors(shape, fmt)
         start = time.perf_counter()
+        # A compiled backward that reuses ("donates") its saved buffers cannot run twice on one graph.
+        reusable = torch._functorch.config.patch(donated_buffer=False) if pass_ == "wgrad" else contextlib.nullcontext()
         try:
             if pass_ == "forward":
                 fns[name] = (lambda op=op, x=x, w=w: op(x, w))
@@ -222,9 +227,13 @@ def make_callables(shape: Shape, pass_: str, compile_format: str | None):
                 with torch.no_grad():
                     grad = torch.randn(op(x, w).shape, generator=torch.Generator().manual_seed(1))
             g = _grad_like(grad, fmt)
-            fns[name] = (lambda op=op, x=x, w=w, leaves=leaves, g=g: torch.autograd.grad(op(x, w), leaves, g))
-            out = op(x, w)
-            results[name] = (out.detach(), *torch.autograd.grad(out, leaves, g))
+            with reusable:  # compiles the compile candidate
+                out = op(x, w)
+            if pass_ == "wgrad":  # backward alone: the graph of this one forward is kept and reused
+                fns[name] = (lambda out=out, leaves=leaves, g=g: torch.autograd.grad(out, leaves, g, retain_graph=True))
+            else:
+                fns[name] = (lambda op=op, x=x, w=w, leaves=leaves, g=g: torch.autograd.grad(op(x, w), leaves, g))
+            results[name] = (out.detach(), *torch.autograd.grad(out, leaves, g, retain_graph=pass_ == "wgrad"))
         except Exception as error:  # only torch.compile may fail here; its row shows n/a
             if name != "compile":
                 raise
@@ -401,7 +410,7 @@ def sep_ratios(row: dict, mac_ratio: float) -> dict:
 
 def summarize(rows: list[dict]) -> list[dict]:
     summary = []
-    for pass_ in ("forward", "fwd+bwd", "fwd+wgrad"):
+    for pass_ in ("forward", "fwd+bwd", "fwd+wgrad", "wgrad"):
         members = [r for r in rows if r["pass"] == pass_ and r["check"] == "ok"]
         if not members:
             continue
@@ -554,7 +563,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-row-time", type=float, default=20.0, help="seconds after which a slow row stops")
     parser.add_argument("--filter", default=None, help="only rows whose 'name shape pass' contains TEXT "
                         "(separable rows' names start with 'sep.')")
-    parser.add_argument("--passes", default="forward,fwd+bwd,fwd+wgrad")
+    parser.add_argument("--passes", default="forward,fwd+bwd,fwd+wgrad,wgrad")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="time torch.compile on the depthwise rows (compiling adds ~2 s per row)")
     parser.add_argument("--compile-format", choices=("nchw", "cl"), default=COMPILE_FORMAT,
@@ -568,7 +577,7 @@ def main(argv=None) -> int:
     passes = args.passes.split(",")
     compile_s = numba_depthwise.compile_all()
     plan = [(shape, p) for shape in suite(batches) for p in passes
-            if p != "fwd+wgrad" or max(shape.kernel) >= 5]
+            if p not in ("fwd+wgrad", "wgrad") or max(shape.kernel) >= 5]
     plan += [(shape, p) for shape in sep_suite(batches) for p in passes if p in ("forward", "fwd+bwd")]
     if args.filter:
         plan = [(s, p) for s, p in plan if args.filter in f"{s.name} {s.describe()} {p}"]
