@@ -80,6 +80,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 from _common import block, calibrate, geomean, loadavg, print_table  # benchmarks/ is on sys.path as the script's folder
@@ -215,7 +216,7 @@ def make_callables(shape: Shape, pass_: str, compile_format: str | None):
         x, w = _tensors(shape, fmt)
         start = time.perf_counter()
         # A compiled backward that reuses ("donates") its saved buffers cannot run twice on one graph.
-        reusable = torch._functorch.config.patch(donated_buffer=False) if pass_ == "wgrad" else contextlib.nullcontext()
+        reusable = functorch_config.patch(donated_buffer=False) if pass_ == "wgrad" else contextlib.nullcontext()
         try:
             if pass_ == "forward":
                 fns[name] = (lambda op=op, x=x, w=w: op(x, w))
