@@ -28,7 +28,11 @@ output w.r.t. input and weight with a fixed random output gradient) and, for ker
 (the forward and the weight gradient only) and ``wgrad`` (the weight gradient alone: the forward runs once
 before timing and each call is ``autograd.grad(out, weight, retain_graph=True)``; issue 7's target is on
 this one). Before timing, each row checks that all candidates agree (values and gradients).
-Times are medians of the per-call times over the rounds; ratios are taken between medians of the
+Each candidate's minor page faults per call go to the JSON too: glibc hands large freed
+blocks back to the OS depending on its recent history, and a call whose fresh outputs must be faulted in
+again can take several times as long (measured: PyTorch's depthwise then 1x1 conv at 1x128x56x56, 600 us
+without faults, 1600 us with 750 faults a call, from one run to the next). Times are medians of the per-call
+times over the rounds; ratios are taken between medians of the
 same run, never against other runs. ``vs_best`` compares with the best *eager* path, so runs with and
 without ``--compile`` give the same column; the torch.compile ratios are separate fields.
 
@@ -74,6 +78,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -351,6 +356,7 @@ def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float
     names = list(fns)
     numbers = {name: calibrate(fns[name], block_s) for name in names}  # also the warm-up call
     times = {name: [] for name in names}
+    faults = dict.fromkeys(names, 0)  # minor page faults: fresh large buffers the allocator gave back to the OS
     spent = dict.fromkeys(names, 0.0)
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -360,7 +366,9 @@ def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float
         while True:
             order = names[rounds % len(names):] + names[:rounds % len(names)]
             for name in order:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 elapsed = block(fns[name], numbers[name])
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
                 times[name].append(elapsed / numbers[name])
                 spent[name] += elapsed
             rounds += 1
@@ -372,6 +380,7 @@ def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float
         if gc_was_enabled:
             gc.enable()
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "rounds": len(t),
+                   "page_faults_per_call": faults[name] / (numbers[name] * len(t)),
                    "iqr_s": (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) if len(t) > 1 else 0.0}
             for name, t in times.items()}
 
