@@ -604,6 +604,7 @@ def main(argv=None) -> int:
     for i, (shape, pass_) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {shape.name} {shape.describe()} {pass_} ...", end="", file=sys.stderr, flush=True)
         separable = isinstance(shape, SepShape)
+        dispatch.clear_choices()  # so that the row records the choices auto made for its own calls
         if separable:
             fns, check = make_sep_callables(shape, pass_)
             compiled = None
@@ -615,7 +616,10 @@ def main(argv=None) -> int:
         else:
             times = measure(fns, min_run_time, 5, args.max_row_time)
         row = {"name": shape.name, "shape": shape.describe(), "pass": pass_, "check": check, "times": times,
-               "spec": asdict(shape)}
+               "spec": asdict(shape),
+               # auto's measured choice per signature, by input layout (channels_last: x's channel stride is 1)
+               "auto_choices": sorted({("cl" if key[1][1] == 1 and key[0][1] > 1 else "nchw") + ": " + choice
+                                       for key, choice in dispatch.choices().items()})}
         if separable:
             row["ratios"] = sep_ratios(row, shape.mac_ratio())
             sep_rows.append(row)
