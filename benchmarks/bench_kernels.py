@@ -2,7 +2,9 @@
 """Benchmark sepconv's Numba depthwise kernels against every PyTorch path (not a test).
 
 Each row times, interleaved in one loop (every round runs a block of calls of each candidate, the
-order rotating from round to round, so drift on a shared machine hits all alike):
+order shuffled from round to round, so drift on a shared machine hits all alike and no candidate always
+follows the same one: a PyTorch call right after Numba's threads ran, or the reverse, can pay for the other
+pool's threads going to sleep or still spinning):
 
 * ``numba_cl``   sepconv's depthwise op forced to the Numba kernels, channels_last input (their layout; with
   at most 8 channels, as in the EEGNet rows, transposed to the planar kernels and back);
@@ -78,6 +80,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -356,6 +359,7 @@ def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float
     names = list(fns)
     numbers = {name: calibrate(fns[name], block_s) for name in names}  # also the warm-up call
     times = {name: [] for name in names}
+    shuffler = random.Random(0)
     faults = dict.fromkeys(names, 0)  # minor page faults: fresh large buffers the allocator gave back to the OS
     spent = dict.fromkeys(names, 0.0)
     gc_was_enabled = gc.isenabled()
@@ -364,7 +368,7 @@ def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float
         start = time.perf_counter()
         rounds = 0
         while True:
-            order = names[rounds % len(names):] + names[:rounds % len(names)]
+            order = shuffler.sample(names, len(names))
             for name in order:
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 elapsed = block(fns[name], numbers[name])
