@@ -16,7 +16,7 @@ import numba
 
 from ._jit import njit_noalias
 
-PIXELS = 4
+PIXELS = 8
 SIZES = ((3, 3), (5, 5), (7, 7), (1, 3), (1, 4), (1, 5), (1, 7))
 COLUMNS = 8
 WIDTHS = (3, 4, 5, 7)
@@ -24,28 +24,44 @@ WIDTHS = (3, 4, 5, 7)
 
 @njit_noalias
 def _block_3x3(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
-    """Output pixels at ``of[o0 + i*C]``, i < 4; their 3x3 windows start at ``xf[a0_0]``,
+    """Output pixels at ``of[o0 + i*C]``, i < 8; their 3x3 windows start at ``xf[a0_0]``,
     rows ``ur`` values apart; weight ``(KH, KW, C)``, start values ``zf`` (bias or zeros)."""
     o1 = o0 + uc
     o2 = o1 + uc
     o3 = o2 + uc
+    o4 = o3 + uc
+    o5 = o4 + uc
+    o6 = o5 + uc
+    o7 = o6 + uc
     a0_1 = a0_0 + uc
     a0_2 = a0_1 + uc
     a0_3 = a0_2 + uc
     a0_4 = a0_3 + uc
     a0_5 = a0_4 + uc
+    a0_6 = a0_5 + uc
+    a0_7 = a0_6 + uc
+    a0_8 = a0_7 + uc
+    a0_9 = a0_8 + uc
     a1_0 = a0_0 + ur
     a1_1 = a1_0 + uc
     a1_2 = a1_1 + uc
     a1_3 = a1_2 + uc
     a1_4 = a1_3 + uc
     a1_5 = a1_4 + uc
+    a1_6 = a1_5 + uc
+    a1_7 = a1_6 + uc
+    a1_8 = a1_7 + uc
+    a1_9 = a1_8 + uc
     a2_0 = a1_0 + ur
     a2_1 = a2_0 + uc
     a2_2 = a2_1 + uc
     a2_3 = a2_2 + uc
     a2_4 = a2_3 + uc
     a2_5 = a2_4 + uc
+    a2_6 = a2_5 + uc
+    a2_7 = a2_6 + uc
+    a2_8 = a2_7 + uc
+    a2_9 = a2_8 + uc
     b0 = numba.uint64(0)
     b1 = b0 + uc
     b2 = b1 + uc
@@ -70,49 +86,85 @@ def _block_3x3(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             s1 = zf[ci]
             s2 = zf[ci]
             s3 = zf[ci]
+            s4 = zf[ci]
+            s5 = zf[ci]
+            s6 = zf[ci]
+            s7 = zf[ci]
             x0 = xf[a0_0 + ci]
             x1 = xf[a0_1 + ci]
             x2 = xf[a0_2 + ci]
             x3 = xf[a0_3 + ci]
             x4 = xf[a0_4 + ci]
             x5 = xf[a0_5 + ci]
+            x6 = xf[a0_6 + ci]
+            x7 = xf[a0_7 + ci]
+            x8 = xf[a0_8 + ci]
+            x9 = xf[a0_9 + ci]
             s0 += x0 * w0 + x1 * w1 + x2 * w2
             s1 += x1 * w0 + x2 * w1 + x3 * w2
             s2 += x2 * w0 + x3 * w1 + x4 * w2
             s3 += x3 * w0 + x4 * w1 + x5 * w2
+            s4 += x4 * w0 + x5 * w1 + x6 * w2
+            s5 += x5 * w0 + x6 * w1 + x7 * w2
+            s6 += x6 * w0 + x7 * w1 + x8 * w2
+            s7 += x7 * w0 + x8 * w1 + x9 * w2
             x0 = xf[a1_0 + ci]
             x1 = xf[a1_1 + ci]
             x2 = xf[a1_2 + ci]
             x3 = xf[a1_3 + ci]
             x4 = xf[a1_4 + ci]
             x5 = xf[a1_5 + ci]
+            x6 = xf[a1_6 + ci]
+            x7 = xf[a1_7 + ci]
+            x8 = xf[a1_8 + ci]
+            x9 = xf[a1_9 + ci]
             s0 += x0 * w3 + x1 * w4 + x2 * w5
             s1 += x1 * w3 + x2 * w4 + x3 * w5
             s2 += x2 * w3 + x3 * w4 + x4 * w5
             s3 += x3 * w3 + x4 * w4 + x5 * w5
+            s4 += x4 * w3 + x5 * w4 + x6 * w5
+            s5 += x5 * w3 + x6 * w4 + x7 * w5
+            s6 += x6 * w3 + x7 * w4 + x8 * w5
+            s7 += x7 * w3 + x8 * w4 + x9 * w5
             x0 = xf[a2_0 + ci]
             x1 = xf[a2_1 + ci]
             x2 = xf[a2_2 + ci]
             x3 = xf[a2_3 + ci]
             x4 = xf[a2_4 + ci]
             x5 = xf[a2_5 + ci]
+            x6 = xf[a2_6 + ci]
+            x7 = xf[a2_7 + ci]
+            x8 = xf[a2_8 + ci]
+            x9 = xf[a2_9 + ci]
             s0 += x0 * w6 + x1 * w7 + x2 * w8
             s1 += x1 * w6 + x2 * w7 + x3 * w8
             s2 += x2 * w6 + x3 * w7 + x4 * w8
             s3 += x3 * w6 + x4 * w7 + x5 * w8
+            s4 += x4 * w6 + x5 * w7 + x6 * w8
+            s5 += x5 * w6 + x6 * w7 + x7 * w8
+            s6 += x6 * w6 + x7 * w7 + x8 * w8
+            s7 += x7 * w6 + x8 * w7 + x9 * w8
             of[o0 + ci] = s0
             of[o1 + ci] = s1
             of[o2 + ci] = s2
             of[o3 + ci] = s3
+            of[o4 + ci] = s4
+            of[o5 + ci] = s5
+            of[o6 + ci] = s6
+            of[o7 + ci] = s7
 
 
 @njit_noalias
 def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
-    """Output pixels at ``of[o0 + i*C]``, i < 4; their 5x5 windows start at ``xf[a0_0]``,
+    """Output pixels at ``of[o0 + i*C]``, i < 8; their 5x5 windows start at ``xf[a0_0]``,
     rows ``ur`` values apart; weight ``(KH, KW, C)``, start values ``zf`` (bias or zeros)."""
     o1 = o0 + uc
     o2 = o1 + uc
     o3 = o2 + uc
+    o4 = o3 + uc
+    o5 = o4 + uc
+    o6 = o5 + uc
+    o7 = o6 + uc
     a0_1 = a0_0 + uc
     a0_2 = a0_1 + uc
     a0_3 = a0_2 + uc
@@ -120,6 +172,10 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a0_5 = a0_4 + uc
     a0_6 = a0_5 + uc
     a0_7 = a0_6 + uc
+    a0_8 = a0_7 + uc
+    a0_9 = a0_8 + uc
+    a0_10 = a0_9 + uc
+    a0_11 = a0_10 + uc
     a1_0 = a0_0 + ur
     a1_1 = a1_0 + uc
     a1_2 = a1_1 + uc
@@ -128,6 +184,10 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a1_5 = a1_4 + uc
     a1_6 = a1_5 + uc
     a1_7 = a1_6 + uc
+    a1_8 = a1_7 + uc
+    a1_9 = a1_8 + uc
+    a1_10 = a1_9 + uc
+    a1_11 = a1_10 + uc
     a2_0 = a1_0 + ur
     a2_1 = a2_0 + uc
     a2_2 = a2_1 + uc
@@ -136,6 +196,10 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a2_5 = a2_4 + uc
     a2_6 = a2_5 + uc
     a2_7 = a2_6 + uc
+    a2_8 = a2_7 + uc
+    a2_9 = a2_8 + uc
+    a2_10 = a2_9 + uc
+    a2_11 = a2_10 + uc
     a3_0 = a2_0 + ur
     a3_1 = a3_0 + uc
     a3_2 = a3_1 + uc
@@ -144,6 +208,10 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a3_5 = a3_4 + uc
     a3_6 = a3_5 + uc
     a3_7 = a3_6 + uc
+    a3_8 = a3_7 + uc
+    a3_9 = a3_8 + uc
+    a3_10 = a3_9 + uc
+    a3_11 = a3_10 + uc
     a4_0 = a3_0 + ur
     a4_1 = a4_0 + uc
     a4_2 = a4_1 + uc
@@ -152,6 +220,10 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a4_5 = a4_4 + uc
     a4_6 = a4_5 + uc
     a4_7 = a4_6 + uc
+    a4_8 = a4_7 + uc
+    a4_9 = a4_8 + uc
+    a4_10 = a4_9 + uc
+    a4_11 = a4_10 + uc
     b0 = numba.uint64(0)
     b1 = b0 + uc
     b2 = b1 + uc
@@ -208,6 +280,10 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             s1 = zf[ci]
             s2 = zf[ci]
             s3 = zf[ci]
+            s4 = zf[ci]
+            s5 = zf[ci]
+            s6 = zf[ci]
+            s7 = zf[ci]
             x0 = xf[a0_0 + ci]
             x1 = xf[a0_1 + ci]
             x2 = xf[a0_2 + ci]
@@ -216,10 +292,18 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x5 = xf[a0_5 + ci]
             x6 = xf[a0_6 + ci]
             x7 = xf[a0_7 + ci]
+            x8 = xf[a0_8 + ci]
+            x9 = xf[a0_9 + ci]
+            x10 = xf[a0_10 + ci]
+            x11 = xf[a0_11 + ci]
             s0 += x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3 + x4 * w4
             s1 += x1 * w0 + x2 * w1 + x3 * w2 + x4 * w3 + x5 * w4
             s2 += x2 * w0 + x3 * w1 + x4 * w2 + x5 * w3 + x6 * w4
             s3 += x3 * w0 + x4 * w1 + x5 * w2 + x6 * w3 + x7 * w4
+            s4 += x4 * w0 + x5 * w1 + x6 * w2 + x7 * w3 + x8 * w4
+            s5 += x5 * w0 + x6 * w1 + x7 * w2 + x8 * w3 + x9 * w4
+            s6 += x6 * w0 + x7 * w1 + x8 * w2 + x9 * w3 + x10 * w4
+            s7 += x7 * w0 + x8 * w1 + x9 * w2 + x10 * w3 + x11 * w4
             x0 = xf[a1_0 + ci]
             x1 = xf[a1_1 + ci]
             x2 = xf[a1_2 + ci]
@@ -228,10 +312,18 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x5 = xf[a1_5 + ci]
             x6 = xf[a1_6 + ci]
             x7 = xf[a1_7 + ci]
+            x8 = xf[a1_8 + ci]
+            x9 = xf[a1_9 + ci]
+            x10 = xf[a1_10 + ci]
+            x11 = xf[a1_11 + ci]
             s0 += x0 * w5 + x1 * w6 + x2 * w7 + x3 * w8 + x4 * w9
             s1 += x1 * w5 + x2 * w6 + x3 * w7 + x4 * w8 + x5 * w9
             s2 += x2 * w5 + x3 * w6 + x4 * w7 + x5 * w8 + x6 * w9
             s3 += x3 * w5 + x4 * w6 + x5 * w7 + x6 * w8 + x7 * w9
+            s4 += x4 * w5 + x5 * w6 + x6 * w7 + x7 * w8 + x8 * w9
+            s5 += x5 * w5 + x6 * w6 + x7 * w7 + x8 * w8 + x9 * w9
+            s6 += x6 * w5 + x7 * w6 + x8 * w7 + x9 * w8 + x10 * w9
+            s7 += x7 * w5 + x8 * w6 + x9 * w7 + x10 * w8 + x11 * w9
             x0 = xf[a2_0 + ci]
             x1 = xf[a2_1 + ci]
             x2 = xf[a2_2 + ci]
@@ -240,10 +332,18 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x5 = xf[a2_5 + ci]
             x6 = xf[a2_6 + ci]
             x7 = xf[a2_7 + ci]
+            x8 = xf[a2_8 + ci]
+            x9 = xf[a2_9 + ci]
+            x10 = xf[a2_10 + ci]
+            x11 = xf[a2_11 + ci]
             s0 += x0 * w10 + x1 * w11 + x2 * w12 + x3 * w13 + x4 * w14
             s1 += x1 * w10 + x2 * w11 + x3 * w12 + x4 * w13 + x5 * w14
             s2 += x2 * w10 + x3 * w11 + x4 * w12 + x5 * w13 + x6 * w14
             s3 += x3 * w10 + x4 * w11 + x5 * w12 + x6 * w13 + x7 * w14
+            s4 += x4 * w10 + x5 * w11 + x6 * w12 + x7 * w13 + x8 * w14
+            s5 += x5 * w10 + x6 * w11 + x7 * w12 + x8 * w13 + x9 * w14
+            s6 += x6 * w10 + x7 * w11 + x8 * w12 + x9 * w13 + x10 * w14
+            s7 += x7 * w10 + x8 * w11 + x9 * w12 + x10 * w13 + x11 * w14
             x0 = xf[a3_0 + ci]
             x1 = xf[a3_1 + ci]
             x2 = xf[a3_2 + ci]
@@ -252,10 +352,18 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x5 = xf[a3_5 + ci]
             x6 = xf[a3_6 + ci]
             x7 = xf[a3_7 + ci]
+            x8 = xf[a3_8 + ci]
+            x9 = xf[a3_9 + ci]
+            x10 = xf[a3_10 + ci]
+            x11 = xf[a3_11 + ci]
             s0 += x0 * w15 + x1 * w16 + x2 * w17 + x3 * w18 + x4 * w19
             s1 += x1 * w15 + x2 * w16 + x3 * w17 + x4 * w18 + x5 * w19
             s2 += x2 * w15 + x3 * w16 + x4 * w17 + x5 * w18 + x6 * w19
             s3 += x3 * w15 + x4 * w16 + x5 * w17 + x6 * w18 + x7 * w19
+            s4 += x4 * w15 + x5 * w16 + x6 * w17 + x7 * w18 + x8 * w19
+            s5 += x5 * w15 + x6 * w16 + x7 * w17 + x8 * w18 + x9 * w19
+            s6 += x6 * w15 + x7 * w16 + x8 * w17 + x9 * w18 + x10 * w19
+            s7 += x7 * w15 + x8 * w16 + x9 * w17 + x10 * w18 + x11 * w19
             x0 = xf[a4_0 + ci]
             x1 = xf[a4_1 + ci]
             x2 = xf[a4_2 + ci]
@@ -264,23 +372,39 @@ def _block_5x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x5 = xf[a4_5 + ci]
             x6 = xf[a4_6 + ci]
             x7 = xf[a4_7 + ci]
+            x8 = xf[a4_8 + ci]
+            x9 = xf[a4_9 + ci]
+            x10 = xf[a4_10 + ci]
+            x11 = xf[a4_11 + ci]
             s0 += x0 * w20 + x1 * w21 + x2 * w22 + x3 * w23 + x4 * w24
             s1 += x1 * w20 + x2 * w21 + x3 * w22 + x4 * w23 + x5 * w24
             s2 += x2 * w20 + x3 * w21 + x4 * w22 + x5 * w23 + x6 * w24
             s3 += x3 * w20 + x4 * w21 + x5 * w22 + x6 * w23 + x7 * w24
+            s4 += x4 * w20 + x5 * w21 + x6 * w22 + x7 * w23 + x8 * w24
+            s5 += x5 * w20 + x6 * w21 + x7 * w22 + x8 * w23 + x9 * w24
+            s6 += x6 * w20 + x7 * w21 + x8 * w22 + x9 * w23 + x10 * w24
+            s7 += x7 * w20 + x8 * w21 + x9 * w22 + x10 * w23 + x11 * w24
             of[o0 + ci] = s0
             of[o1 + ci] = s1
             of[o2 + ci] = s2
             of[o3 + ci] = s3
+            of[o4 + ci] = s4
+            of[o5 + ci] = s5
+            of[o6 + ci] = s6
+            of[o7 + ci] = s7
 
 
 @njit_noalias
 def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
-    """Output pixels at ``of[o0 + i*C]``, i < 4; their 7x7 windows start at ``xf[a0_0]``,
+    """Output pixels at ``of[o0 + i*C]``, i < 8; their 7x7 windows start at ``xf[a0_0]``,
     rows ``ur`` values apart; weight ``(KH, KW, C)``, start values ``zf`` (bias or zeros)."""
     o1 = o0 + uc
     o2 = o1 + uc
     o3 = o2 + uc
+    o4 = o3 + uc
+    o5 = o4 + uc
+    o6 = o5 + uc
+    o7 = o6 + uc
     a0_1 = a0_0 + uc
     a0_2 = a0_1 + uc
     a0_3 = a0_2 + uc
@@ -290,6 +414,10 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a0_7 = a0_6 + uc
     a0_8 = a0_7 + uc
     a0_9 = a0_8 + uc
+    a0_10 = a0_9 + uc
+    a0_11 = a0_10 + uc
+    a0_12 = a0_11 + uc
+    a0_13 = a0_12 + uc
     a1_0 = a0_0 + ur
     a1_1 = a1_0 + uc
     a1_2 = a1_1 + uc
@@ -300,6 +428,10 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a1_7 = a1_6 + uc
     a1_8 = a1_7 + uc
     a1_9 = a1_8 + uc
+    a1_10 = a1_9 + uc
+    a1_11 = a1_10 + uc
+    a1_12 = a1_11 + uc
+    a1_13 = a1_12 + uc
     a2_0 = a1_0 + ur
     a2_1 = a2_0 + uc
     a2_2 = a2_1 + uc
@@ -310,6 +442,10 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a2_7 = a2_6 + uc
     a2_8 = a2_7 + uc
     a2_9 = a2_8 + uc
+    a2_10 = a2_9 + uc
+    a2_11 = a2_10 + uc
+    a2_12 = a2_11 + uc
+    a2_13 = a2_12 + uc
     a3_0 = a2_0 + ur
     a3_1 = a3_0 + uc
     a3_2 = a3_1 + uc
@@ -320,6 +456,10 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a3_7 = a3_6 + uc
     a3_8 = a3_7 + uc
     a3_9 = a3_8 + uc
+    a3_10 = a3_9 + uc
+    a3_11 = a3_10 + uc
+    a3_12 = a3_11 + uc
+    a3_13 = a3_12 + uc
     a4_0 = a3_0 + ur
     a4_1 = a4_0 + uc
     a4_2 = a4_1 + uc
@@ -330,6 +470,10 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a4_7 = a4_6 + uc
     a4_8 = a4_7 + uc
     a4_9 = a4_8 + uc
+    a4_10 = a4_9 + uc
+    a4_11 = a4_10 + uc
+    a4_12 = a4_11 + uc
+    a4_13 = a4_12 + uc
     a5_0 = a4_0 + ur
     a5_1 = a5_0 + uc
     a5_2 = a5_1 + uc
@@ -340,6 +484,10 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a5_7 = a5_6 + uc
     a5_8 = a5_7 + uc
     a5_9 = a5_8 + uc
+    a5_10 = a5_9 + uc
+    a5_11 = a5_10 + uc
+    a5_12 = a5_11 + uc
+    a5_13 = a5_12 + uc
     a6_0 = a5_0 + ur
     a6_1 = a6_0 + uc
     a6_2 = a6_1 + uc
@@ -350,6 +498,10 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a6_7 = a6_6 + uc
     a6_8 = a6_7 + uc
     a6_9 = a6_8 + uc
+    a6_10 = a6_9 + uc
+    a6_11 = a6_10 + uc
+    a6_12 = a6_11 + uc
+    a6_13 = a6_12 + uc
     b0 = numba.uint64(0)
     b1 = b0 + uc
     b2 = b1 + uc
@@ -454,6 +606,10 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             s1 = zf[ci]
             s2 = zf[ci]
             s3 = zf[ci]
+            s4 = zf[ci]
+            s5 = zf[ci]
+            s6 = zf[ci]
+            s7 = zf[ci]
             x0 = xf[a0_0 + ci]
             x1 = xf[a0_1 + ci]
             x2 = xf[a0_2 + ci]
@@ -464,10 +620,18 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x7 = xf[a0_7 + ci]
             x8 = xf[a0_8 + ci]
             x9 = xf[a0_9 + ci]
+            x10 = xf[a0_10 + ci]
+            x11 = xf[a0_11 + ci]
+            x12 = xf[a0_12 + ci]
+            x13 = xf[a0_13 + ci]
             s0 += x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3 + x4 * w4 + x5 * w5 + x6 * w6
             s1 += x1 * w0 + x2 * w1 + x3 * w2 + x4 * w3 + x5 * w4 + x6 * w5 + x7 * w6
             s2 += x2 * w0 + x3 * w1 + x4 * w2 + x5 * w3 + x6 * w4 + x7 * w5 + x8 * w6
             s3 += x3 * w0 + x4 * w1 + x5 * w2 + x6 * w3 + x7 * w4 + x8 * w5 + x9 * w6
+            s4 += x4 * w0 + x5 * w1 + x6 * w2 + x7 * w3 + x8 * w4 + x9 * w5 + x10 * w6
+            s5 += x5 * w0 + x6 * w1 + x7 * w2 + x8 * w3 + x9 * w4 + x10 * w5 + x11 * w6
+            s6 += x6 * w0 + x7 * w1 + x8 * w2 + x9 * w3 + x10 * w4 + x11 * w5 + x12 * w6
+            s7 += x7 * w0 + x8 * w1 + x9 * w2 + x10 * w3 + x11 * w4 + x12 * w5 + x13 * w6
             x0 = xf[a1_0 + ci]
             x1 = xf[a1_1 + ci]
             x2 = xf[a1_2 + ci]
@@ -478,10 +642,18 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x7 = xf[a1_7 + ci]
             x8 = xf[a1_8 + ci]
             x9 = xf[a1_9 + ci]
+            x10 = xf[a1_10 + ci]
+            x11 = xf[a1_11 + ci]
+            x12 = xf[a1_12 + ci]
+            x13 = xf[a1_13 + ci]
             s0 += x0 * w7 + x1 * w8 + x2 * w9 + x3 * w10 + x4 * w11 + x5 * w12 + x6 * w13
             s1 += x1 * w7 + x2 * w8 + x3 * w9 + x4 * w10 + x5 * w11 + x6 * w12 + x7 * w13
             s2 += x2 * w7 + x3 * w8 + x4 * w9 + x5 * w10 + x6 * w11 + x7 * w12 + x8 * w13
             s3 += x3 * w7 + x4 * w8 + x5 * w9 + x6 * w10 + x7 * w11 + x8 * w12 + x9 * w13
+            s4 += x4 * w7 + x5 * w8 + x6 * w9 + x7 * w10 + x8 * w11 + x9 * w12 + x10 * w13
+            s5 += x5 * w7 + x6 * w8 + x7 * w9 + x8 * w10 + x9 * w11 + x10 * w12 + x11 * w13
+            s6 += x6 * w7 + x7 * w8 + x8 * w9 + x9 * w10 + x10 * w11 + x11 * w12 + x12 * w13
+            s7 += x7 * w7 + x8 * w8 + x9 * w9 + x10 * w10 + x11 * w11 + x12 * w12 + x13 * w13
             x0 = xf[a2_0 + ci]
             x1 = xf[a2_1 + ci]
             x2 = xf[a2_2 + ci]
@@ -492,10 +664,18 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x7 = xf[a2_7 + ci]
             x8 = xf[a2_8 + ci]
             x9 = xf[a2_9 + ci]
+            x10 = xf[a2_10 + ci]
+            x11 = xf[a2_11 + ci]
+            x12 = xf[a2_12 + ci]
+            x13 = xf[a2_13 + ci]
             s0 += x0 * w14 + x1 * w15 + x2 * w16 + x3 * w17 + x4 * w18 + x5 * w19 + x6 * w20
             s1 += x1 * w14 + x2 * w15 + x3 * w16 + x4 * w17 + x5 * w18 + x6 * w19 + x7 * w20
             s2 += x2 * w14 + x3 * w15 + x4 * w16 + x5 * w17 + x6 * w18 + x7 * w19 + x8 * w20
             s3 += x3 * w14 + x4 * w15 + x5 * w16 + x6 * w17 + x7 * w18 + x8 * w19 + x9 * w20
+            s4 += x4 * w14 + x5 * w15 + x6 * w16 + x7 * w17 + x8 * w18 + x9 * w19 + x10 * w20
+            s5 += x5 * w14 + x6 * w15 + x7 * w16 + x8 * w17 + x9 * w18 + x10 * w19 + x11 * w20
+            s6 += x6 * w14 + x7 * w15 + x8 * w16 + x9 * w17 + x10 * w18 + x11 * w19 + x12 * w20
+            s7 += x7 * w14 + x8 * w15 + x9 * w16 + x10 * w17 + x11 * w18 + x12 * w19 + x13 * w20
             x0 = xf[a3_0 + ci]
             x1 = xf[a3_1 + ci]
             x2 = xf[a3_2 + ci]
@@ -506,10 +686,18 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x7 = xf[a3_7 + ci]
             x8 = xf[a3_8 + ci]
             x9 = xf[a3_9 + ci]
+            x10 = xf[a3_10 + ci]
+            x11 = xf[a3_11 + ci]
+            x12 = xf[a3_12 + ci]
+            x13 = xf[a3_13 + ci]
             s0 += x0 * w21 + x1 * w22 + x2 * w23 + x3 * w24 + x4 * w25 + x5 * w26 + x6 * w27
             s1 += x1 * w21 + x2 * w22 + x3 * w23 + x4 * w24 + x5 * w25 + x6 * w26 + x7 * w27
             s2 += x2 * w21 + x3 * w22 + x4 * w23 + x5 * w24 + x6 * w25 + x7 * w26 + x8 * w27
             s3 += x3 * w21 + x4 * w22 + x5 * w23 + x6 * w24 + x7 * w25 + x8 * w26 + x9 * w27
+            s4 += x4 * w21 + x5 * w22 + x6 * w23 + x7 * w24 + x8 * w25 + x9 * w26 + x10 * w27
+            s5 += x5 * w21 + x6 * w22 + x7 * w23 + x8 * w24 + x9 * w25 + x10 * w26 + x11 * w27
+            s6 += x6 * w21 + x7 * w22 + x8 * w23 + x9 * w24 + x10 * w25 + x11 * w26 + x12 * w27
+            s7 += x7 * w21 + x8 * w22 + x9 * w23 + x10 * w24 + x11 * w25 + x12 * w26 + x13 * w27
             x0 = xf[a4_0 + ci]
             x1 = xf[a4_1 + ci]
             x2 = xf[a4_2 + ci]
@@ -520,10 +708,18 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x7 = xf[a4_7 + ci]
             x8 = xf[a4_8 + ci]
             x9 = xf[a4_9 + ci]
+            x10 = xf[a4_10 + ci]
+            x11 = xf[a4_11 + ci]
+            x12 = xf[a4_12 + ci]
+            x13 = xf[a4_13 + ci]
             s0 += x0 * w28 + x1 * w29 + x2 * w30 + x3 * w31 + x4 * w32 + x5 * w33 + x6 * w34
             s1 += x1 * w28 + x2 * w29 + x3 * w30 + x4 * w31 + x5 * w32 + x6 * w33 + x7 * w34
             s2 += x2 * w28 + x3 * w29 + x4 * w30 + x5 * w31 + x6 * w32 + x7 * w33 + x8 * w34
             s3 += x3 * w28 + x4 * w29 + x5 * w30 + x6 * w31 + x7 * w32 + x8 * w33 + x9 * w34
+            s4 += x4 * w28 + x5 * w29 + x6 * w30 + x7 * w31 + x8 * w32 + x9 * w33 + x10 * w34
+            s5 += x5 * w28 + x6 * w29 + x7 * w30 + x8 * w31 + x9 * w32 + x10 * w33 + x11 * w34
+            s6 += x6 * w28 + x7 * w29 + x8 * w30 + x9 * w31 + x10 * w32 + x11 * w33 + x12 * w34
+            s7 += x7 * w28 + x8 * w29 + x9 * w30 + x10 * w31 + x11 * w32 + x12 * w33 + x13 * w34
             x0 = xf[a5_0 + ci]
             x1 = xf[a5_1 + ci]
             x2 = xf[a5_2 + ci]
@@ -534,10 +730,18 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x7 = xf[a5_7 + ci]
             x8 = xf[a5_8 + ci]
             x9 = xf[a5_9 + ci]
+            x10 = xf[a5_10 + ci]
+            x11 = xf[a5_11 + ci]
+            x12 = xf[a5_12 + ci]
+            x13 = xf[a5_13 + ci]
             s0 += x0 * w35 + x1 * w36 + x2 * w37 + x3 * w38 + x4 * w39 + x5 * w40 + x6 * w41
             s1 += x1 * w35 + x2 * w36 + x3 * w37 + x4 * w38 + x5 * w39 + x6 * w40 + x7 * w41
             s2 += x2 * w35 + x3 * w36 + x4 * w37 + x5 * w38 + x6 * w39 + x7 * w40 + x8 * w41
             s3 += x3 * w35 + x4 * w36 + x5 * w37 + x6 * w38 + x7 * w39 + x8 * w40 + x9 * w41
+            s4 += x4 * w35 + x5 * w36 + x6 * w37 + x7 * w38 + x8 * w39 + x9 * w40 + x10 * w41
+            s5 += x5 * w35 + x6 * w36 + x7 * w37 + x8 * w38 + x9 * w39 + x10 * w40 + x11 * w41
+            s6 += x6 * w35 + x7 * w36 + x8 * w37 + x9 * w38 + x10 * w39 + x11 * w40 + x12 * w41
+            s7 += x7 * w35 + x8 * w36 + x9 * w37 + x10 * w38 + x11 * w39 + x12 * w40 + x13 * w41
             x0 = xf[a6_0 + ci]
             x1 = xf[a6_1 + ci]
             x2 = xf[a6_2 + ci]
@@ -548,28 +752,48 @@ def _block_7x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x7 = xf[a6_7 + ci]
             x8 = xf[a6_8 + ci]
             x9 = xf[a6_9 + ci]
+            x10 = xf[a6_10 + ci]
+            x11 = xf[a6_11 + ci]
+            x12 = xf[a6_12 + ci]
+            x13 = xf[a6_13 + ci]
             s0 += x0 * w42 + x1 * w43 + x2 * w44 + x3 * w45 + x4 * w46 + x5 * w47 + x6 * w48
             s1 += x1 * w42 + x2 * w43 + x3 * w44 + x4 * w45 + x5 * w46 + x6 * w47 + x7 * w48
             s2 += x2 * w42 + x3 * w43 + x4 * w44 + x5 * w45 + x6 * w46 + x7 * w47 + x8 * w48
             s3 += x3 * w42 + x4 * w43 + x5 * w44 + x6 * w45 + x7 * w46 + x8 * w47 + x9 * w48
+            s4 += x4 * w42 + x5 * w43 + x6 * w44 + x7 * w45 + x8 * w46 + x9 * w47 + x10 * w48
+            s5 += x5 * w42 + x6 * w43 + x7 * w44 + x8 * w45 + x9 * w46 + x10 * w47 + x11 * w48
+            s6 += x6 * w42 + x7 * w43 + x8 * w44 + x9 * w45 + x10 * w46 + x11 * w47 + x12 * w48
+            s7 += x7 * w42 + x8 * w43 + x9 * w44 + x10 * w45 + x11 * w46 + x12 * w47 + x13 * w48
             of[o0 + ci] = s0
             of[o1 + ci] = s1
             of[o2 + ci] = s2
             of[o3 + ci] = s3
+            of[o4 + ci] = s4
+            of[o5 + ci] = s5
+            of[o6 + ci] = s6
+            of[o7 + ci] = s7
 
 
 @njit_noalias
 def _block_1x3(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
-    """Output pixels at ``of[o0 + i*C]``, i < 4; their 1x3 windows start at ``xf[a0_0]``,
+    """Output pixels at ``of[o0 + i*C]``, i < 8; their 1x3 windows start at ``xf[a0_0]``,
     rows ``ur`` values apart; weight ``(KH, KW, C)``, start values ``zf`` (bias or zeros)."""
     o1 = o0 + uc
     o2 = o1 + uc
     o3 = o2 + uc
+    o4 = o3 + uc
+    o5 = o4 + uc
+    o6 = o5 + uc
+    o7 = o6 + uc
     a0_1 = a0_0 + uc
     a0_2 = a0_1 + uc
     a0_3 = a0_2 + uc
     a0_4 = a0_3 + uc
     a0_5 = a0_4 + uc
+    a0_6 = a0_5 + uc
+    a0_7 = a0_6 + uc
+    a0_8 = a0_7 + uc
+    a0_9 = a0_8 + uc
     b0 = numba.uint64(0)
     b1 = b0 + uc
     b2 = b1 + uc
@@ -582,35 +806,59 @@ def _block_1x3(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             s1 = zf[ci]
             s2 = zf[ci]
             s3 = zf[ci]
+            s4 = zf[ci]
+            s5 = zf[ci]
+            s6 = zf[ci]
+            s7 = zf[ci]
             x0 = xf[a0_0 + ci]
             x1 = xf[a0_1 + ci]
             x2 = xf[a0_2 + ci]
             x3 = xf[a0_3 + ci]
             x4 = xf[a0_4 + ci]
             x5 = xf[a0_5 + ci]
+            x6 = xf[a0_6 + ci]
+            x7 = xf[a0_7 + ci]
+            x8 = xf[a0_8 + ci]
+            x9 = xf[a0_9 + ci]
             s0 += x0 * w0 + x1 * w1 + x2 * w2
             s1 += x1 * w0 + x2 * w1 + x3 * w2
             s2 += x2 * w0 + x3 * w1 + x4 * w2
             s3 += x3 * w0 + x4 * w1 + x5 * w2
+            s4 += x4 * w0 + x5 * w1 + x6 * w2
+            s5 += x5 * w0 + x6 * w1 + x7 * w2
+            s6 += x6 * w0 + x7 * w1 + x8 * w2
+            s7 += x7 * w0 + x8 * w1 + x9 * w2
             of[o0 + ci] = s0
             of[o1 + ci] = s1
             of[o2 + ci] = s2
             of[o3 + ci] = s3
+            of[o4 + ci] = s4
+            of[o5 + ci] = s5
+            of[o6 + ci] = s6
+            of[o7 + ci] = s7
 
 
 @njit_noalias
 def _block_1x4(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
-    """Output pixels at ``of[o0 + i*C]``, i < 4; their 1x4 windows start at ``xf[a0_0]``,
+    """Output pixels at ``of[o0 + i*C]``, i < 8; their 1x4 windows start at ``xf[a0_0]``,
     rows ``ur`` values apart; weight ``(KH, KW, C)``, start values ``zf`` (bias or zeros)."""
     o1 = o0 + uc
     o2 = o1 + uc
     o3 = o2 + uc
+    o4 = o3 + uc
+    o5 = o4 + uc
+    o6 = o5 + uc
+    o7 = o6 + uc
     a0_1 = a0_0 + uc
     a0_2 = a0_1 + uc
     a0_3 = a0_2 + uc
     a0_4 = a0_3 + uc
     a0_5 = a0_4 + uc
     a0_6 = a0_5 + uc
+    a0_7 = a0_6 + uc
+    a0_8 = a0_7 + uc
+    a0_9 = a0_8 + uc
+    a0_10 = a0_9 + uc
     b0 = numba.uint64(0)
     b1 = b0 + uc
     b2 = b1 + uc
@@ -625,6 +873,10 @@ def _block_1x4(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             s1 = zf[ci]
             s2 = zf[ci]
             s3 = zf[ci]
+            s4 = zf[ci]
+            s5 = zf[ci]
+            s6 = zf[ci]
+            s7 = zf[ci]
             x0 = xf[a0_0 + ci]
             x1 = xf[a0_1 + ci]
             x2 = xf[a0_2 + ci]
@@ -632,23 +884,39 @@ def _block_1x4(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x4 = xf[a0_4 + ci]
             x5 = xf[a0_5 + ci]
             x6 = xf[a0_6 + ci]
+            x7 = xf[a0_7 + ci]
+            x8 = xf[a0_8 + ci]
+            x9 = xf[a0_9 + ci]
+            x10 = xf[a0_10 + ci]
             s0 += x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3
             s1 += x1 * w0 + x2 * w1 + x3 * w2 + x4 * w3
             s2 += x2 * w0 + x3 * w1 + x4 * w2 + x5 * w3
             s3 += x3 * w0 + x4 * w1 + x5 * w2 + x6 * w3
+            s4 += x4 * w0 + x5 * w1 + x6 * w2 + x7 * w3
+            s5 += x5 * w0 + x6 * w1 + x7 * w2 + x8 * w3
+            s6 += x6 * w0 + x7 * w1 + x8 * w2 + x9 * w3
+            s7 += x7 * w0 + x8 * w1 + x9 * w2 + x10 * w3
             of[o0 + ci] = s0
             of[o1 + ci] = s1
             of[o2 + ci] = s2
             of[o3 + ci] = s3
+            of[o4 + ci] = s4
+            of[o5 + ci] = s5
+            of[o6 + ci] = s6
+            of[o7 + ci] = s7
 
 
 @njit_noalias
 def _block_1x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
-    """Output pixels at ``of[o0 + i*C]``, i < 4; their 1x5 windows start at ``xf[a0_0]``,
+    """Output pixels at ``of[o0 + i*C]``, i < 8; their 1x5 windows start at ``xf[a0_0]``,
     rows ``ur`` values apart; weight ``(KH, KW, C)``, start values ``zf`` (bias or zeros)."""
     o1 = o0 + uc
     o2 = o1 + uc
     o3 = o2 + uc
+    o4 = o3 + uc
+    o5 = o4 + uc
+    o6 = o5 + uc
+    o7 = o6 + uc
     a0_1 = a0_0 + uc
     a0_2 = a0_1 + uc
     a0_3 = a0_2 + uc
@@ -656,6 +924,10 @@ def _block_1x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a0_5 = a0_4 + uc
     a0_6 = a0_5 + uc
     a0_7 = a0_6 + uc
+    a0_8 = a0_7 + uc
+    a0_9 = a0_8 + uc
+    a0_10 = a0_9 + uc
+    a0_11 = a0_10 + uc
     b0 = numba.uint64(0)
     b1 = b0 + uc
     b2 = b1 + uc
@@ -672,6 +944,10 @@ def _block_1x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             s1 = zf[ci]
             s2 = zf[ci]
             s3 = zf[ci]
+            s4 = zf[ci]
+            s5 = zf[ci]
+            s6 = zf[ci]
+            s7 = zf[ci]
             x0 = xf[a0_0 + ci]
             x1 = xf[a0_1 + ci]
             x2 = xf[a0_2 + ci]
@@ -680,23 +956,39 @@ def _block_1x5(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x5 = xf[a0_5 + ci]
             x6 = xf[a0_6 + ci]
             x7 = xf[a0_7 + ci]
+            x8 = xf[a0_8 + ci]
+            x9 = xf[a0_9 + ci]
+            x10 = xf[a0_10 + ci]
+            x11 = xf[a0_11 + ci]
             s0 += x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3 + x4 * w4
             s1 += x1 * w0 + x2 * w1 + x3 * w2 + x4 * w3 + x5 * w4
             s2 += x2 * w0 + x3 * w1 + x4 * w2 + x5 * w3 + x6 * w4
             s3 += x3 * w0 + x4 * w1 + x5 * w2 + x6 * w3 + x7 * w4
+            s4 += x4 * w0 + x5 * w1 + x6 * w2 + x7 * w3 + x8 * w4
+            s5 += x5 * w0 + x6 * w1 + x7 * w2 + x8 * w3 + x9 * w4
+            s6 += x6 * w0 + x7 * w1 + x8 * w2 + x9 * w3 + x10 * w4
+            s7 += x7 * w0 + x8 * w1 + x9 * w2 + x10 * w3 + x11 * w4
             of[o0 + ci] = s0
             of[o1 + ci] = s1
             of[o2 + ci] = s2
             of[o3 + ci] = s3
+            of[o4 + ci] = s4
+            of[o5 + ci] = s5
+            of[o6 + ci] = s6
+            of[o7 + ci] = s7
 
 
 @njit_noalias
 def _block_1x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
-    """Output pixels at ``of[o0 + i*C]``, i < 4; their 1x7 windows start at ``xf[a0_0]``,
+    """Output pixels at ``of[o0 + i*C]``, i < 8; their 1x7 windows start at ``xf[a0_0]``,
     rows ``ur`` values apart; weight ``(KH, KW, C)``, start values ``zf`` (bias or zeros)."""
     o1 = o0 + uc
     o2 = o1 + uc
     o3 = o2 + uc
+    o4 = o3 + uc
+    o5 = o4 + uc
+    o6 = o5 + uc
+    o7 = o6 + uc
     a0_1 = a0_0 + uc
     a0_2 = a0_1 + uc
     a0_3 = a0_2 + uc
@@ -706,6 +998,10 @@ def _block_1x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
     a0_7 = a0_6 + uc
     a0_8 = a0_7 + uc
     a0_9 = a0_8 + uc
+    a0_10 = a0_9 + uc
+    a0_11 = a0_10 + uc
+    a0_12 = a0_11 + uc
+    a0_13 = a0_12 + uc
     b0 = numba.uint64(0)
     b1 = b0 + uc
     b2 = b1 + uc
@@ -726,6 +1022,10 @@ def _block_1x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             s1 = zf[ci]
             s2 = zf[ci]
             s3 = zf[ci]
+            s4 = zf[ci]
+            s5 = zf[ci]
+            s6 = zf[ci]
+            s7 = zf[ci]
             x0 = xf[a0_0 + ci]
             x1 = xf[a0_1 + ci]
             x2 = xf[a0_2 + ci]
@@ -736,14 +1036,26 @@ def _block_1x7(xf, wf, zf, of, o0, a0_0, uc, ur, cb):
             x7 = xf[a0_7 + ci]
             x8 = xf[a0_8 + ci]
             x9 = xf[a0_9 + ci]
+            x10 = xf[a0_10 + ci]
+            x11 = xf[a0_11 + ci]
+            x12 = xf[a0_12 + ci]
+            x13 = xf[a0_13 + ci]
             s0 += x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3 + x4 * w4 + x5 * w5 + x6 * w6
             s1 += x1 * w0 + x2 * w1 + x3 * w2 + x4 * w3 + x5 * w4 + x6 * w5 + x7 * w6
             s2 += x2 * w0 + x3 * w1 + x4 * w2 + x5 * w3 + x6 * w4 + x7 * w5 + x8 * w6
             s3 += x3 * w0 + x4 * w1 + x5 * w2 + x6 * w3 + x7 * w4 + x8 * w5 + x9 * w6
+            s4 += x4 * w0 + x5 * w1 + x6 * w2 + x7 * w3 + x8 * w4 + x9 * w5 + x10 * w6
+            s5 += x5 * w0 + x6 * w1 + x7 * w2 + x8 * w3 + x9 * w4 + x10 * w5 + x11 * w6
+            s6 += x6 * w0 + x7 * w1 + x8 * w2 + x9 * w3 + x10 * w4 + x11 * w5 + x12 * w6
+            s7 += x7 * w0 + x8 * w1 + x9 * w2 + x10 * w3 + x11 * w4 + x12 * w5 + x13 * w6
             of[o0 + ci] = s0
             of[o1 + ci] = s1
             of[o2 + ci] = s2
             of[o3 + ci] = s3
+            of[o4 + ci] = s4
+            of[o5 + ci] = s5
+            of[o6 + ci] = s6
+            of[o7 + ci] = s7
 
 
 @numba.njit(cache=True, nogil=True)

@@ -493,7 +493,7 @@ def _forward_pass(in_shape, out_hw, kernel, stride, pad, dilation, threads, item
     n, h, w, c = in_shape
     kh, kw = kernel
     unrolled, block, tile = 0, 1, 1
-    if stride[1] == 1 and dilation == (1, 1) and kernel in _unrolled.SIZES:
+    if stride[1] == 1 and dilation == (1, 1) and kernel in _unrolled.SIZES and out_hw[1] >= _unrolled.PIXELS:
         unrolled = _unrolled.SIZES.index(kernel) + 1
         streams = kh * (_unrolled.PIXELS + kw - 1) + kh * kw + _unrolled.PIXELS  # input, weight, output
         block = _channel_block(streams, itemsize)
