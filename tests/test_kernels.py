@@ -190,9 +190,10 @@ def test_rows_cut_into_column_ranges(monkeypatch, chunks):
 @pytest.mark.parametrize("kernel", unroll.SIZES)
 def test_unrolled_blocks_equal_reference(monkeypatch, kernel, pad_share):
     # Every generated size: widths whose last block overlaps the one before (forward) or leaves columns
-    # to the tap loop (weight gradient: two blocks of 8 and the rest), more channels than one channel
-    # block (16..128 channels), vertical stride 2 (the blocks only need stride 1 along the width),
-    # column ranges, and the input gradient (the forward kernel, flipped weight).
+    # to the tap loop (weight gradient: blocks of 8 and the rest), more channels than one channel
+    # block (16..128 channels), vertical stride 2 (the forward blocks only need stride 1 along the width),
+    # horizontal stride 2 (the weight-gradient blocks of that stride), column ranges, and the input
+    # gradient (the forward kernel, flipped weight).
     monkeypatch.setattr(numba_depthwise, "PAD_BORDER_SHARE", pad_share)
     monkeypatch.setattr(numba_depthwise, "PAD_MIN_TAPS", 0)
     kh, kw = kernel
@@ -200,16 +201,19 @@ def test_unrolled_blocks_equal_reference(monkeypatch, kernel, pad_share):
         itemsize = dtype.itemsize
         assert numba_depthwise._forward_pass((1, 9, 9, 3), (9, 9), kernel, (1, 1), (0, 0), (1, 1), 1, itemsize).unrolled
         assert numba_depthwise._weight_grad_plan(kw, 1, 1, itemsize)[0] > 0
+        assert numba_depthwise._weight_grad_plan(kw, 2, 1, itemsize)[0] > 0
         w = make((150, 1, kw) if kh == 1 else (150, 1, kh, kw), dtype, seed=1)
         b = make((150,), dtype, seed=2)
         if kh == 1:  # (N, L, C)-backed: the channels-last kernels
             x = make((2, kw + 20, 150), dtype).detach().transpose(1, 2).requires_grad_()
             compare_with_reference(x, w, b, (1,), ((kw - 1, 0),), (1,), "zeros")
             compare_with_reference(x, w, None, (1,), ((1, 2),), (1,), "zeros")
+            compare_with_reference(x, w, None, (2,), ((1, 2),), (1,), "zeros")
             continue
         x = make((2, 150, kh + 4, kw + 17), dtype, channels_last=True)
         compare_with_reference(x, w, b, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)), (1, 1), "zeros")
         compare_with_reference(x, w, None, (2, 1), ((1, 0), (0, 2)), (1, 1), "zeros")
+        compare_with_reference(x, w, b, (1, 2), ((1, 1), (1, 2)), (1, 1), "zeros")
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(numba_depthwise, "_col_chunks", lambda rows, columns, threads: 3)
             numba_depthwise._plan.cache_clear()

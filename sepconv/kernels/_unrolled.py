@@ -9,7 +9,7 @@ Kinds (``block`` argument of :func:`block`), 0 meaning none:
     6: 1x5
     7: 1x7
 
-Weight-gradient kinds (:func:`wgrad_block`): 1: 1x3, 2: 1x4, 3: 1x5, 4: 1x7
+Weight-gradient kinds (:func:`wgrad_block`): 1: 1x3 stride 1, 2: 1x4 stride 1, 3: 1x5 stride 1, 4: 1x7 stride 1, 5: 1x3 stride 2, 6: 1x4 stride 2, 7: 1x5 stride 2, 8: 1x7 stride 2
 """
 
 import numba
@@ -20,6 +20,7 @@ PIXELS = 8
 SIZES = ((3, 3), (5, 5), (7, 7), (1, 3), (1, 4), (1, 5), (1, 7))
 COLUMNS = 8
 WIDTHS = (3, 4, 5, 7)
+STRIDES = (1, 2)
 
 
 @njit_noalias
@@ -1078,9 +1079,9 @@ def block(kind, xf, wf, zf, of, o0, a0, uc, ur, cb):
 
 
 @njit_noalias
-def _wgrad_block_3(xf, gf, af, g0, a0, b0, uc, cb):
+def _wgrad_block_3s1(xf, gf, af, g0, a0, b0, uc, cb):
     """``af[b0 + t*C]`` (t < 3: one kernel row's accumulators) += the products of the output
-    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (i+t)*C]``."""
+    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (1*i + t)*C]``."""
     g1 = g0 + uc
     g2 = g1 + uc
     g3 = g2 + uc
@@ -1125,9 +1126,9 @@ def _wgrad_block_3(xf, gf, af, g0, a0, b0, uc, cb):
 
 
 @njit_noalias
-def _wgrad_block_4(xf, gf, af, g0, a0, b0, uc, cb):
+def _wgrad_block_4s1(xf, gf, af, g0, a0, b0, uc, cb):
     """``af[b0 + t*C]`` (t < 4: one kernel row's accumulators) += the products of the output
-    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (i+t)*C]``."""
+    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (1*i + t)*C]``."""
     g1 = g0 + uc
     g2 = g1 + uc
     g3 = g2 + uc
@@ -1176,9 +1177,9 @@ def _wgrad_block_4(xf, gf, af, g0, a0, b0, uc, cb):
 
 
 @njit_noalias
-def _wgrad_block_5(xf, gf, af, g0, a0, b0, uc, cb):
+def _wgrad_block_5s1(xf, gf, af, g0, a0, b0, uc, cb):
     """``af[b0 + t*C]`` (t < 5: one kernel row's accumulators) += the products of the output
-    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (i+t)*C]``."""
+    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (1*i + t)*C]``."""
     g1 = g0 + uc
     g2 = g1 + uc
     g3 = g2 + uc
@@ -1231,9 +1232,9 @@ def _wgrad_block_5(xf, gf, af, g0, a0, b0, uc, cb):
 
 
 @njit_noalias
-def _wgrad_block_7(xf, gf, af, g0, a0, b0, uc, cb):
+def _wgrad_block_7s1(xf, gf, af, g0, a0, b0, uc, cb):
     """``af[b0 + t*C]`` (t < 7: one kernel row's accumulators) += the products of the output
-    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (i+t)*C]``."""
+    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (1*i + t)*C]``."""
     g1 = g0 + uc
     g2 = g1 + uc
     g3 = g2 + uc
@@ -1293,14 +1294,294 @@ def _wgrad_block_7(xf, gf, af, g0, a0, b0, uc, cb):
             af[b6 + ci] += y0 * x6 + y1 * x7 + y2 * x8 + y3 * x9 + y4 * x10 + y5 * x11 + y6 * x12 + y7 * x13
 
 
+@njit_noalias
+def _wgrad_block_3s2(xf, gf, af, g0, a0, b0, uc, cb):
+    """``af[b0 + t*C]`` (t < 3: one kernel row's accumulators) += the products of the output
+    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (2*i + t)*C]``."""
+    g1 = g0 + uc
+    g2 = g1 + uc
+    g3 = g2 + uc
+    g4 = g3 + uc
+    g5 = g4 + uc
+    g6 = g5 + uc
+    g7 = g6 + uc
+    a1 = a0 + uc
+    a2 = a1 + uc
+    a3 = a2 + uc
+    a4 = a3 + uc
+    a5 = a4 + uc
+    a6 = a5 + uc
+    a7 = a6 + uc
+    a8 = a7 + uc
+    a9 = a8 + uc
+    a10 = a9 + uc
+    a11 = a10 + uc
+    a12 = a11 + uc
+    a13 = a12 + uc
+    a14 = a13 + uc
+    a15 = a14 + uc
+    a16 = a15 + uc
+    b1 = b0 + uc
+    b2 = b1 + uc
+    for c0 in range(numba.uint64(0), uc, cb):
+        for ci in range(c0, min(c0 + cb, uc)):
+            y0 = gf[g0 + ci]
+            y1 = gf[g1 + ci]
+            y2 = gf[g2 + ci]
+            y3 = gf[g3 + ci]
+            y4 = gf[g4 + ci]
+            y5 = gf[g5 + ci]
+            y6 = gf[g6 + ci]
+            y7 = gf[g7 + ci]
+            x0 = xf[a0 + ci]
+            x1 = xf[a1 + ci]
+            x2 = xf[a2 + ci]
+            x3 = xf[a3 + ci]
+            x4 = xf[a4 + ci]
+            x5 = xf[a5 + ci]
+            x6 = xf[a6 + ci]
+            x7 = xf[a7 + ci]
+            x8 = xf[a8 + ci]
+            x9 = xf[a9 + ci]
+            x10 = xf[a10 + ci]
+            x11 = xf[a11 + ci]
+            x12 = xf[a12 + ci]
+            x13 = xf[a13 + ci]
+            x14 = xf[a14 + ci]
+            x15 = xf[a15 + ci]
+            x16 = xf[a16 + ci]
+            af[b0 + ci] += y0 * x0 + y1 * x2 + y2 * x4 + y3 * x6 + y4 * x8 + y5 * x10 + y6 * x12 + y7 * x14
+            af[b1 + ci] += y0 * x1 + y1 * x3 + y2 * x5 + y3 * x7 + y4 * x9 + y5 * x11 + y6 * x13 + y7 * x15
+            af[b2 + ci] += y0 * x2 + y1 * x4 + y2 * x6 + y3 * x8 + y4 * x10 + y5 * x12 + y6 * x14 + y7 * x16
+
+
+@njit_noalias
+def _wgrad_block_4s2(xf, gf, af, g0, a0, b0, uc, cb):
+    """``af[b0 + t*C]`` (t < 4: one kernel row's accumulators) += the products of the output
+    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (2*i + t)*C]``."""
+    g1 = g0 + uc
+    g2 = g1 + uc
+    g3 = g2 + uc
+    g4 = g3 + uc
+    g5 = g4 + uc
+    g6 = g5 + uc
+    g7 = g6 + uc
+    a1 = a0 + uc
+    a2 = a1 + uc
+    a3 = a2 + uc
+    a4 = a3 + uc
+    a5 = a4 + uc
+    a6 = a5 + uc
+    a7 = a6 + uc
+    a8 = a7 + uc
+    a9 = a8 + uc
+    a10 = a9 + uc
+    a11 = a10 + uc
+    a12 = a11 + uc
+    a13 = a12 + uc
+    a14 = a13 + uc
+    a15 = a14 + uc
+    a16 = a15 + uc
+    a17 = a16 + uc
+    b1 = b0 + uc
+    b2 = b1 + uc
+    b3 = b2 + uc
+    for c0 in range(numba.uint64(0), uc, cb):
+        for ci in range(c0, min(c0 + cb, uc)):
+            y0 = gf[g0 + ci]
+            y1 = gf[g1 + ci]
+            y2 = gf[g2 + ci]
+            y3 = gf[g3 + ci]
+            y4 = gf[g4 + ci]
+            y5 = gf[g5 + ci]
+            y6 = gf[g6 + ci]
+            y7 = gf[g7 + ci]
+            x0 = xf[a0 + ci]
+            x1 = xf[a1 + ci]
+            x2 = xf[a2 + ci]
+            x3 = xf[a3 + ci]
+            x4 = xf[a4 + ci]
+            x5 = xf[a5 + ci]
+            x6 = xf[a6 + ci]
+            x7 = xf[a7 + ci]
+            x8 = xf[a8 + ci]
+            x9 = xf[a9 + ci]
+            x10 = xf[a10 + ci]
+            x11 = xf[a11 + ci]
+            x12 = xf[a12 + ci]
+            x13 = xf[a13 + ci]
+            x14 = xf[a14 + ci]
+            x15 = xf[a15 + ci]
+            x16 = xf[a16 + ci]
+            x17 = xf[a17 + ci]
+            af[b0 + ci] += y0 * x0 + y1 * x2 + y2 * x4 + y3 * x6 + y4 * x8 + y5 * x10 + y6 * x12 + y7 * x14
+            af[b1 + ci] += y0 * x1 + y1 * x3 + y2 * x5 + y3 * x7 + y4 * x9 + y5 * x11 + y6 * x13 + y7 * x15
+            af[b2 + ci] += y0 * x2 + y1 * x4 + y2 * x6 + y3 * x8 + y4 * x10 + y5 * x12 + y6 * x14 + y7 * x16
+            af[b3 + ci] += y0 * x3 + y1 * x5 + y2 * x7 + y3 * x9 + y4 * x11 + y5 * x13 + y6 * x15 + y7 * x17
+
+
+@njit_noalias
+def _wgrad_block_5s2(xf, gf, af, g0, a0, b0, uc, cb):
+    """``af[b0 + t*C]`` (t < 5: one kernel row's accumulators) += the products of the output
+    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (2*i + t)*C]``."""
+    g1 = g0 + uc
+    g2 = g1 + uc
+    g3 = g2 + uc
+    g4 = g3 + uc
+    g5 = g4 + uc
+    g6 = g5 + uc
+    g7 = g6 + uc
+    a1 = a0 + uc
+    a2 = a1 + uc
+    a3 = a2 + uc
+    a4 = a3 + uc
+    a5 = a4 + uc
+    a6 = a5 + uc
+    a7 = a6 + uc
+    a8 = a7 + uc
+    a9 = a8 + uc
+    a10 = a9 + uc
+    a11 = a10 + uc
+    a12 = a11 + uc
+    a13 = a12 + uc
+    a14 = a13 + uc
+    a15 = a14 + uc
+    a16 = a15 + uc
+    a17 = a16 + uc
+    a18 = a17 + uc
+    b1 = b0 + uc
+    b2 = b1 + uc
+    b3 = b2 + uc
+    b4 = b3 + uc
+    for c0 in range(numba.uint64(0), uc, cb):
+        for ci in range(c0, min(c0 + cb, uc)):
+            y0 = gf[g0 + ci]
+            y1 = gf[g1 + ci]
+            y2 = gf[g2 + ci]
+            y3 = gf[g3 + ci]
+            y4 = gf[g4 + ci]
+            y5 = gf[g5 + ci]
+            y6 = gf[g6 + ci]
+            y7 = gf[g7 + ci]
+            x0 = xf[a0 + ci]
+            x1 = xf[a1 + ci]
+            x2 = xf[a2 + ci]
+            x3 = xf[a3 + ci]
+            x4 = xf[a4 + ci]
+            x5 = xf[a5 + ci]
+            x6 = xf[a6 + ci]
+            x7 = xf[a7 + ci]
+            x8 = xf[a8 + ci]
+            x9 = xf[a9 + ci]
+            x10 = xf[a10 + ci]
+            x11 = xf[a11 + ci]
+            x12 = xf[a12 + ci]
+            x13 = xf[a13 + ci]
+            x14 = xf[a14 + ci]
+            x15 = xf[a15 + ci]
+            x16 = xf[a16 + ci]
+            x17 = xf[a17 + ci]
+            x18 = xf[a18 + ci]
+            af[b0 + ci] += y0 * x0 + y1 * x2 + y2 * x4 + y3 * x6 + y4 * x8 + y5 * x10 + y6 * x12 + y7 * x14
+            af[b1 + ci] += y0 * x1 + y1 * x3 + y2 * x5 + y3 * x7 + y4 * x9 + y5 * x11 + y6 * x13 + y7 * x15
+            af[b2 + ci] += y0 * x2 + y1 * x4 + y2 * x6 + y3 * x8 + y4 * x10 + y5 * x12 + y6 * x14 + y7 * x16
+            af[b3 + ci] += y0 * x3 + y1 * x5 + y2 * x7 + y3 * x9 + y4 * x11 + y5 * x13 + y6 * x15 + y7 * x17
+            af[b4 + ci] += y0 * x4 + y1 * x6 + y2 * x8 + y3 * x10 + y4 * x12 + y5 * x14 + y6 * x16 + y7 * x18
+
+
+@njit_noalias
+def _wgrad_block_7s2(xf, gf, af, g0, a0, b0, uc, cb):
+    """``af[b0 + t*C]`` (t < 7: one kernel row's accumulators) += the products of the output
+    gradients at ``gf[g0 + i*C]`` (i < 8) with the inputs at ``xf[a0 + (2*i + t)*C]``."""
+    g1 = g0 + uc
+    g2 = g1 + uc
+    g3 = g2 + uc
+    g4 = g3 + uc
+    g5 = g4 + uc
+    g6 = g5 + uc
+    g7 = g6 + uc
+    a1 = a0 + uc
+    a2 = a1 + uc
+    a3 = a2 + uc
+    a4 = a3 + uc
+    a5 = a4 + uc
+    a6 = a5 + uc
+    a7 = a6 + uc
+    a8 = a7 + uc
+    a9 = a8 + uc
+    a10 = a9 + uc
+    a11 = a10 + uc
+    a12 = a11 + uc
+    a13 = a12 + uc
+    a14 = a13 + uc
+    a15 = a14 + uc
+    a16 = a15 + uc
+    a17 = a16 + uc
+    a18 = a17 + uc
+    a19 = a18 + uc
+    a20 = a19 + uc
+    b1 = b0 + uc
+    b2 = b1 + uc
+    b3 = b2 + uc
+    b4 = b3 + uc
+    b5 = b4 + uc
+    b6 = b5 + uc
+    for c0 in range(numba.uint64(0), uc, cb):
+        for ci in range(c0, min(c0 + cb, uc)):
+            y0 = gf[g0 + ci]
+            y1 = gf[g1 + ci]
+            y2 = gf[g2 + ci]
+            y3 = gf[g3 + ci]
+            y4 = gf[g4 + ci]
+            y5 = gf[g5 + ci]
+            y6 = gf[g6 + ci]
+            y7 = gf[g7 + ci]
+            x0 = xf[a0 + ci]
+            x1 = xf[a1 + ci]
+            x2 = xf[a2 + ci]
+            x3 = xf[a3 + ci]
+            x4 = xf[a4 + ci]
+            x5 = xf[a5 + ci]
+            x6 = xf[a6 + ci]
+            x7 = xf[a7 + ci]
+            x8 = xf[a8 + ci]
+            x9 = xf[a9 + ci]
+            x10 = xf[a10 + ci]
+            x11 = xf[a11 + ci]
+            x12 = xf[a12 + ci]
+            x13 = xf[a13 + ci]
+            x14 = xf[a14 + ci]
+            x15 = xf[a15 + ci]
+            x16 = xf[a16 + ci]
+            x17 = xf[a17 + ci]
+            x18 = xf[a18 + ci]
+            x19 = xf[a19 + ci]
+            x20 = xf[a20 + ci]
+            af[b0 + ci] += y0 * x0 + y1 * x2 + y2 * x4 + y3 * x6 + y4 * x8 + y5 * x10 + y6 * x12 + y7 * x14
+            af[b1 + ci] += y0 * x1 + y1 * x3 + y2 * x5 + y3 * x7 + y4 * x9 + y5 * x11 + y6 * x13 + y7 * x15
+            af[b2 + ci] += y0 * x2 + y1 * x4 + y2 * x6 + y3 * x8 + y4 * x10 + y5 * x12 + y6 * x14 + y7 * x16
+            af[b3 + ci] += y0 * x3 + y1 * x5 + y2 * x7 + y3 * x9 + y4 * x11 + y5 * x13 + y6 * x15 + y7 * x17
+            af[b4 + ci] += y0 * x4 + y1 * x6 + y2 * x8 + y3 * x10 + y4 * x12 + y5 * x14 + y6 * x16 + y7 * x18
+            af[b5 + ci] += y0 * x5 + y1 * x7 + y2 * x9 + y3 * x11 + y4 * x13 + y5 * x15 + y6 * x17 + y7 * x19
+            af[b6 + ci] += y0 * x6 + y1 * x8 + y2 * x10 + y3 * x12 + y4 * x14 + y5 * x16 + y6 * x18 + y7 * x20
+
+
 @numba.njit(cache=True, nogil=True)
 def wgrad_block(kind, xf, gf, af, g0, a0, b0, uc, cb):
-    """Run the weight-gradient block of kind ``kind`` (1-based index into :data:`WIDTHS`)."""
+    """Run the weight-gradient block of kind ``kind`` (1 + the index of (KW, stride) in ``[(w, s) for s in STRIDES for w in WIDTHS]``)."""
     if kind == 1:
-        _wgrad_block_3(xf, gf, af, g0, a0, b0, uc, cb)
+        _wgrad_block_3s1(xf, gf, af, g0, a0, b0, uc, cb)
     elif kind == 2:
-        _wgrad_block_4(xf, gf, af, g0, a0, b0, uc, cb)
+        _wgrad_block_4s1(xf, gf, af, g0, a0, b0, uc, cb)
     elif kind == 3:
-        _wgrad_block_5(xf, gf, af, g0, a0, b0, uc, cb)
+        _wgrad_block_5s1(xf, gf, af, g0, a0, b0, uc, cb)
     elif kind == 4:
-        _wgrad_block_7(xf, gf, af, g0, a0, b0, uc, cb)
+        _wgrad_block_7s1(xf, gf, af, g0, a0, b0, uc, cb)
+    elif kind == 5:
+        _wgrad_block_3s2(xf, gf, af, g0, a0, b0, uc, cb)
+    elif kind == 6:
+        _wgrad_block_4s2(xf, gf, af, g0, a0, b0, uc, cb)
+    elif kind == 7:
+        _wgrad_block_5s2(xf, gf, af, g0, a0, b0, uc, cb)
+    elif kind == 8:
+        _wgrad_block_7s2(xf, gf, af, g0, a0, b0, uc, cb)

@@ -259,7 +259,7 @@ def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw, col_chunks, unrolled, c
 
     Work items are output rows cut into ``col_chunks`` column ranges, dealt to the chunks in order.
     With ``unrolled > 0`` (a weight-gradient kind of :mod:`sepconv.kernels._unrolled`: this kernel
-    width, horizontal stride 1, no horizontal dilation), each kernel row's columns whose taps are all
+    width and horizontal stride, no horizontal dilation), each kernel row's columns whose taps are all
     inside go :data:`~sepconv.kernels._unrolled.COLUMNS` at a time through that generated block.
     """
     n_batch, h, wd, c = x.shape
@@ -278,14 +278,15 @@ def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw, col_chunks, unrolled, c
             n = row // oh_size
             oh = row % oh_size
             h0, kh_lo, kh_hi = _tap_range(oh, sh, ph, dh, kh_size, h)
-            # Columns the blocks take (stride 1: every tap inside from pw to wd - kw_size + 1 + pw).
-            fast_lo, fast_hi = max(col_lo, pw), min(col_hi, wd - kw_size + 1 + pw)
+            # Columns the blocks take: every tap inside (input columns ow*sw - pw .. ow*sw - pw + kw_size - 1).
+            fast_lo, fast_hi = max(col_lo, -(-pw // sw)), min(col_hi, (wd - kw_size + pw) // sw + 1)
             fast_hi = fast_lo + max(0, fast_hi - fast_lo) // columns * columns if unrolled > 0 else fast_lo
             for kh in range(kh_lo, kh_hi):
                 xrow = (n * h + h0 + kh * dh) * wd
                 for ow in range(fast_lo, fast_hi, columns):
                     _unrolled.wgrad_block(unrolled, xf, gf, acc, numba.uint64((row * ow_size + ow) * c),
-                                          numba.uint64((xrow + ow - pw) * c), numba.uint64(kh * kw_size * c), uc, ucb)
+                                          numba.uint64((xrow + ow * sw - pw) * c), numba.uint64(kh * kw_size * c), uc,
+                                          ucb)
                 _weight_grad_columns(acc, xf, gf, row, xrow, kh, col_lo, min(col_hi, fast_lo), kw_size, sw, pw, dw, wd,
                                      ow_size, c)
                 _weight_grad_columns(acc, xf, gf, row, xrow, kh, max(col_lo, fast_hi), col_hi, kw_size, sw, pw, dw, wd,
@@ -521,10 +522,12 @@ def _forward_pass(in_shape, out_hw, kernel, stride, pad, dilation, threads, item
 
 def _weight_grad_plan(kernel_w, stride_w, dilation_w, itemsize) -> tuple[int, int]:
     """The weight-gradient block kind for :func:`_weight_grad` (0: none) and its channel block."""
-    if stride_w != 1 or dilation_w != 1 or kernel_w not in _unrolled.WIDTHS:
+    if stride_w not in _unrolled.STRIDES or dilation_w != 1 or kernel_w not in _unrolled.WIDTHS:
         return 0, 1
-    streams = 2 * _unrolled.COLUMNS + kernel_w - 1 + 2 * kernel_w  # output gradient, input, accumulators
-    return _unrolled.WIDTHS.index(kernel_w) + 1, _channel_block(streams, itemsize)
+    columns = _unrolled.COLUMNS
+    streams = columns + stride_w * (columns - 1) + kernel_w + 2 * kernel_w  # output gradient, input, accumulators
+    kind = _unrolled.STRIDES.index(stride_w) * len(_unrolled.WIDTHS) + _unrolled.WIDTHS.index(kernel_w) + 1
+    return kind, _channel_block(streams, itemsize)
 
 
 class _Plan(NamedTuple):

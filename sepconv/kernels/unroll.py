@@ -14,9 +14,9 @@ tap-group loop of :func:`sepconv.kernels.numba_depthwise._forward`: measured on 
 Numba offers no way to unroll a loop whose trip count is a compile-time constant before LLVM
 vectorises the loop around it, hence generated source.
 
-Each generated ``_wgrad_block_KW`` adds one kernel row's weight gradient over ``COLUMNS`` neighbouring
-output columns (stride 1, dilation 1, all taps inside): the ``COLUMNS`` output gradients and the
-``COLUMNS+KW-1`` input values they meet are loaded once and each of the ``KW`` accumulators is loaded
+Each generated ``_wgrad_block_KWsS`` adds one kernel row's weight gradient over ``COLUMNS`` neighbouring
+output columns (horizontal stride S, dilation 1, all taps inside): the ``COLUMNS`` output gradients and the
+``S*(COLUMNS-1)+KW`` input values they meet are loaded once and each of the ``KW`` accumulators is loaded
 and stored once, instead of once per four columns per tap.
 
 Offsets are ``uint64`` built by additions only (``numba.uint64 * int`` would be computed in float64).
@@ -35,6 +35,7 @@ PIXELS = 8
 SIZES = ((3, 3), (5, 5), (7, 7), (1, 3), (1, 4), (1, 5), (1, 7))  # (KH, KW) the fast path covers
 COLUMNS = 8  # weight gradient: output columns per block
 WIDTHS = (3, 4, 5, 7)  # KW the weight-gradient blocks cover (any KH: they work one kernel row at a time)
+STRIDES = (1, 2)  # horizontal strides the weight-gradient blocks cover
 TARGET = pathlib.Path(__file__).with_name("_unrolled.py")
 
 
@@ -64,23 +65,28 @@ def _block(kh: int, kw: int) -> list[str]:
     return lines + ["            " + line for line in body]
 
 
-def _wgrad_block(kw: int) -> list[str]:
+def _wgrad_block(kw: int, stride: int) -> list[str]:
     q = COLUMNS
+    inputs = stride * (q - 1) + kw  # the input columns the block's output columns meet
     lines = [
         "@njit_noalias",
-        f"def _wgrad_block_{kw}(xf, gf, af, g0, a0, b0, uc, cb):",
+        f"def _wgrad_block_{kw}s{stride}(xf, gf, af, g0, a0, b0, uc, cb):",
         f'    """``af[b0 + t*C]`` (t < {kw}: one kernel row\'s accumulators) += the products of the output',
-        f'    gradients at ``gf[g0 + i*C]`` (i < {q}) with the inputs at ``xf[a0 + (i+t)*C]``."""',
+        f'    gradients at ``gf[g0 + i*C]`` (i < {q}) with the inputs at ``xf[a0 + ({stride}*i + t)*C]``."""',
     ]
     lines += [f"    g{i} = g{i - 1} + uc" for i in range(1, q)]
-    lines += [f"    a{j} = a{j - 1} + uc" for j in range(1, q + kw - 1)]
+    lines += [f"    a{j} = a{j - 1} + uc" for j in range(1, inputs)]
     lines += [f"    b{t} = b{t - 1} + uc" for t in range(1, kw)]
     lines += ["    for c0 in range(numba.uint64(0), uc, cb):",
               "        for ci in range(c0, min(c0 + cb, uc)):"]
     body = [f"y{i} = gf[g{i} + ci]" for i in range(q)]
-    body += [f"x{j} = xf[a{j} + ci]" for j in range(q + kw - 1)]
-    body += [f"af[b{t} + ci] += " + " + ".join(f"y{i} * x{i + t}" for i in range(q)) for t in range(kw)]
+    body += [f"x{j} = xf[a{j} + ci]" for j in range(inputs)]
+    body += [f"af[b{t} + ci] += " + " + ".join(f"y{i} * x{stride * i + t}" for i in range(q)) for t in range(kw)]
     return lines + ["            " + line for line in body]
+
+
+def _wgrad_kinds() -> list[tuple[int, int]]:
+    return [(kw, stride) for stride in STRIDES for kw in WIDTHS]
 
 
 def source() -> str:
@@ -91,7 +97,8 @@ def source() -> str:
         "Kinds (``block`` argument of :func:`block`), 0 meaning none:",
         kinds,
         "",
-        "Weight-gradient kinds (:func:`wgrad_block`): " + ", ".join(f"{i + 1}: 1x{kw}" for i, kw in enumerate(WIDTHS)),
+        "Weight-gradient kinds (:func:`wgrad_block`): " + ", ".join(
+            f"{i + 1}: 1x{kw} stride {stride}" for i, (kw, stride) in enumerate(_wgrad_kinds())),
         '"""',
         "",
         "import numba",
@@ -102,6 +109,7 @@ def source() -> str:
         f"SIZES = {SIZES!r}",
         f"COLUMNS = {COLUMNS}",
         f"WIDTHS = {WIDTHS!r}",
+        f"STRIDES = {STRIDES!r}",
     ]
     for kh, kw in SIZES:
         parts += ["", ""] + _block(kh, kw)
@@ -111,14 +119,15 @@ def source() -> str:
     for i, (kh, kw) in enumerate(SIZES):
         parts.append(f"    {'if' if i == 0 else 'elif'} kind == {i + 1}:")
         parts.append(f"        _block_{kh}x{kw}(xf, wf, zf, of, o0, a0, uc, ur, cb)")
-    for kw in WIDTHS:
-        parts += ["", ""] + _wgrad_block(kw)
+    for kw, stride in _wgrad_kinds():
+        parts += ["", ""] + _wgrad_block(kw, stride)
     parts += ["", "", "@numba.njit(cache=True, nogil=True)",
               "def wgrad_block(kind, xf, gf, af, g0, a0, b0, uc, cb):",
-              '    """Run the weight-gradient block of kind ``kind`` (1-based index into :data:`WIDTHS`)."""']
-    for i, kw in enumerate(WIDTHS):
+              '    """Run the weight-gradient block of kind ``kind`` (1 + the index of (KW, stride) in'
+              ' ``[(w, s) for s in STRIDES for w in WIDTHS]``)."""']
+    for i, (kw, stride) in enumerate(_wgrad_kinds()):
         parts.append(f"    {'if' if i == 0 else 'elif'} kind == {i + 1}:")
-        parts.append(f"        _wgrad_block_{kw}(xf, gf, af, g0, a0, b0, uc, cb)")
+        parts.append(f"        _wgrad_block_{kw}s{stride}(xf, gf, af, g0, a0, b0, uc, cb)")
     return "\n".join(parts) + "\n"
 
 
