@@ -200,6 +200,7 @@ def test_unrolled_blocks_equal_reference(monkeypatch, kernel, pad_share):
     for dtype in (torch.float32, torch.float64):
         itemsize = dtype.itemsize
         assert numba_depthwise._forward_pass((1, 9, 9, 3), (9, 9), kernel, (1, 1), (0, 0), (1, 1), 1, itemsize).unrolled
+        assert numba_depthwise._forward_pass((1, 9, 20, 3), (9, 9), kernel, (1, 2), (0, 0), (1, 1), 1, itemsize).unrolled
         assert numba_depthwise._weight_grad_plan(kw, 1, 1, itemsize)[0] > 0
         assert numba_depthwise._weight_grad_plan(kw, 2, 1, itemsize)[0] > 0
         w = make((150, 1, kw) if kh == 1 else (150, 1, kh, kw), dtype, seed=1)

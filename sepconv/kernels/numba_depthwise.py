@@ -102,8 +102,8 @@ def _tap_offsets(kh, kw, row0, w0, wd, c, dh, dw, kw_size, tc, kw_lo, kw_hi):
 def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks, unrolled, channel_block):
     """Each output pixel's taps go four at a time through the channel loop: one store per four taps.
 
-    With ``unrolled > 0`` (a kind of :mod:`sepconv.kernels._unrolled`: this kernel size, horizontal
-    stride 1, no dilation, ``w`` untiled), runs of :data:`~sepconv.kernels._unrolled.PIXELS` pixels
+    With ``unrolled > 0`` (a kind of :mod:`sepconv.kernels._unrolled`: this kernel size and horizontal
+    stride, no dilation, ``w`` untiled), runs of :data:`~sepconv.kernels._unrolled.PIXELS` pixels
     whose taps are all inside go through that generated block instead (every tap unrolled, the sums in
     registers, channels in blocks of ``channel_block``); the loop below then only does the borders.
 
@@ -132,14 +132,14 @@ def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks, unroll
         ow_start, ow_end = part * ow_size // col_chunks, (part + 1) * ow_size // col_chunks
         # Unrolled blocks cover the run of pixels whose taps are all inside (stride 1: w0 = ow - pw); the
         # run's last block overlaps the one before instead of leaving a remainder to the loop below.
-        fast_lo, fast_hi = max(ow_start, pw), min(ow_end, wd - span_w + pw)
+        fast_lo, fast_hi = max(ow_start, -(-pw // sw)), min(ow_end, (wd - 1 - span_w + pw) // sw + 1)
         fast = full_rows and fast_hi - fast_lo >= block
         ow = ow_start
         while ow < ow_end:
             if fast and fast_lo <= ow < fast_hi:
                 at = min(ow, fast_hi - block)
                 _unrolled.block(unrolled, xf, wf, start_values, of, numba.uint64(((n * oh_size + oh) * ow_size + at) * c),
-                                numba.uint64(((n * h + h0) * wd + at - pw) * c), uc, urow, ucb)
+                                numba.uint64(((n * h + h0) * wd + at * sw - pw) * c), uc, urow, ucb)
                 ow = at + block
                 continue
             w0, kw_lo, kw_hi = _tap_range(ow, sw, pw, dw, kw_size, wd)
@@ -466,12 +466,12 @@ def _channel_block(streams: int, itemsize: int) -> int:
     return max(16, L1_BUDGET // (itemsize * streams) // 16 * 16)
 
 
-def _border_share(in_size, out_size, kernel, stride_h, pad, rows=True) -> float:
-    """The share of output pixels whose windows cross the padding (stride 1 along the width); with
+def _border_share(in_size, out_size, kernel, stride, pad, rows=True) -> float:
+    """The share of output pixels whose windows (``kernel``: their spans) cross the padding; with
     ``rows=False``, only the side borders count."""
-    (h, w), (oh, ow), (kh, kw), (ph, pw) = in_size, out_size, kernel, pad
-    rows = max(0, min(oh - 1, (h - kh + ph) // stride_h) - -(-ph // stride_h) + 1) if rows else oh
-    columns = max(0, min(ow, w - kw + 1 + pw) - min(pw, ow))
+    (h, w), (oh, ow), (kh, kw), (sh, sw), (ph, pw) = in_size, out_size, kernel, stride, pad
+    rows = max(0, min(oh - 1, (h - kh + ph) // sh) - -(-ph // sh) + 1) if rows else oh
+    columns = max(0, min(ow - 1, (w - kw + pw) // sw) - -(-pw // sw) + 1)
     return 1 - rows * columns / (oh * ow)
 
 
@@ -494,9 +494,11 @@ def _forward_pass(in_shape, out_hw, kernel, stride, pad, dilation, threads, item
     n, h, w, c = in_shape
     kh, kw = kernel
     unrolled, block, tile = 0, 1, 1
-    if stride[1] == 1 and dilation == (1, 1) and kernel in _unrolled.SIZES and out_hw[1] >= _unrolled.PIXELS:
-        unrolled = _unrolled.SIZES.index(kernel) + 1
-        streams = kh * (_unrolled.PIXELS + kw - 1) + kh * kw + _unrolled.PIXELS  # input, weight, output
+    if (stride[1] in _unrolled.STRIDES and dilation == (1, 1) and kernel in _unrolled.SIZES
+            and out_hw[1] >= _unrolled.PIXELS):
+        unrolled = _unrolled.STRIDES.index(stride[1]) * len(_unrolled.SIZES) + _unrolled.SIZES.index(kernel) + 1
+        pixels = _unrolled.PIXELS
+        streams = kh * (stride[1] * (pixels - 1) + kw) + kh * kw + pixels  # input, weight, output
         block = _channel_block(streams, itemsize)
     elif stride[1] == 1:
         # Laying out the tiled weight costs taps x tile x C writes per call against taps x pixels x C
@@ -511,7 +513,7 @@ def _forward_pass(in_shape, out_hw, kernel, stride, pad, dilation, threads, item
     few = c < FEW_CHANNELS
     if ((unrolled or few) and min(pad) >= 0 and any(pad[a] for a in axes)
             and kh * kw >= (min(PAD_MIN_TAPS, PAD_MIN_TAPS_FEW_CHANNELS) if few else PAD_MIN_TAPS)
-            and _border_share((h, w), out_hw, span, stride[0], pad, rows=bool(unrolled)) > PAD_BORDER_SHARE):
+            and _border_share((h, w), out_hw, span, stride, pad, rows=bool(unrolled)) > PAD_BORDER_SHARE):
         after = [max(0, (o - 1) * s + k - p - size) if a in axes else 0
                  for a, o, s, k, p, size in zip((0, 1), out_hw, stride, span, pad, (h, w))]
         before = tuple(p if a in axes else 0 for a, p in enumerate(pad))
