@@ -130,9 +130,9 @@ def _forward(x, w, start_values, out, sh, sw, ph, pw, dh, dw, col_chunks, unroll
         h0, kh_lo, kh_hi = _tap_range(oh, sh, ph, dh, kh_size, h)
         full_rows = unrolled > 0 and kh_lo == 0 and kh_hi == kh_size
         ow_start, ow_end = part * ow_size // col_chunks, (part + 1) * ow_size // col_chunks
-        # Unrolled blocks cover the run of pixels whose taps are all inside (stride 1: w0 = ow - pw); the
+        # Unrolled blocks cover the run of pixels whose taps are all inside (input column ow*sw - pw); the
         # run's last block overlaps the one before instead of leaving a remainder to the loop below.
-        fast_lo, fast_hi = max(ow_start, -(-pw // sw)), min(ow_end, (wd - 1 - span_w + pw) // sw + 1)
+        fast_lo, fast_hi = numba_planar.interior(ow_start, ow_end, sw, pw, span_w, wd)
         fast = full_rows and fast_hi - fast_lo >= block
         ow = ow_start
         while ow < ow_end:
@@ -279,7 +279,7 @@ def _weight_grad(x, gy, partial, sh, sw, ph, pw, dh, dw, col_chunks, unrolled, c
             oh = row % oh_size
             h0, kh_lo, kh_hi = _tap_range(oh, sh, ph, dh, kh_size, h)
             # Columns the blocks take: every tap inside (input columns ow*sw - pw .. ow*sw - pw + kw_size - 1).
-            fast_lo, fast_hi = max(col_lo, -(-pw // sw)), min(col_hi, (wd - kw_size + pw) // sw + 1)
+            fast_lo, fast_hi = numba_planar.interior(col_lo, col_hi, sw, pw, kw_size - 1, wd)
             fast_hi = fast_lo + max(0, fast_hi - fast_lo) // columns * columns if unrolled > 0 else fast_lo
             for kh in range(kh_lo, kh_hi):
                 xrow = (n * h + h0 + kh * dh) * wd
@@ -470,9 +470,9 @@ def _border_share(in_size, out_size, kernel, stride, pad, rows=True) -> float:
     """The share of output pixels whose windows (``kernel``: their spans) cross the padding; with
     ``rows=False``, only the side borders count."""
     (h, w), (oh, ow), (kh, kw), (sh, sw), (ph, pw) = in_size, out_size, kernel, stride, pad
-    rows = max(0, min(oh - 1, (h - kh + ph) // sh) - -(-ph // sh) + 1) if rows else oh
-    columns = max(0, min(ow - 1, (w - kw + pw) // sw) - -(-pw // sw) + 1)
-    return 1 - rows * columns / (oh * ow)
+    lo, hi = numba_planar.interior(0, oh, sh, ph, kh - 1, h) if rows else (0, oh)
+    left, right = numba_planar.interior(0, ow, sw, pw, kw - 1, w)
+    return 1 - (hi - lo) * (right - left) / (oh * ow)
 
 
 class _Pass(NamedTuple):

@@ -127,6 +127,15 @@ def inside(first, last, stride, pad, offset, size):
 
 
 @numba.njit(**OPTIONS, inline="always")
+def interior(first, last, stride, pad, span, size):
+    """Output positions ``[lo, hi)`` of ``[first, last)`` whose whole window (reads ``o*stride - pad`` up to
+    ``span`` further) is in ``[0, size)``: the first tap's :func:`inside` range cut by the last tap's."""
+    lo, _ = inside(first, last, stride, pad, 0, size)
+    _, hi = inside(first, last, stride, pad, span, size)
+    return lo, max(lo, hi)
+
+
+@numba.njit(**OPTIONS, inline="always")
 def _fill_phases(plane, buf, first_row, rows, uw, sh, sw, ph, pw):
     """Phase grid of ``plane`` ``(H, W)``: phase ``(a, b)``'s row ``r`` (of ``rows``), column ``u`` (of
     ``uw``) is ``plane[(first_row + r)*sh + a - ph, u*sw + b - pw]``, zero outside the plane.
