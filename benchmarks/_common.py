@@ -1,9 +1,14 @@
-"""What the benchmark scripts share: timing blocks of calls, geometric means, the machine's load, tables."""
+"""What the benchmark scripts share: timing blocks of calls and interleaved rounds of them, geometric means, the
+machine's load, tables."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import random
+import resource
+import statistics
 import time
 
 
@@ -44,3 +49,39 @@ def print_table(header: str, lines) -> None:
     print("-" * len(header))
     for line in lines:
         print(line)
+
+
+def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float) -> dict:
+    """Per-call times (seconds) of each candidate over interleaved rounds."""
+    block_s = min(max(min_run_time / 20, 0.005), 0.05)
+    names = list(fns)
+    numbers = {name: calibrate(fns[name], block_s) for name in names}  # also the warm-up call
+    times = {name: [] for name in names}
+    shuffler = random.Random(0)
+    faults = dict.fromkeys(names, 0)  # minor page faults: fresh large buffers the allocator gave back to the OS
+    spent = dict.fromkeys(names, 0.0)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        rounds = 0
+        while True:
+            order = shuffler.sample(names, len(names))
+            for name in order:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                elapsed = block(fns[name], numbers[name])
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+                times[name].append(elapsed / numbers[name])
+                spent[name] += elapsed
+            rounds += 1
+            if rounds >= min_rounds and min(spent.values()) >= min_run_time:
+                break
+            if rounds >= 3 and time.perf_counter() - start >= max_row_time:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "rounds": len(t),
+                   "page_faults_per_call": faults[name] / (numbers[name] * len(t)),
+                   "iqr_s": (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) if len(t) > 1 else 0.0}
+            for name, t in times.items()}

@@ -12,7 +12,8 @@ weight, written in place into the channels_last output (a contiguous block of ro
   the per-call work only), a band of about 512 KiB and one of about 128 KiB of depthwise output (L2 and
   L1-ish sizes on this machine).
 
-Interleaved rounds as in ``bench_kernels.py``; each candidate's output is checked against ``unfused``.
+Interleaved rounds in a shuffled order (``_common.measure``, as in ``bench_kernels.py``); each candidate's
+output is checked against ``unfused``.
 Only "same" stride-1 layers (MobileNetV1's separable layers, batch 1 and ``--batch``).
 
 Measured on the 2-core machine (Zen 4, float32, 2 threads, no page faults in any candidate; one run each):
@@ -32,17 +33,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import resource
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from _common import block, calibrate, loadavg, print_table  # benchmarks/ is on sys.path as the script's folder
+from _common import loadavg, measure, print_table  # benchmarks/ is on sys.path as the script's folder
 
 import sepconv.functional as SF
 from sepconv._io import atomic_write_text
@@ -67,28 +65,6 @@ def fused(x, dw, pw_t, rows: int, mode: str):
                 hidden = SF.depthwise_conv(band, dw, None, 1, ((1 - (r0 - i0), 1 - (i1 - r1)), (1, 1)))
                 torch.mm(hidden.permute(0, 2, 3, 1).reshape(-1, c), pw_t, out=out[image, r0:r1].view(-1, pw_t.shape[1]))
     return out.permute(0, 3, 1, 2)
-
-
-def measure(fns: dict, min_run_time: float) -> dict:
-    names = list(fns)
-    numbers = {name: calibrate(fns[name], 0.02) for name in names}
-    times = {name: [] for name in names}
-    faults = dict.fromkeys(names, 0)
-    gc.disable()
-    try:
-        spent, rounds = 0.0, 0
-        while rounds < 5 or spent < min_run_time * len(names):
-            for name in names[rounds % len(names):] + names[:rounds % len(names)]:
-                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                elapsed = block(fns[name], numbers[name])
-                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-                times[name].append(elapsed / numbers[name])
-                spent += elapsed
-            rounds += 1
-    finally:
-        gc.enable()
-    return ({name: statistics.median(t) for name, t in times.items()},
-            {name: faults[name] / (numbers[name] * len(times[name])) for name in names})
 
 
 def main(argv=None) -> int:
@@ -116,7 +92,9 @@ def main(argv=None) -> int:
                 want = fns["unfused"]()
                 for key, fn in fns.items():
                     torch.testing.assert_close(fn(), want, rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
-                times, faults = measure(fns, args.min_run_time)
+                stats = measure(fns, args.min_run_time, 5, max_row_time=60.0)
+            times = {k: v["median_s"] for k, v in stats.items()}
+            faults = {k: v["page_faults_per_call"] for k, v in stats.items()}
             base = times["unfused"]
             rows_out.append({"name": name, "n": n, "c": c, "out": o, "size": size, "times_s": times,
                              "page_faults_per_call": faults,

@@ -75,14 +75,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import math
 import os
 import platform
-import random
-import resource
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -91,7 +87,7 @@ import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
-from _common import block, calibrate, geomean, loadavg, print_table  # benchmarks/ is on sys.path as the script's folder
+from _common import geomean, loadavg, measure, print_table  # benchmarks/ is on sys.path as the script's folder
 
 import sepconv
 import sepconv.functional as SF
@@ -345,48 +341,6 @@ def make_sep_callables(shape: SepShape, pass_: str):
         results[name] = (out.detach(), *torch.autograd.grad(out, leaves, g))
     results = {k: v[:2] if k.startswith("std") else v for k, v in results.items()}  # out, grad_x
     return fns, _agreement(results, "torch_nchw", ("out", "grad_x", "grad_dw", "grad_pw"))
-
-
-# --- timing ----------------------------------------------------------------------------------------
-
-
-
-
-
-def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float) -> dict:
-    """Per-call times (seconds) of each candidate over interleaved rounds."""
-    block_s = min(max(min_run_time / 20, 0.005), 0.05)
-    names = list(fns)
-    numbers = {name: calibrate(fns[name], block_s) for name in names}  # also the warm-up call
-    times = {name: [] for name in names}
-    shuffler = random.Random(0)
-    faults = dict.fromkeys(names, 0)  # minor page faults: fresh large buffers the allocator gave back to the OS
-    spent = dict.fromkeys(names, 0.0)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        rounds = 0
-        while True:
-            order = shuffler.sample(names, len(names))
-            for name in order:
-                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                elapsed = block(fns[name], numbers[name])
-                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-                times[name].append(elapsed / numbers[name])
-                spent[name] += elapsed
-            rounds += 1
-            if rounds >= min_rounds and min(spent.values()) >= min_run_time:
-                break
-            if rounds >= 3 and time.perf_counter() - start >= max_row_time:
-                break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {name: {"median_s": statistics.median(t), "min_s": min(t), "rounds": len(t),
-                   "page_faults_per_call": faults[name] / (numbers[name] * len(t)),
-                   "iqr_s": (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) if len(t) > 1 else 0.0}
-            for name, t in times.items()}
 
 
 # --- report ----------------------------------------------------------------------------------------
