@@ -10,6 +10,7 @@ Numba compiles the kernels on first use (about 10 s for both dtypes on 2 cores) 
 """
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -78,28 +79,32 @@ def make(shape, dtype, channels_last=False, seed=0):
 @given(case=geometry_case(rank=None, max_kernel=5).filter(lambda c: len(c["size"]) < 3),
        channels=st.integers(1, 4), multiplier=st.integers(1, 3), bias=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float64]), channels_last=st.booleans(),
-       weight_channels_last=st.booleans(), few_channels_planar=st.booleans())
+       weight_channels_last=st.booleans(), few_channels_planar=st.booleans(), small_planes_planar=st.booleans())
 def test_numba_equals_reference(case, channels, multiplier, bias, dtype, channels_last, weight_channels_last,
-                                few_channels_planar):
+                                few_channels_planar, small_planes_planar):
     rank = len(case["size"])
     pairs = tuple(reference_pairs(case["padding"], case["size"], case["kernel"], case["stride"], case["dilation"]))
-    # Contiguous inputs take the planar kernels, channels-last ones (1-D: (N, L, C)-backed) the others,
-    # unless they have few channels (FEW_CHANNELS_PLANAR, off here half the time: these have 1-4).
+    # Contiguous inputs take the planar kernels (small output planes only half the time here), channels-last
+    # ones (1-D: (N, L, C)-backed) the others, unless they have few channels (FEW_CHANNELS_PLANAR, off here
+    # half the time: these have 1-4).
     if channels_last and rank == 1:
         x = make((2, *case["size"], channels), dtype).detach().transpose(1, 2).requires_grad_()
     else:
         x = make((2, channels, *case["size"]), dtype, channels_last)
     w = make((channels * multiplier, 1, *case["kernel"]), dtype, weight_channels_last and rank == 2, seed=1)
     b = make((channels * multiplier,), dtype, seed=2) if bias else None
-    with planar_limit(numba_depthwise.FEW_CHANNELS_PLANAR if few_channels_planar else 0):
+    with planar_limits(numba_depthwise.FEW_CHANNELS_PLANAR if few_channels_planar else 0,
+                       0 if small_planes_planar else numba_depthwise.PLANAR_MIN_OUTPUT_PIXELS):
         compare_with_reference(x, w, b, case["stride"], pairs, case["dilation"], case["padding_mode"])
 
 
 @contextlib.contextmanager
-def planar_limit(channels):
-    """Channels-last inputs with at most ``channels`` channels take the planar kernels (plans re-made)."""
+def planar_limits(channels, output_pixels):
+    """Inputs with at most ``channels`` channels, and contiguous ones whose output planes have at least
+    ``output_pixels`` pixels, take the planar kernels (plans re-made)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(numba_depthwise, "FEW_CHANNELS_PLANAR", channels)
+        patch.setattr(numba_depthwise, "PLANAR_MIN_OUTPUT_PIXELS", output_pixels)
         numba_depthwise._plan.cache_clear()
         try:
             yield
@@ -324,21 +329,24 @@ def test_planar_kernels_equal_pytorch(case, channels, multiplier, band_values, t
 
 
 def test_planar_kernels_take_contiguous_or_few_channel_inputs():
-    # Contiguous 2-D and 1-D inputs go planar (no transposes); channels-last ones, (N, L, C)-backed 1-D
-    # ones and channels_last weights (the reference then returns channels_last) do not, unless they have
-    # at most FEW_CHANNELS_PLANAR channels (transposed in and out).
+    # Contiguous 2-D and 1-D inputs go planar (no transposes) when their output planes are not small;
+    # channels-last ones, (N, L, C)-backed 1-D ones and channels_last weights (the reference then returns
+    # channels_last) do not, unless they have at most FEW_CHANNELS_PLANAR channels (transposed in and out).
     def planar(x, w):
         return numba_depthwise._plan(x.shape, x.stride(), w.shape, w.stride(), ((1, 1),) * (x.ndim - 2),
                                      (1,) * (x.ndim - 2), (1,) * (x.ndim - 2), "zeros", 1, 4).planar is not None
 
-    few = numba_depthwise.FEW_CHANNELS_PLANAR
-    for c, transposed in ((few + 1, False), (few, True)):
-        x, w = torch.randn(2, c, 6, 6), torch.randn(c, 1, 3, 3)
+    few, pixels = numba_depthwise.FEW_CHANNELS_PLANAR, numba_depthwise.PLANAR_MIN_OUTPUT_PIXELS
+    side = math.isqrt(pixels - 1) + 1  # the smallest square plane with enough pixels
+    for c, few_channels in ((few + 1, False), (few, True)):
+        x, w = torch.randn(2, c, side, side), torch.randn(c, 1, 3, 3)
         assert planar(x, w)
-        assert planar(x.to(memory_format=torch.channels_last), w) is transposed
-        assert planar(x, w.to(memory_format=torch.channels_last)) is transposed
-        assert planar(torch.randn(2, c, 9), torch.randn(c, 1, 3))
-        assert planar(torch.randn(2, 9, c).transpose(1, 2), torch.randn(c, 1, 3)) is transposed
+        assert planar(x.to(memory_format=torch.channels_last), w) is few_channels
+        assert planar(x, w.to(memory_format=torch.channels_last)) is few_channels
+        assert planar(torch.randn(2, c, side - 1, side), w) is few_channels  # a plane too small
+        assert planar(torch.randn(2, c, pixels), torch.randn(c, 1, 3))
+        assert planar(torch.randn(2, c, pixels - 1), torch.randn(c, 1, 3)) is few_channels
+        assert planar(torch.randn(2, pixels, c).transpose(1, 2), torch.randn(c, 1, 3)) is few_channels
 
 
 @pytest.mark.parametrize("rank", [1, 2])

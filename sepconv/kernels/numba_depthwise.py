@@ -16,7 +16,8 @@ compiled specialisations per kernel (float32, float64).
 
 The three kernels (forward, input gradient, weight gradient) are wrapped in one
 ``torch.autograd.Function`` (:class:`DepthwiseConv`). Contiguous NCHW inputs with a contiguous output go
-to the planar kernels (:mod:`sepconv.kernels.numba_planar`) instead, with no layout change; other layouts
+to the planar kernels (:mod:`sepconv.kernels.numba_planar`) instead, with no layout change, unless their
+output planes are small (:data:`PLANAR_MIN_OUTPUT_PIXELS`); other layouts
 are changed in here (NCHW <-> NHWC through a Numba transpose, into temporaries reused from call to call); padding modes other than zeros are an
 ordinary ``F.pad`` before it, so autograd differentiates them. Everything a call's signature decides
 (layouts, geometry, block kinds, task split) is worked out once per signature (:func:`_plan`), and a call
@@ -448,6 +449,14 @@ PAD_MIN_TAPS_FEW_CHANNELS = 25
 # 127/466 vs 77/276, over 8 162/551 vs 124/387, but over 16 121/465 vs 227/857.
 FEW_CHANNELS_PLANAR = 8
 
+# Contiguous inputs whose output planes have fewer pixels than this go to the channels-last kernels through
+# transposes instead (with more than FEW_CHANNELS_PLANAR channels): a small plane is a short task for the
+# planar loops, a row of many channels a long one for the channels-last loops. Measured, two threads,
+# float32, fwd+bwd, transposes + channels-last as a share of planar: 960x7x7 3x3 0.70 (batch 4: 0.40,
+# batch 32: 0.58), 1024x7x7 0.73, 512x14x14 s2 (7x7 out) 0.83, 672x14x14 5x5 s2 0.66; at 14x14 out mixed
+# (512 3x3: 0.85, batch 8: 1.49; 480 5x5: 0.82), from 24x24 out slower (256 3x3: 1.17, 128x56x56: 1.71).
+PLANAR_MIN_OUTPUT_PIXELS = 100
+
 # Column ranges per row: enough tasks to keep every thread busy (and balanced) when rows are few,
 # but ranges no narrower than MIN_CHUNK_COLUMNS, so the vector loops stay long.
 TASKS_PER_THREAD = 4
@@ -603,8 +612,10 @@ def _plan(x_shape, x_strides, w_shape, w_strides, padding, stride, dilation, pad
                    max(1, min(threads, rows * col_chunks)))
     gather_chunks = _col_chunks(x_shape[0] * x_shape[2], x_shape[3], threads)
     planar = None
-    # Contiguous in and out: no transposes. Channels-last in or out: transposes, worth it with few channels.
-    if (contiguous and not channels_last) or channels <= FEW_CHANNELS_PLANAR:
+    # Contiguous in and out: no transposes (unless planes are small). Channels-last in or out: transposes,
+    # worth it with few channels.
+    if (contiguous and not channels_last and out_hw[0] * out_hw[1] >= PLANAR_MIN_OUTPUT_PIXELS) \
+            or channels <= FEW_CHANNELS_PLANAR:
         planar = numba_planar.plan(x_shape[0], channels, x_shape[2:], out_hw, kernel, stride, before, dilation, threads)
     return _Plan(rank, channels_last, pad_mode, w_shape[0] // channels, in_shape, (x_shape[0], *out_hw, w_shape[0]),
                  stride, before, dilation, forward, input_grad, gather_chunks, weight_grad, planar)
