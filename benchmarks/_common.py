@@ -51,37 +51,53 @@ def print_table(header: str, lines) -> None:
         print(line)
 
 
-def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float) -> dict:
-    """Per-call times (seconds) of each candidate over interleaved rounds."""
+def rounds(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float, shuffle: bool = True):
+    """Interleaved rounds: each round times a block of calls of every candidate.
+
+    Returns ``(times, faults, numbers)``: per-call seconds of each candidate in each round, minor page faults
+    per call (fresh large buffers the allocator gave back to the OS), and calls per block. The order within
+    a round is a seeded shuffle, or with ``shuffle=False`` the given order, reversed every other round.
+    Stops once every candidate has ``min_run_time`` seconds over at least ``min_rounds`` rounds, or after
+    3 rounds once ``max_row_time`` has passed.
+    """
     block_s = min(max(min_run_time / 20, 0.005), 0.05)
     names = list(fns)
     numbers = {name: calibrate(fns[name], block_s) for name in names}  # also the warm-up call
     times = {name: [] for name in names}
     shuffler = random.Random(0)
-    faults = dict.fromkeys(names, 0)  # minor page faults: fresh large buffers the allocator gave back to the OS
+    faults = dict.fromkeys(names, 0)
     spent = dict.fromkeys(names, 0.0)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         start = time.perf_counter()
-        rounds = 0
+        done = 0
         while True:
-            order = shuffler.sample(names, len(names))
+            if shuffle:
+                order = shuffler.sample(names, len(names))
+            else:
+                order = names if done % 2 == 0 else names[::-1]
             for name in order:
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 elapsed = block(fns[name], numbers[name])
                 faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
                 times[name].append(elapsed / numbers[name])
                 spent[name] += elapsed
-            rounds += 1
-            if rounds >= min_rounds and min(spent.values()) >= min_run_time:
+            done += 1
+            if done >= min_rounds and min(spent.values()) >= min_run_time:
                 break
-            if rounds >= 3 and time.perf_counter() - start >= max_row_time:
+            if done >= 3 and time.perf_counter() - start >= max_row_time:
                 break
     finally:
         if gc_was_enabled:
             gc.enable()
+    return times, {name: faults[name] / (numbers[name] * done) for name in names}, numbers
+
+
+def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float) -> dict:
+    """Per-call times (seconds) of each candidate over interleaved rounds (:func:`rounds`, shuffled)."""
+    times, faults, _ = rounds(fns, min_run_time, min_rounds, max_row_time)
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "rounds": len(t),
-                   "page_faults_per_call": faults[name] / (numbers[name] * len(t)),
+                   "page_faults_per_call": faults[name],
                    "iqr_s": (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) if len(t) > 1 else 0.0}
             for name, t in times.items()}

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import math
 import os
@@ -56,7 +55,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from _common import block, calibrate, geomean, loadavg, print_table  # benchmarks/ is on sys.path as the script's folder
+from _common import geomean, loadavg, print_table, rounds  # benchmarks/ is on sys.path as the script's folder
 
 import sepconv
 from sepconv._io import atomic_write_text
@@ -243,42 +242,21 @@ def _stats(times: list[float]) -> dict:
 
 def compare(fa, fb, min_run_time: float, min_rounds: int, max_row_time: float | None = None,
             warmup: int = 1) -> dict:
-    """Time two callables interleaved; per-call times of each round's block, for each side.
+    """Time two callables interleaved (:func:`_common.rounds`, alternating order); per-call times of each
+    round's block, for each side, and the median of the per-round ratios.
 
     Stops once both sides have ``min_run_time`` seconds of timed calls over at least ``min_rounds``
     rounds, or, for very slow rows, after 3 rounds once ``max_row_time`` (default 4 x min_run_time)
     has passed. The callers have already run each side once (the agreement check).
     """
-    fns = (fa, fb)
-    for fn in fns:  # first calls create oneDNN primitives, allocate caches, ...
+    for fn in (fa, fb):  # first calls create oneDNN primitives, allocate caches, ...
         for _ in range(warmup):
             fn()
-    block_s = min(max(min_run_time / 20, 0.005), 0.05)
-    numbers = [calibrate(fn, block_s) for fn in fns]
     max_row_time = 4 * min_run_time if max_row_time is None else max_row_time
-    times: tuple[list[float], list[float]] = ([], [])
-    spent = [0.0, 0.0]
-    gc_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        rounds = 0
-        while True:
-            for i in ((0, 1) if rounds % 2 == 0 else (1, 0)):
-                elapsed = block(fns[i], numbers[i])
-                times[i].append(elapsed / numbers[i])
-                spent[i] += elapsed
-            rounds += 1
-            if rounds >= min_rounds and min(spent) >= min_run_time:
-                break
-            if rounds >= 3 and time.perf_counter() - start >= max_row_time:
-                break
-    finally:
-        if gc_enabled:
-            gc.enable()
-    paired = statistics.median(a / b for a, b in zip(*times))
-    return {"sepconv": _stats(times[0]), "pytorch": _stats(times[1]), "rounds": rounds,
-            "calls_per_block": {"sepconv": numbers[0], "pytorch": numbers[1]}, "paired_ratio": paired}
+    times, _, numbers = rounds({"sepconv": fa, "pytorch": fb}, min_run_time, min_rounds, max_row_time, shuffle=False)
+    paired = statistics.median(a / b for a, b in zip(times["sepconv"], times["pytorch"]))
+    return {"sepconv": _stats(times["sepconv"]), "pytorch": _stats(times["pytorch"]), "rounds": len(times["sepconv"]),
+            "calls_per_block": numbers, "paired_ratio": paired}
 
 
 def _timed(pass_: str, fn):
