@@ -6,7 +6,7 @@ with unit stride (over ``T`` neighbouring pixels' channels at stride 1, see ``_f
 vectorises it (AVX-512 where the CPU has it); taps go four at a time per pass. Zero padding is not
 materialised: each output row and column clips its tap range to the input (``_tap_range``); other
 padding modes are padded once by ``F.pad`` before the kernel (autograd then folds the padded border's
-gradient back). For the common kernel sizes at stride 1 (:mod:`sepconv.kernels.unroll`), the forward and
+gradient back). For the common kernel sizes at horizontal stride 1 or 2 (:mod:`sepconv.kernels.unroll`), the forward and
 weight-gradient interiors go through generated blocks with every tap unrolled and the sums in
 registers; on small maps, where many windows cross the padding, the input is zero-padded once into a
 temporary so that every pixel takes the fast path (:data:`PAD_BORDER_SHARE`, large kernels only). A depth
@@ -54,7 +54,7 @@ except ImportError:  # a private module: fall back to the plain stride test
                 and _is_contiguous([shape[i] for i in nhwc], [strides[i] for i in nhwc]))
 
 from ..geometry import effective_kernel_size, output_shape
-from . import _unrolled, numba_planar
+from . import _unrolled, numba_planar, unroll
 from ._jit import OPTIONS
 
 _PAD_MODE = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -503,11 +503,11 @@ def _forward_pass(in_shape, out_hw, kernel, stride, pad, dilation, threads, item
     n, h, w, c = in_shape
     kh, kw = kernel
     unrolled, block, tile = 0, 1, 1
-    if (stride[1] in _unrolled.STRIDES and dilation == (1, 1) and kernel in _unrolled.SIZES
-            and out_hw[1] >= _unrolled.PIXELS):
-        unrolled = _unrolled.STRIDES.index(stride[1]) * len(_unrolled.SIZES) + _unrolled.SIZES.index(kernel) + 1
-        pixels = _unrolled.PIXELS
-        streams = kh * (stride[1] * (pixels - 1) + kw) + kh * kw + pixels  # input, weight, output
+    kind = unroll.block_kind(kernel, stride[1]) if dilation == (1, 1) else 0
+    if kind and out_hw[1] >= unroll.PIXELS:
+        unrolled = kind
+        pixels = unroll.PIXELS
+        streams = kh * unroll.input_columns(pixels, kw, stride[1]) + kh * kw + pixels  # input, weight, output
         block = _channel_block(streams, itemsize)
     elif stride[1] == 1:
         # Laying out the tiled weight costs taps x tile x C writes per call against taps x pixels x C
@@ -533,11 +533,11 @@ def _forward_pass(in_shape, out_hw, kernel, stride, pad, dilation, threads, item
 
 def _weight_grad_plan(kernel_w, stride_w, dilation_w, itemsize) -> tuple[int, int]:
     """The weight-gradient block kind for :func:`_weight_grad` (0: none) and its channel block."""
-    if stride_w not in _unrolled.STRIDES or dilation_w != 1 or kernel_w not in _unrolled.WIDTHS:
+    kind = unroll.wgrad_kind(kernel_w, stride_w) if dilation_w == 1 else 0
+    if not kind:
         return 0, 1
-    columns = _unrolled.COLUMNS
-    streams = columns + stride_w * (columns - 1) + kernel_w + 2 * kernel_w  # output gradient, input, accumulators
-    kind = _unrolled.STRIDES.index(stride_w) * len(_unrolled.WIDTHS) + _unrolled.WIDTHS.index(kernel_w) + 1
+    columns = unroll.COLUMNS
+    streams = columns + unroll.input_columns(columns, kernel_w, stride_w) + 2 * kernel_w  # output gradient, input, sums
     return kind, _channel_block(streams, itemsize)
 
 

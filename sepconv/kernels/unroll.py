@@ -39,9 +39,24 @@ STRIDES = (1, 2)  # horizontal strides the forward and weight-gradient blocks co
 TARGET = pathlib.Path(__file__).with_name("_unrolled.py")
 
 
+def input_columns(outputs: int, kernel_w: int, stride: int) -> int:
+    """Input columns per kernel row that ``outputs`` neighbouring output columns read (dilation 1)."""
+    return stride * (outputs - 1) + kernel_w
+
+
+def block_kind(kernel: tuple[int, int], stride: int) -> int:
+    """The forward block's kind for ``(KH, KW)`` at horizontal ``stride`` (dilation 1); 0: none."""
+    return _kinds().index((*kernel, stride)) + 1 if stride in STRIDES and kernel in SIZES else 0
+
+
+def wgrad_kind(kernel_w: int, stride: int) -> int:
+    """The weight-gradient block's kind for kernel width ``kernel_w`` at horizontal ``stride``; 0: none."""
+    return _wgrad_kinds().index((kernel_w, stride)) + 1 if stride in STRIDES and kernel_w in WIDTHS else 0
+
+
 def _block(kh: int, kw: int, stride: int) -> list[str]:
     p = PIXELS
-    inputs = stride * (p - 1) + kw  # input columns per kernel row the block's pixels read
+    inputs = input_columns(p, kw, stride)
     lines = [
         "@njit_noalias",
         f"def _block_{kh}x{kw}s{stride}(xf, wf, zf, of, o0, a0_0, uc, ur, cb):",
@@ -68,7 +83,7 @@ def _block(kh: int, kw: int, stride: int) -> list[str]:
 
 def _wgrad_block(kw: int, stride: int) -> list[str]:
     q = COLUMNS
-    inputs = stride * (q - 1) + kw  # the input columns the block's output columns meet
+    inputs = input_columns(q, kw, stride)  # the input columns the block's output columns meet
     lines = [
         "@njit_noalias",
         f"def _wgrad_block_{kw}s{stride}(xf, gf, af, g0, a0, b0, uc, cb):",
