@@ -6,8 +6,8 @@ with unit stride (over ``T`` neighbouring pixels' channels at stride 1, see ``_f
 vectorises it (AVX-512 where the CPU has it); taps go four at a time per pass. Zero padding is not
 materialised: each output row and column clips its tap range to the input (``_tap_range``); other
 padding modes are padded once by ``F.pad`` before the kernel (autograd then folds the padded border's
-gradient back). For the common kernel sizes at horizontal stride 1 or 2 (:mod:`sepconv.kernels.unroll`), the forward and
-weight-gradient interiors go through generated blocks with every tap unrolled and the sums in
+gradient back). For the common kernel sizes at horizontal stride 1 or 2 (:mod:`sepconv.kernels.unroll`),
+the forward and weight-gradient interiors go through generated blocks with every tap unrolled and the sums in
 registers; on small maps, where many windows cross the padding, the input is zero-padded once into a
 temporary so that every pixel takes the fast path (:data:`PAD_BORDER_SHARE`, large kernels only). A depth
 multiplier ``M > 1`` repeats the input's channels ``M`` times into a temporary first (output order
