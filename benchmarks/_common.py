@@ -94,10 +94,16 @@ def rounds(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float,
     return times, {name: faults[name] / (numbers[name] * done) for name in names}, numbers
 
 
+def _iqr(t: list[float]) -> float:
+    if len(t) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(t, n=4)
+    return q3 - q1
+
+
 def measure(fns: dict, min_run_time: float, min_rounds: int, max_row_time: float) -> dict:
     """Per-call times (seconds) of each candidate over interleaved rounds (:func:`rounds`, shuffled)."""
     times, faults, _ = rounds(fns, min_run_time, min_rounds, max_row_time)
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "rounds": len(t),
-                   "page_faults_per_call": faults[name],
-                   "iqr_s": (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) if len(t) > 1 else 0.0}
+                   "page_faults_per_call": faults[name], "iqr_s": _iqr(t)}
             for name, t in times.items()}
