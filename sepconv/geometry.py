@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -187,6 +187,59 @@ def output_shape(input_size: Sequence[int], kernel_size: Sequence[int], stride: 
                  padding: Sequence[tuple[int, int]], dilation: Sequence[int]) -> tuple[int, ...]:
     """Spatial output shape for resolved integer padding."""
     return tuple(output_size(n, k, s, p, d) for n, k, s, p, d in zip(input_size, kernel_size, stride, padding, dilation))
+
+
+class ConvGeometry(NamedTuple):
+    """A convolution's geometry resolved for one input size: the value every kernel receives.
+
+    ``padding`` holds integer ``(before, after)`` pairs per spatial axis. Hashable, so backends key their
+    plans and choices on it.
+
+    >>> g = conv_geometry((7, 8), (3, 3), (2, 2), ((1, 1), (0, 1)), (1, 1))
+    >>> g.output_size, g.flipped_padding
+    ((4, 4), ((1, 1), (2, 1)))
+    """
+    input_size: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    output_size: tuple[int, ...]
+
+    @property
+    def flipped_padding(self) -> tuple[tuple[int, int], ...]:
+        """Padding of the input gradient seen as a convolution of grad_out (zero-stuffed by the stride) with the
+        flipped kernel: ``k_eff - 1 - before`` before, and after ``k_eff - 1 - after`` plus the input rows the
+        forward's last stride step never reached."""
+        pairs = []
+        for n, k, s, (before, after), d in zip(self.input_size, self.kernel_size, self.stride, self.padding,
+                                               self.dilation):
+            k_eff = effective_kernel_size(k, d)
+            pairs.append((k_eff - 1 - before, k_eff - 1 - after + (n + before + after - k_eff) % s))
+        return tuple(pairs)
+
+    @property
+    def flat_padding(self) -> tuple[int, ...]:
+        """``(before_0, after_0, before_1, after_1, ...)``: the padding as one list of ints (op schemas)."""
+        return tuple(amount for pair in self.padding for amount in pair)
+
+    @property
+    def zero_padded(self) -> bool:
+        return not any(before or after for before, after in self.padding)
+
+    def without_padding(self) -> "ConvGeometry":
+        """The same convolution on an input already padded by ``padding``."""
+        padded = tuple(n + before + after for n, (before, after) in zip(self.input_size, self.padding))
+        return self._replace(input_size=padded, padding=((0, 0),) * len(padded))
+
+
+def conv_geometry(input_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[tuple[int, int]], dilation: Sequence[int]) -> ConvGeometry:
+    """:class:`ConvGeometry` from normalised tuples and integer padding pairs."""
+    input_size, kernel_size, stride, dilation = (tuple(v) for v in (input_size, kernel_size, stride, dilation))
+    padding = tuple(tuple(pair) for pair in padding)
+    return ConvGeometry(input_size, kernel_size, stride, padding, dilation,
+                        output_shape(input_size, kernel_size, stride, padding, dilation))
 
 
 def conv_output_shape(input_size: Sequence[int], kernel_size, stride=1, padding=0, dilation=1) -> tuple[int, ...]:

@@ -1,0 +1,128 @@
+"""The C++ CPU backend: depthwise convolution kernels compiled on the user's machine.
+
+``depthwise.cpp`` is built on first use by :func:`torch.utils.cpp_extension.load` (ninja, ``-O3`` for the host's
+instruction set, cached in PyTorch's extensions directory, so later processes load it in well under a second)
+and registered as the CPU implementation of the ``torch.ops.sepconv`` depthwise ops (:mod:`..ops`). Its
+threads are PyTorch's own (``at::parallel_for``). Where the build fails (no compiler, no ninja), sepconv warns
+once, naming the cause and the fix, and every call takes the reference.
+
+Covered: 1-D and 2-D, float32 and float64, any kernel size, stride, dilation and depth multiplier, zero
+padding (other modes are padded by the caller), contiguous and channels-last inputs on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import warnings
+
+import torch
+
+from .. import ops
+
+NAME = "cpu"
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "depthwise.cpp")
+_lock = threading.Lock()
+_module = None
+_failure: str | None = None
+
+
+def _flags() -> list[str]:
+    native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+    return ["-O3", native, "-fno-math-errno"]
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    build_dir = os.environ.get("SEPCONV_BUILD_DIR") or None
+    if build_dir:
+        os.makedirs(build_dir, exist_ok=True)
+    return cpp_extension.load(name="sepconv_cpu", sources=[_SOURCE], extra_cflags=_flags(),
+                              build_directory=build_dir, verbose=False)
+
+
+def load():
+    """The compiled extension (built on the first call of the process), or None if it cannot be built."""
+    global _module, _failure
+    if _module is not None or _failure is not None:
+        return _module
+    with _lock:
+        if _module is None and _failure is None:
+            try:
+                _module = _build()
+                _register(_module)
+            except Exception as error:  # a compiler error, no ninja, no headers: all end on the reference
+                _failure = " ".join(str(error).split())[:300] or type(error).__name__
+                warnings.warn(f"sepconv: the C++ CPU kernels could not be built ({_failure}); depthwise "
+                              "convolutions run on PyTorch's own kernels. Install a C++ compiler (g++ or clang) and "
+                              "ninja (`pip install ninja`), or set SEPCONV_KERNELS=reference to silence this.",
+                              RuntimeWarning, stacklevel=3)
+    return _module
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def failure() -> str | None:
+    """Why the build failed, if it did."""
+    return _failure
+
+
+def kernel_calls() -> int:
+    """How many times a C++ kernel has run in this process (tests use it to see the fast path ran)."""
+    return load().kernel_calls() if available() else 0
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernels cover this call (any geometry; zero padding is the caller's business)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.ndim in (3, 4)
+            and weight.dtype == x.dtype and weight.device.type == "cpu")
+
+
+# --- the CPU implementations of the ops -----------------------------------------------------------------------
+# Kernels take 4-D tensors; a 1-D call is a 2-D one with a single row (an (N, L, C)-backed input stays
+# channels-last through the view).
+
+def _geometry_args(g) -> list[int]:
+    if len(g.kernel_size) == 1:
+        g = g._replace(input_size=(1, *g.input_size), kernel_size=(1, *g.kernel_size), stride=(1, *g.stride),
+                       padding=((0, 0), *g.padding), dilation=(1, *g.dilation), output_size=(1, *g.output_size))
+    (kh, kw), (oh, ow), (sh, sw), (dh, dw) = g.kernel_size, g.output_size, g.stride, g.dilation
+    (pt, _), (pl, _) = g.padding
+    (fpt, _), (fpl, _) = g.flipped_padding
+    return [kh, kw, oh, ow, sh, sw, pt, pl, dh, dw, fpt, fpl]
+
+
+def _planes(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(2) if t.ndim == 3 else t
+
+
+def _back(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.squeeze(2) if like.ndim == 3 else t
+
+
+def _forward(x, weight, bias, stride, padding, dilation):
+    g = ops.resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    out = _module.forward(_planes(x), _planes(weight), bias, _geometry_args(g))
+    return _back(out, x).contiguous() if x.ndim == 3 else out
+
+
+def _input_grad(grad_out, weight, input_size, stride, padding, dilation):
+    g = ops.resolve(input_size[2:], weight.shape[2:], stride, padding, dilation)
+    size = list(input_size) if len(input_size) == 4 else [input_size[0], input_size[1], 1, input_size[2]]
+    return _back(_module.input_grad(_planes(grad_out), _planes(weight), size, _geometry_args(g)), grad_out)
+
+
+def _weight_grad(x, grad_out, weight_size, stride, padding, dilation):
+    g = ops.resolve(x.shape[2:], weight_size[2:], stride, padding, dilation)
+    size = list(weight_size) if len(weight_size) == 4 else [weight_size[0], 1, 1, weight_size[2]]
+    return _module.weight_grad(_planes(x), _planes(grad_out), size, _geometry_args(g)).reshape(weight_size)
+
+
+def _register(module) -> None:
+    for name, function in zip(ops.NAMES, (_forward, _input_grad, _weight_grad)):
+        torch.library.impl(name, "CPU", func=function)

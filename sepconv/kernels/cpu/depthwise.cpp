@@ -1,0 +1,626 @@
+// Depthwise convolution on the CPU: forward, input gradient and weight gradient, 2-D (1-D is 2-D with one row).
+//
+// The geometry arrives resolved (sepconv.geometry.ConvGeometry.kernel_args): kernel, output size, stride,
+// padding before each axis, dilation and the flipped padding of the input gradient. Zero padding only: other
+// padding modes are applied by the caller. Two families of kernels, chosen by the input's memory layout:
+//
+// * planar (NCHW): each task owns one (image, input channel) plane and lays it out once as a zero-padded
+//   "phase grid" (every row split into stride phases), so that each tap is one unit-stride loop over an output
+//   row whatever the stride, dilation or padding; rows are register-blocked over output columns.
+// * channels-last (NHWC, depth multiplier 1): vectors run along channels; the interior of each output row is
+//   register-blocked over 8 output pixels, the border clips the taps.
+//
+// Threads come from PyTorch's own pool (at::parallel_for), so there is no second OpenMP runtime.
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY_AVX512 1
+#define CPU_CAPABILITY AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2 1
+#define CPU_CAPABILITY AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+struct Geometry {
+  int64_t kh, kw, oh, ow, sh, sw, pt, pl, dh, dw, flip_pt, flip_pl;
+};
+
+Geometry read_geometry(at::IntArrayRef g) {
+  TORCH_CHECK(g.size() == 12, "sepconv: geometry must hold 12 integers; got ", g.size());
+  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11]};
+}
+
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+// Output pixels [lo, hi) of a row for which every tap column ow * s - pad + kw * d (kw < k) lies in [0, n).
+std::pair<int64_t, int64_t> interior(int64_t n, int64_t out, int64_t k, int64_t s, int64_t pad, int64_t d) {
+  int64_t lo = std::max<int64_t>(0, ceil_div(pad, s));
+  int64_t hi = std::min<int64_t>(out, floor_div(n - 1 - (k - 1) * d + pad, s) + 1);
+  return {std::min(lo, out), std::max(hi, std::min(lo, out))};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Row primitives shared by the planar kernels.
+
+// out[j] = init + sum_t w[t] * src[t][j] for j < len; four vectors of output columns stay in registers.
+template <typename T>
+void correlate_row(T* out, int64_t len, const T* const* src, const T* w, int64_t taps, T init) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  int64_t j = 0;
+  for (; j + 4 * L <= len; j += 4 * L) {
+    V a0(init), a1(init), a2(init), a3(init);
+    for (int64_t t = 0; t < taps; ++t) {
+      const T* s = src[t] + j;
+      const V wt(w[t]);
+      a0 = at::vec::fmadd(wt, V::loadu(s), a0);
+      a1 = at::vec::fmadd(wt, V::loadu(s + L), a1);
+      a2 = at::vec::fmadd(wt, V::loadu(s + 2 * L), a2);
+      a3 = at::vec::fmadd(wt, V::loadu(s + 3 * L), a3);
+    }
+    a0.store(out + j);
+    a1.store(out + j + L);
+    a2.store(out + j + 2 * L);
+    a3.store(out + j + 3 * L);
+  }
+  for (; j < len; j += L) {
+    const int64_t n = std::min<int64_t>(L, len - j);
+    V a(init);
+    for (int64_t t = 0; t < taps; ++t) a = at::vec::fmadd(V(w[t]), V::loadu(src[t] + j, n), a);
+    a.store(out + j, n);
+  }
+}
+
+// acc[t] (one vector per tap) += d[j] * src[t][j] over j < len, NT taps at a time so d is loaded once per NT.
+template <typename T, int NT>
+void dot_taps_block(const T* d, int64_t len, const T* const* src, Vectorized<T>* acc) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V a[NT];
+  for (int i = 0; i < NT; ++i) a[i] = acc[i];
+  int64_t j = 0;
+  for (; j + L <= len; j += L) {
+    const V dv = V::loadu(d + j);
+    for (int i = 0; i < NT; ++i) a[i] = at::vec::fmadd(dv, V::loadu(src[i] + j), a[i]);
+  }
+  if (j < len) {
+    const int64_t n = len - j;
+    const V dv = V::loadu(d + j, n);  // the lanes past n load as zeros
+    for (int i = 0; i < NT; ++i) a[i] = at::vec::fmadd(dv, V::loadu(src[i] + j, n), a[i]);
+  }
+  for (int i = 0; i < NT; ++i) acc[i] = a[i];
+}
+
+template <typename T>
+void dot_taps(const T* d, int64_t len, const T* const* src, int64_t taps, Vectorized<T>* acc) {
+  int64_t t = 0;
+  for (; t + 8 <= taps; t += 8) dot_taps_block<T, 8>(d, len, src + t, acc + t);
+  switch (taps - t) {
+    case 7: dot_taps_block<T, 7>(d, len, src + t, acc + t); break;
+    case 6: dot_taps_block<T, 6>(d, len, src + t, acc + t); break;
+    case 5: dot_taps_block<T, 5>(d, len, src + t, acc + t); break;
+    case 4: dot_taps_block<T, 4>(d, len, src + t, acc + t); break;
+    case 3: dot_taps_block<T, 3>(d, len, src + t, acc + t); break;
+    case 2: dot_taps_block<T, 2>(d, len, src + t, acc + t); break;
+    case 1: dot_taps_block<T, 1>(d, len, src + t, acc + t); break;
+    default: break;
+  }
+}
+
+template <typename T>
+T horizontal_sum(const Vectorized<T>& v) {
+  __at_align__ T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T sum = 0;
+  for (int64_t i = 0; i < Vectorized<T>::size(); ++i) sum += lanes[i];
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Planar kernels (NCHW).
+
+// The zero-padded phase grid of one H x W plane: padded row r (input row r - pt), phase p holds the padded
+// columns p, p + sw, p + 2 sw, ...; Q entries per phase. Rows wholly in the padding are left unwritten: the
+// kernels skip their taps.
+struct PhaseGrid {
+  int64_t rows, q;
+  PhaseGrid(const Geometry& g)
+      : rows((g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1), q(g.ow + ((g.kw - 1) * g.dw) / g.sw) {}
+  int64_t size(const Geometry& g) const { return rows * g.sw * q; }
+  bool row_inside(int64_t r, int64_t H, const Geometry& g) const { return r - g.pt >= 0 && r - g.pt < H; }
+
+  template <typename T>
+  void fill(const T* plane, int64_t H, int64_t W, const Geometry& g, T* grid) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!row_inside(r, H, g)) continue;
+      const T* row = plane + (r - g.pt) * W;
+      for (int64_t p = 0; p < g.sw; ++p) {
+        T* dst = grid + (r * g.sw + p) * q;
+        if (g.sw == 1) {
+          // columns j - pl inside [0, W) are a plain copy; the rest is padding
+          const int64_t lo = std::clamp<int64_t>(g.pl, 0, q), hi = std::clamp<int64_t>(W + g.pl, lo, q);
+          std::fill(dst, dst + lo, T(0));
+          std::copy(row + lo - g.pl, row + hi - g.pl, dst + lo);
+          std::fill(dst + hi, dst + q, T(0));
+        } else {
+          for (int64_t j = 0; j < q; ++j) {
+            const int64_t col = p + g.sw * j - g.pl;
+            dst[j] = (col >= 0 && col < W) ? row[col] : T(0);
+          }
+        }
+      }
+    }
+  }
+
+  // Pointers to the taps of output row oh that touch input rows (weights w[kh * kw + kw]); returns how many.
+  template <typename T>
+  int64_t taps(const T* grid, int64_t oh, int64_t H, const Geometry& g, const T* w, const T** src, T* wt) const {
+    int64_t n = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t r = oh * g.sh + i * g.dh;
+      if (!row_inside(r, H, g)) continue;
+      for (int64_t k = 0; k < g.kw; ++k) {
+        const int64_t offset = k * g.dw;
+        src[n] = grid + (r * g.sw + offset % g.sw) * q + offset / g.sw;
+        if (wt) wt[n] = w[i * g.kw + k];
+        ++n;
+      }
+    }
+    return n;
+  }
+};
+
+template <typename T>
+void planar_forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t C, int64_t M, int64_t H,
+                    int64_t W, const Geometry& g) {
+  const PhaseGrid grid_shape(g);
+  const int64_t K = g.kh * g.kw, out_plane = g.oh * g.ow;
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> grid(grid_shape.size(g)), weights(K);
+    std::vector<const T*> src(K);
+    for (int64_t task = begin; task < end; ++task) {
+      grid_shape.fill(x + task * H * W, H, W, g, grid.data());
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t co = (task % C) * M + m;
+        T* out = y + ((task / C) * C * M + co) * out_plane;
+        const T init = bias ? bias[co] : T(0);
+        for (int64_t oh = 0; oh < g.oh; ++oh) {
+          const int64_t n = grid_shape.taps(grid.data(), oh, H, g, w + co * K, src.data(), weights.data());
+          correlate_row(out + oh * g.ow, g.ow, src.data(), weights.data(), n, init);
+        }
+      }
+    }
+  });
+}
+
+// Input gradient, per input plane: each (row, column phase) of the input gathers the taps that land on it;
+// a stride-1 correlation over a zero-padded copy of grad_out, scattered back with the column stride.
+template <typename T>
+void planar_input_grad(const T* dy, const T* w, T* dx, int64_t N, int64_t C, int64_t M, int64_t H, int64_t W,
+                       const Geometry& g) {
+  const int64_t K = g.kh * g.kw;
+  const int64_t left = ((g.kw - 1) * g.dw) / g.sw + 1;  // columns of zeros before each grad_out row
+  const int64_t padded = left + std::max(g.ow, (g.pl + W) / g.sw + 1) + 1;
+  const int64_t columns = (W + g.sw - 1) / g.sw;
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> rows(M * g.oh * padded), weights(M * K), scratch(columns);
+    std::vector<const T*> src(M * K);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % C;
+      const T* dy_planes = dy + ((task / C) * C * M + c * M) * g.oh * g.ow;
+      for (int64_t r = 0; r < M * g.oh; ++r) {
+        T* dst = rows.data() + r * padded;
+        std::fill(dst, dst + left, T(0));
+        std::copy(dy_planes + r * g.ow, dy_planes + (r + 1) * g.ow, dst + left);
+        std::fill(dst + left + g.ow, dst + padded, T(0));
+      }
+      T* plane = dx + task * H * W;
+      for (int64_t ih = 0; ih < H; ++ih) {
+        for (int64_t b = 0; b < std::min(g.sw, W); ++b) {
+          int64_t n = 0;
+          for (int64_t m = 0; m < M; ++m) {
+            for (int64_t i = 0; i < g.kh; ++i) {
+              const int64_t t = ih + g.pt - i * g.dh;
+              if (floor_div(t, g.sh) * g.sh != t) continue;
+              const int64_t oh = t / g.sh;
+              if (oh < 0 || oh >= g.oh) continue;
+              for (int64_t k = 0; k < g.kw; ++k) {
+                const int64_t u = b + g.pl - k * g.dw;
+                if (floor_div(u, g.sw) * g.sw != u) continue;
+                src[n] = rows.data() + (m * g.oh + oh) * padded + left + floor_div(u, g.sw);
+                weights[n] = w[(c * M + m) * K + i * g.kw + k];
+                ++n;
+              }
+            }
+          }
+          const int64_t len = (W - b + g.sw - 1) / g.sw;
+          T* row = plane + ih * W;
+          if (g.sw == 1) {
+            correlate_row(row, len, src.data(), weights.data(), n, T(0));
+          } else {
+            correlate_row(scratch.data(), len, src.data(), weights.data(), n, T(0));
+            for (int64_t j = 0; j < len; ++j) row[b + g.sw * j] = scratch[j];
+          }
+        }
+      }
+    }
+  });
+}
+
+// Weight gradient: grad_out rows dotted with the phase grid's tap rows. Tasks are (channel, slice of the
+// batch) with partial sums per slice, so a single channel (EEGNet's first layer) still uses every thread.
+template <typename T>
+void planar_weight_grad(const T* x, const T* dy, T* dw, int64_t N, int64_t C, int64_t M, int64_t H, int64_t W,
+                        const Geometry& g) {
+  using V = Vectorized<T>;
+  const PhaseGrid grid_shape(g);
+  const int64_t K = g.kh * g.kw, out_plane = g.oh * g.ow;
+  const int64_t slices = std::min<int64_t>(N, ceil_div(4 * at::get_num_threads(), C));
+  std::vector<T> partial(slices * C * M * K, T(0));
+  at::parallel_for(0, C * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> grid(grid_shape.size(g));
+    std::vector<const T*> src(K);
+    std::vector<V> acc(M * K);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / slices, slice = task % slices;
+      std::fill(acc.begin(), acc.end(), V(T(0)));
+      for (int64_t n = slice * N / slices; n < (slice + 1) * N / slices; ++n) {
+        grid_shape.fill(x + (n * C + c) * H * W, H, W, g, grid.data());
+        for (int64_t oh = 0; oh < g.oh; ++oh) {
+          // the taps of rows in the padding are zero: dropping them drops their columns of acc too
+          int64_t used = 0;
+          for (int64_t i = 0; i < g.kh; ++i) used += grid_shape.row_inside(oh * g.sh + i * g.dh, H, g);
+          if (used == 0) continue;
+          const int64_t taps = grid_shape.taps(grid.data(), oh, H, g, (const T*)nullptr, src.data(), (T*)nullptr);
+          for (int64_t m = 0; m < M; ++m) {
+            const T* d = dy + (n * C * M + c * M + m) * out_plane + oh * g.ow;
+            if (taps == K) {
+              dot_taps(d, g.ow, src.data(), K, acc.data() + m * K);
+            } else {  // some kernel rows fall in the padding: accumulate the others in place
+              V* a = acc.data() + m * K;
+              int64_t t = 0;
+              for (int64_t i = 0; i < g.kh; ++i) {
+                if (!grid_shape.row_inside(oh * g.sh + i * g.dh, H, g)) continue;
+                dot_taps(d, g.ow, src.data() + t, g.kw, a + i * g.kw);
+                t += g.kw;
+              }
+            }
+          }
+        }
+      }
+      T* out = partial.data() + (slice * C + c) * M * K;
+      for (int64_t i = 0; i < M * K; ++i) out[i] = horizontal_sum(acc[i]);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < M * K; ++i) {
+      T sum = 0;
+      for (int64_t s = 0; s < slices; ++s) sum += partial[(s * C + c) * M * K + i];
+      dw[c * M * K + i] = sum;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Channels-last kernels (NHWC, depth multiplier 1). Weights as (KH, KW, C) rows.
+
+// P output pixels of one row, one vector of channels [c, c + n): acc[p] = bias + sum over taps. `rows[i]` is the
+// input row of kernel row i (nullptr in the padding); pixel p reads column (ow + p) * sw - pl + k * dw.
+template <typename T, int P, bool CLIP>
+void nhwc_pixels(const T* const* rows, const T* wt, const T* bias, T* out, int64_t ow, int64_t c, int64_t n,
+                 int64_t C, int64_t W, const Geometry& g) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V acc[P];
+  const V init = bias ? (n == L ? V::loadu(bias + c) : V::loadu(bias + c, n)) : V(T(0));
+  for (int p = 0; p < P; ++p) acc[p] = init;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    if (!rows[i]) continue;
+    for (int64_t k = 0; k < g.kw; ++k) {
+      const T* wp = wt + (i * g.kw + k) * C + c;
+      const V wv = n == L ? V::loadu(wp) : V::loadu(wp, n);
+      const int64_t col = ow * g.sw - g.pl + k * g.dw;
+      for (int p = 0; p < P; ++p) {
+        const int64_t cp = col + p * g.sw;
+        if (CLIP && (cp < 0 || cp >= W)) continue;
+        const T* xp = rows[i] + cp * C + c;
+        acc[p] = at::vec::fmadd(wv, n == L ? V::loadu(xp) : V::loadu(xp, n), acc[p]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    if (n == L) acc[p].store(out + (ow + p) * C + c);
+    else acc[p].store(out + (ow + p) * C + c, n);
+  }
+}
+
+template <typename T>
+void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64_t C, int64_t H, int64_t W,
+                  const Geometry& g) {
+  constexpr int64_t L = Vectorized<T>::size();
+  constexpr int P = 8;
+  const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
+  at::parallel_for(0, N * g.oh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> rows(g.kh);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image = task / g.oh, oh = task % g.oh;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+        rows[i] = (ih >= 0 && ih < H) ? x + (image * H + ih) * W * C : nullptr;
+      }
+      T* out = y + task * g.ow * C;
+      for (int64_t c = 0; c < C; c += L) {
+        const int64_t n = std::min<int64_t>(L, C - c);
+        int64_t ow = 0;
+        for (; ow < lo; ++ow) nhwc_pixels<T, 1, true>(rows.data(), wt, bias, out, ow, c, n, C, W, g);
+        for (; ow + P <= hi; ow += P) nhwc_pixels<T, P, false>(rows.data(), wt, bias, out, ow, c, n, C, W, g);
+        for (; ow < hi; ++ow) nhwc_pixels<T, 1, false>(rows.data(), wt, bias, out, ow, c, n, C, W, g);
+        for (; ow < g.ow; ++ow) nhwc_pixels<T, 1, true>(rows.data(), wt, bias, out, ow, c, n, C, W, g);
+      }
+    }
+  });
+}
+
+// Input gradient for any stride: each input pixel gathers the (kernel tap, output pixel) pairs that reach it.
+template <typename T>
+void nhwc_input_grad_strided(const T* dy, const T* wt, T* dx, int64_t N, int64_t C, int64_t H, int64_t W,
+                             const Geometry& g) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> src;
+    std::vector<const T*> wsrc;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image = task / H, ih = task % H;
+      for (int64_t iw = 0; iw < W; ++iw) {
+        src.clear();
+        wsrc.clear();
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t t = ih + g.pt - i * g.dh;
+          if (floor_div(t, g.sh) * g.sh != t || t < 0 || t / g.sh >= g.oh) continue;
+          for (int64_t k = 0; k < g.kw; ++k) {
+            const int64_t u = iw + g.pl - k * g.dw;
+            if (floor_div(u, g.sw) * g.sw != u || u < 0 || u / g.sw >= g.ow) continue;
+            src.push_back(dy + ((image * g.oh + t / g.sh) * g.ow + u / g.sw) * C);
+            wsrc.push_back(wt + (i * g.kw + k) * C);
+          }
+        }
+        T* out = dx + (task * W + iw) * C;
+        for (int64_t c = 0; c < C; c += L) {
+          const int64_t n = std::min<int64_t>(L, C - c);
+          V acc(T(0));
+          for (size_t t = 0; t < src.size(); ++t)
+            acc = at::vec::fmadd(V::loadu(wsrc[t] + c, n), V::loadu(src[t] + c, n), acc);
+          acc.store(out + c, n);
+        }
+      }
+    }
+  });
+}
+
+// Weight gradient: per thread partial sums of (KH, KW, C), reduced at the end. For a kernel row and a vector of
+// channels, up to 8 taps of that row accumulate in registers while grad_out is loaded once per pixel.
+template <typename T, int NT>
+void nhwc_wgrad_taps(const T* xrow, const T* dyrow, T* partial, int64_t k0, int64_t c, int64_t n, int64_t C,
+                     int64_t W, const Geometry& g) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = V(T(0));
+  // pixels for which all NT taps fall inside the row
+  const int64_t pad = g.pl - k0 * g.dw;
+  const auto [lo, hi] = interior(W, g.ow, NT, g.sw, pad, g.dw);
+  auto load = [&](const T* p) { return n == L ? V::loadu(p) : V::loadu(p, n); };
+  for (int64_t ow = lo; ow < hi; ++ow) {
+    const V d = load(dyrow + ow * C + c);
+    const T* xp = xrow + (ow * g.sw - pad) * C + c;
+    for (int t = 0; t < NT; ++t) acc[t] = at::vec::fmadd(d, load(xp + t * g.dw * C), acc[t]);
+  }
+  for (int64_t ow = 0; ow < g.ow; ++ow) {
+    if (ow == lo) ow = std::max(hi, lo);
+    if (ow >= g.ow) break;
+    const V d = load(dyrow + ow * C + c);
+    for (int t = 0; t < NT; ++t) {
+      const int64_t col = ow * g.sw - pad + t * g.dw;
+      if (col >= 0 && col < W) acc[t] = at::vec::fmadd(d, load(xrow + col * C + c), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    T* p = partial + (k0 + t) * C + c;
+    (load(p) + acc[t]).store(p, n);
+  }
+}
+
+template <typename T>
+void nhwc_weight_grad(const T* x, const T* dy, T* dwt, int64_t N, int64_t C, int64_t H, int64_t W,
+                      const Geometry& g) {
+  constexpr int64_t L = Vectorized<T>::size();
+  const int64_t K = g.kh * g.kw;
+  const int64_t threads = at::get_num_threads();
+  std::vector<T> partial(threads * K * C, T(0));
+  at::parallel_for(0, N * g.oh, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::get_thread_num();
+    T* mine = partial.data() + thread * K * C;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image = task / g.oh, oh = task % g.oh;
+      const T* dyrow = dy + task * g.ow * C;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+        if (ih < 0 || ih >= H) continue;
+        const T* xrow = x + (image * H + ih) * W * C;
+        T* row_partial = mine + i * g.kw * C;
+        for (int64_t c = 0; c < C; c += L) {
+          const int64_t n = std::min<int64_t>(L, C - c);
+          int64_t k = 0;
+          for (; k + 8 <= g.kw; k += 8) nhwc_wgrad_taps<T, 8>(xrow, dyrow, row_partial, k, c, n, C, W, g);
+          switch (g.kw - k) {
+            case 7: nhwc_wgrad_taps<T, 7>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
+            case 6: nhwc_wgrad_taps<T, 6>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
+            case 5: nhwc_wgrad_taps<T, 5>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
+            case 4: nhwc_wgrad_taps<T, 4>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
+            case 3: nhwc_wgrad_taps<T, 3>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
+            case 2: nhwc_wgrad_taps<T, 2>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
+            case 1: nhwc_wgrad_taps<T, 1>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
+            default: break;
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, K * C, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T sum = 0;
+      for (int64_t t = 0; t < threads; ++t) sum += partial[t * K * C + i];
+      dwt[i] = sum;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Entry points: tensors are 4-D (N, C, H, W); the layout decides the kernel family.
+
+std::atomic<int64_t> kernel_calls{0};
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+              "sepconv cpu kernels: ", name, " must be a 4-D float32/float64 CPU tensor; got ", t.sizes(), " ",
+              t.scalar_type());
+}
+
+// (C * M, 1, KH, KW) -> (KH, KW, C * M) rows for the channels-last kernels.
+at::Tensor weight_rows(const at::Tensor& weight, bool flip) {
+  auto w = flip ? weight.flip({2, 3}) : weight;
+  return w.squeeze(1).permute({1, 2, 0}).contiguous();
+}
+
+// PyTorch's convolutions answer a channels-last input or weight with a channels-last output.
+bool channels_last_output(const at::Tensor& t, const at::Tensor& weight) {
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+         weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// The channels-last kernels vectorise along channels: worth it from about half a vector of them on.
+bool use_nhwc(bool channels_last, int64_t C, int64_t M) {
+  return channels_last && M == 1 && C >= std::max<int64_t>(4, Vectorized<float>::size() / 2);
+}
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   at::IntArrayRef geometry) {
+  check(x, "x");
+  check(weight, "weight");
+  ++kernel_calls;
+  const Geometry g = read_geometry(geometry);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CM = weight.size(0), M = CM / C;
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const bool cl = channels_last_output(x, weight);
+  if (use_nhwc(cl, C, M)) {
+    const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+    auto y = at::empty({N, CM, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const auto wt = weight_rows(weight, false);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_nhwc", [&] {
+      nhwc_forward<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                             b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, H, W, g);
+    });
+    return y;
+  }
+  const auto xc = x.contiguous();
+  const auto wc = weight.contiguous();
+  // one channel: both layouts order the elements alike, so the planar kernel writes PyTorch's strides directly
+  auto y = at::empty({N, CM, g.oh, g.ow}, x.options().memory_format(cl && CM == 1 ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_planar", [&] {
+    planar_forward<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+                             b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, M, H, W, g);
+  });
+  return cl ? y.contiguous(at::MemoryFormat::ChannelsLast) : y;
+}
+
+at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef input_size,
+                      at::IntArrayRef geometry) {
+  check(grad_out, "grad_out");
+  check(weight, "weight");
+  ++kernel_calls;
+  const Geometry g = read_geometry(geometry);
+  const int64_t N = input_size[0], C = input_size[1], H = input_size[2], W = input_size[3];
+  const int64_t M = weight.size(0) / C;
+  const bool cl = channels_last_output(grad_out, weight);
+  if (use_nhwc(cl, C, M)) {
+    const auto dyc = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
+    auto dx = at::empty({N, C, H, W}, grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (g.sh == 1 && g.sw == 1) {
+      // stride 1: the forward kernel with the flipped kernel and the flipped padding
+      const Geometry flipped{g.kh, g.kw, H, W, 1, 1, g.flip_pt, g.flip_pl, g.dh, g.dw, g.pt, g.pl};
+      const auto wt = weight_rows(weight, true);
+      AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sepconv_input_grad_nhwc", [&] {
+        nhwc_forward<scalar_t>(dyc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), nullptr,
+                               dx.data_ptr<scalar_t>(), N, C, g.oh, g.ow, flipped);
+      });
+    } else {
+      const auto wt = weight_rows(weight, false);
+      AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sepconv_input_grad_nhwc_strided", [&] {
+        nhwc_input_grad_strided<scalar_t>(dyc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                                          dx.data_ptr<scalar_t>(), N, C, H, W, g);
+      });
+    }
+    return dx;
+  }
+  const auto dyc = grad_out.contiguous();
+  const auto wc = weight.contiguous();
+  auto dx = at::empty({N, C, H, W}, grad_out.options().memory_format(cl && C == 1 ? at::MemoryFormat::ChannelsLast
+                                                                                 : at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sepconv_input_grad_planar", [&] {
+    planar_input_grad<scalar_t>(dyc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), N, C, M,
+                                H, W, g);
+  });
+  return cl ? dx.contiguous(at::MemoryFormat::ChannelsLast) : dx;
+}
+
+at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntArrayRef weight_size,
+                       at::IntArrayRef geometry) {
+  check(x, "x");
+  check(grad_out, "grad_out");
+  ++kernel_calls;
+  const Geometry g = read_geometry(geometry);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CM = weight_size[0], M = CM / C;
+  if (use_nhwc(x.suggest_memory_format() == at::MemoryFormat::ChannelsLast, C, M)) {
+    const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+    const auto dyc = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
+    auto dwt = at::empty({g.kh, g.kw, C}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_weight_grad_nhwc", [&] {
+      nhwc_weight_grad<scalar_t>(xc.data_ptr<scalar_t>(), dyc.data_ptr<scalar_t>(), dwt.data_ptr<scalar_t>(), N, C,
+                                 H, W, g);
+    });
+    return dwt.permute({2, 0, 1}).unsqueeze(1).contiguous();
+  }
+  const auto xc = x.contiguous();
+  const auto dyc = grad_out.contiguous();
+  auto dw = at::empty({CM, 1, g.kh, g.kw}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_weight_grad_planar", [&] {
+    planar_weight_grad<scalar_t>(xc.data_ptr<scalar_t>(), dyc.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), N, C, M,
+                                 H, W, g);
+  });
+  return dw;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "depthwise convolution, forward");
+  m.def("input_grad", &input_grad, "depthwise convolution, gradient of the input");
+  m.def("weight_grad", &weight_grad, "depthwise convolution, gradient of the weight");
+  m.def("kernel_calls", [] { return kernel_calls.load(); }, "how many times a kernel ran (tests read it)");
+  m.def("vector_width", [] { return (int64_t)Vectorized<float>::size(); }, "float32 lanes of the vector unit");
+}
