@@ -31,7 +31,8 @@ _failure: str | None = None
 
 def _flags() -> list[str]:
     native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
-    return ["-O3", native, "-fno-math-errno"]
+    # -fopenmp compiles at::parallel_for's parallel region; libgomp resolves to the copy PyTorch already loaded
+    return ["-O3", native, "-fno-math-errno", "-fopenmp"]
 
 
 def _build():
@@ -40,7 +41,7 @@ def _build():
     build_dir = os.environ.get("SEPCONV_BUILD_DIR") or None
     if build_dir:
         os.makedirs(build_dir, exist_ok=True)
-    return cpp_extension.load(name="sepconv_cpu", sources=[_SOURCE], extra_cflags=_flags(),
+    return cpp_extension.load(name="sepconv_cpu", sources=[_SOURCE], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
                               build_directory=build_dir, verbose=False)
 
 

@@ -166,16 +166,24 @@ struct PhaseGrid {
     }
   }
 
-  // Pointers to the taps of output row oh that touch input rows (weights w[kh * kw + kw]); returns how many.
+  // Where tap (i, k) starts inside the grid rows of kernel row i: its phase and column, worked out once per call.
+  std::vector<int64_t> tap_columns(const Geometry& g) const {
+    std::vector<int64_t> columns(g.kw);
+    for (int64_t k = 0; k < g.kw; ++k) columns[k] = ((k * g.dw) % g.sw) * q + (k * g.dw) / g.sw;
+    return columns;
+  }
+
+  // Pointers to the taps of output row oh that touch input rows (weights w[i * kw + k]); returns how many.
   template <typename T>
-  int64_t taps(const T* grid, int64_t oh, int64_t H, const Geometry& g, const T* w, const T** src, T* wt) const {
+  int64_t taps(const T* grid, int64_t oh, int64_t H, const Geometry& g, const int64_t* columns, const T* w,
+               const T** src, T* wt) const {
     int64_t n = 0;
     for (int64_t i = 0; i < g.kh; ++i) {
       const int64_t r = oh * g.sh + i * g.dh;
       if (!row_inside(r, H, g)) continue;
+      const T* row = grid + r * g.sw * q;
       for (int64_t k = 0; k < g.kw; ++k) {
-        const int64_t offset = k * g.dw;
-        src[n] = grid + (r * g.sw + offset % g.sw) * q + offset / g.sw;
+        src[n] = row + columns[k];
         if (wt) wt[n] = w[i * g.kw + k];
         ++n;
       }
@@ -189,6 +197,7 @@ void planar_forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int6
                     int64_t W, const Geometry& g) {
   const PhaseGrid grid_shape(g);
   const int64_t K = g.kh * g.kw, out_plane = g.oh * g.ow;
+  const auto columns = grid_shape.tap_columns(g);
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> grid(grid_shape.size(g)), weights(K);
     std::vector<const T*> src(K);
@@ -199,7 +208,7 @@ void planar_forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int6
         T* out = y + ((task / C) * C * M + co) * out_plane;
         const T init = bias ? bias[co] : T(0);
         for (int64_t oh = 0; oh < g.oh; ++oh) {
-          const int64_t n = grid_shape.taps(grid.data(), oh, H, g, w + co * K, src.data(), weights.data());
+          const int64_t n = grid_shape.taps(grid.data(), oh, H, g, columns.data(), w + co * K, src.data(), weights.data());
           correlate_row(out + oh * g.ow, g.ow, src.data(), weights.data(), n, init);
         }
       }
@@ -216,6 +225,13 @@ void planar_input_grad(const T* dy, const T* w, T* dx, int64_t N, int64_t C, int
   const int64_t left = ((g.kw - 1) * g.dw) / g.sw + 1;  // columns of zeros before each grad_out row
   const int64_t padded = left + std::max(g.ow, (g.pl + W) / g.sw + 1) + 1;
   const int64_t columns = (W + g.sw - 1) / g.sw;
+  // for each column phase b: the kernel columns k that reach it, and where their grad_out columns start
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> phase_taps(g.sw);
+  for (int64_t b = 0; b < g.sw; ++b)
+    for (int64_t k = 0; k < g.kw; ++k) {
+      const int64_t u = b + g.pl - k * g.dw;
+      if (floor_div(u, g.sw) * g.sw == u) phase_taps[b].push_back({k, floor_div(u, g.sw)});
+    }
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> rows(M * g.oh * padded), weights(M * K), scratch(columns);
     std::vector<const T*> src(M * K);
@@ -238,11 +254,11 @@ void planar_input_grad(const T* dy, const T* w, T* dx, int64_t N, int64_t C, int
               if (floor_div(t, g.sh) * g.sh != t) continue;
               const int64_t oh = t / g.sh;
               if (oh < 0 || oh >= g.oh) continue;
-              for (int64_t k = 0; k < g.kw; ++k) {
-                const int64_t u = b + g.pl - k * g.dw;
-                if (floor_div(u, g.sw) * g.sw != u) continue;
-                src[n] = rows.data() + (m * g.oh + oh) * padded + left + floor_div(u, g.sw);
-                weights[n] = w[(c * M + m) * K + i * g.kw + k];
+              const T* row = rows.data() + (m * g.oh + oh) * padded + left;
+              const T* wrow = w + (c * M + m) * K + i * g.kw;
+              for (const auto& [k, shift] : phase_taps[b]) {
+                src[n] = row + shift;
+                weights[n] = wrow[k];
                 ++n;
               }
             }
@@ -271,6 +287,7 @@ void planar_weight_grad(const T* x, const T* dy, T* dw, int64_t N, int64_t C, in
   const int64_t K = g.kh * g.kw, out_plane = g.oh * g.ow;
   const int64_t slices = std::min<int64_t>(N, ceil_div(4 * at::get_num_threads(), C));
   std::vector<T> partial(slices * C * M * K, T(0));
+  const auto columns = grid_shape.tap_columns(g);
   at::parallel_for(0, C * slices, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> grid(grid_shape.size(g));
     std::vector<const T*> src(K);
@@ -285,7 +302,7 @@ void planar_weight_grad(const T* x, const T* dy, T* dw, int64_t N, int64_t C, in
           int64_t used = 0;
           for (int64_t i = 0; i < g.kh; ++i) used += grid_shape.row_inside(oh * g.sh + i * g.dh, H, g);
           if (used == 0) continue;
-          const int64_t taps = grid_shape.taps(grid.data(), oh, H, g, (const T*)nullptr, src.data(), (T*)nullptr);
+          const int64_t taps = grid_shape.taps(grid.data(), oh, H, g, columns.data(), (const T*)nullptr, src.data(), (T*)nullptr);
           for (int64_t m = 0; m < M; ++m) {
             const T* d = dy + (n * C * M + c * M + m) * out_plane + oh * g.ow;
             if (taps == K) {
@@ -317,59 +334,176 @@ void planar_weight_grad(const T* x, const T* dy, T* dw, int64_t N, int64_t C, in
 // ---------------------------------------------------------------------------------------------------------
 // Channels-last kernels (NHWC, depth multiplier 1). Weights as (KH, KW, C) rows.
 
-// P output pixels of one row, one vector of channels [c, c + n): acc[p] = bias + sum over taps. `rows[i]` is the
-// input row of kernel row i (nullptr in the padding); pixel p reads column (ow + p) * sw - pl + k * dw.
-template <typename T, int P, bool CLIP>
+template <typename T, bool FULL>
+inline Vectorized<T> load(const T* p, int64_t n) {
+  if constexpr (FULL) return Vectorized<T>::loadu(p);
+  else return Vectorized<T>::loadu(p, n);
+}
+
+template <typename T, bool FULL>
+inline void store(const Vectorized<T>& v, T* p, int64_t n) {
+  if constexpr (FULL) v.store(p);
+  else v.store(p, n);
+}
+
+// P output pixels of one row, channels [c, c + n) (a full vector when FULL): acc[p] = bias + sum over taps.
+// `rows[i]` is the input row of kernel row i (nullptr in the padding); pixel p reads column
+// (ow + p) * sw - pl + k * dw, checked against the row's ends only when CLIP.
+template <typename T, int P, bool CLIP, bool FULL>
 void nhwc_pixels(const T* const* rows, const T* wt, const T* bias, T* out, int64_t ow, int64_t c, int64_t n,
                  int64_t C, int64_t W, const Geometry& g) {
   using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
   V acc[P];
-  const V init = bias ? (n == L ? V::loadu(bias + c) : V::loadu(bias + c, n)) : V(T(0));
+  const V init = bias ? load<T, FULL>(bias + c, n) : V(T(0));
   for (int p = 0; p < P; ++p) acc[p] = init;
+  const int64_t kw = g.kw, step = g.sw * C, tap_step = g.dw * C;
+  const int64_t col0 = ow * g.sw - g.pl;
   for (int64_t i = 0; i < g.kh; ++i) {
     if (!rows[i]) continue;
-    for (int64_t k = 0; k < g.kw; ++k) {
-      const T* wp = wt + (i * g.kw + k) * C + c;
-      const V wv = n == L ? V::loadu(wp) : V::loadu(wp, n);
-      const int64_t col = ow * g.sw - g.pl + k * g.dw;
+    const T* wp = wt + i * kw * C + c;
+    const T* xp = rows[i] + col0 * C + c;
+    for (int64_t k = 0; k < kw; ++k, wp += C, xp += tap_step) {
+      const V wv = load<T, FULL>(wp, n);
       for (int p = 0; p < P; ++p) {
-        const int64_t cp = col + p * g.sw;
-        if (CLIP && (cp < 0 || cp >= W)) continue;
-        const T* xp = rows[i] + cp * C + c;
-        acc[p] = at::vec::fmadd(wv, n == L ? V::loadu(xp) : V::loadu(xp, n), acc[p]);
+        if constexpr (CLIP) {
+          const int64_t col = col0 + k * g.dw + p * g.sw;
+          if (col < 0 || col >= W) continue;
+        }
+        acc[p] = at::vec::fmadd(wv, load<T, FULL>(xp + p * step, n), acc[p]);
       }
     }
   }
-  for (int p = 0; p < P; ++p) {
-    if (n == L) acc[p].store(out + (ow + p) * C + c);
-    else acc[p].store(out + (ow + p) * C + c, n);
+  for (int p = 0; p < P; ++p) store<T, FULL>(acc[p], out + (ow + p) * C + c, n);
+}
+
+// Register-blocked interior: P pixels of one row at unit dilation and column stride SW, where neighbouring
+// pixels share input columns; each input vector is loaded once per kernel row and feeds every tap that reads
+// it (input column j serves pixel p through tap j - SW * p). The NK taps of a kernel row start at xp / wp.
+template <typename T, int P, int SW, int NK, bool FULL>
+inline void nhwc_taps(const T* xp, const T* wp, int64_t C, int64_t n, Vectorized<T>* acc) {
+  using V = Vectorized<T>;
+  V w[NK];
+#pragma GCC unroll 16
+  for (int k = 0; k < NK; ++k) w[k] = load<T, FULL>(wp + k * C, n);
+  constexpr int J = SW * (P - 1) + NK;
+#pragma GCC unroll 32
+  for (int j = 0; j < J; ++j) {
+    const V xv = load<T, FULL>(xp + j * C, n);
+#pragma GCC unroll 16
+    for (int k = 0; k < NK; ++k) {
+      const int d = j - k;
+      if (d >= 0 && d % SW == 0 && d / SW < P) acc[d / SW] = at::vec::fmadd(w[k], xv, acc[d / SW]);
+    }
   }
+}
+
+// The kernel's width KW known at compile time (the common 3, 5, 7): accumulators stay in registers throughout.
+template <typename T, int P, int SW, int KW, bool FULL>
+void nhwc_block_fixed(const T* const* rows, const T* const* wrows, int64_t taps_rows, const T* bias, T* out,
+                      int64_t ow, int64_t c, int64_t n, int64_t C, const Geometry& g) {
+  using V = Vectorized<T>;
+  V acc[P];
+  const V init = bias ? load<T, FULL>(bias + c, n) : V(T(0));
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) acc[p] = init;
+  const int64_t col0 = (ow * SW - g.pl) * C + c;
+  for (int64_t r = 0; r < taps_rows; ++r) nhwc_taps<T, P, SW, KW, FULL>(rows[r] + col0, wrows[r] + c, C, n, acc);
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) store<T, FULL>(acc[p], out + (ow + p) * C + c, n);
+}
+
+// Any width: chunks of up to 8 taps, accumulating in the output.
+template <typename T, int P, int SW, bool FULL>
+void nhwc_block_chunked(const T* const* rows, const T* const* wrows, int64_t taps_rows, const T* bias, T* out,
+                        int64_t ow, int64_t c, int64_t n, int64_t C, const Geometry& g) {
+  using V = Vectorized<T>;
+  V acc[P];
+  const V init = bias ? load<T, FULL>(bias + c, n) : V(T(0));
+  for (int p = 0; p < P; ++p) acc[p] = init;
+  const int64_t col0 = (ow * SW - g.pl) * C + c;
+  for (int64_t r = 0; r < taps_rows; ++r) {
+    int64_t k = 0;
+    for (; k + 8 <= g.kw; k += 8) nhwc_taps<T, P, SW, 8, FULL>(rows[r] + col0 + k * C, wrows[r] + k * C + c, C, n, acc);
+    const T* xp = rows[r] + col0 + k * C;
+    const T* wp = wrows[r] + k * C + c;
+    switch (g.kw - k) {
+      case 7: nhwc_taps<T, P, SW, 7, FULL>(xp, wp, C, n, acc); break;
+      case 6: nhwc_taps<T, P, SW, 6, FULL>(xp, wp, C, n, acc); break;
+      case 5: nhwc_taps<T, P, SW, 5, FULL>(xp, wp, C, n, acc); break;
+      case 4: nhwc_taps<T, P, SW, 4, FULL>(xp, wp, C, n, acc); break;
+      case 3: nhwc_taps<T, P, SW, 3, FULL>(xp, wp, C, n, acc); break;
+      case 2: nhwc_taps<T, P, SW, 2, FULL>(xp, wp, C, n, acc); break;
+      case 1: nhwc_taps<T, P, SW, 1, FULL>(xp, wp, C, n, acc); break;
+      default: break;
+    }
+  }
+  for (int p = 0; p < P; ++p) store<T, FULL>(acc[p], out + (ow + p) * C + c, n);
+}
+
+template <typename T, int P, bool FULL>
+using BlockKernel = void (*)(const T* const*, const T* const*, int64_t, const T*, T*, int64_t, int64_t, int64_t,
+                             int64_t, const Geometry&);
+
+template <typename T, int P, bool FULL, int SW>
+BlockKernel<T, P, FULL> pick_block_stride(int64_t kw) {
+  switch (kw) {
+    case 3: return nhwc_block_fixed<T, P, SW, 3, FULL>;
+    case 5: return nhwc_block_fixed<T, P, SW, 5, FULL>;
+    case 7: return nhwc_block_fixed<T, P, SW, 7, FULL>;
+    default: return nhwc_block_chunked<T, P, SW, FULL>;
+  }
+}
+
+// The register-blocked kernel for this geometry, or nullptr (dilated or wider strides: the generic loop).
+template <typename T, int P, bool FULL>
+BlockKernel<T, P, FULL> pick_block(const Geometry& g) {
+  if (g.dw != 1) return nullptr;
+  if (g.sw == 1) return pick_block_stride<T, P, FULL, 1>(g.kw);
+  if (g.sw == 2) return pick_block_stride<T, P, FULL, 2>(g.kw);
+  return nullptr;
+}
+
+template <typename T, bool FULL>
+void nhwc_row(const T* const* rows, const T* const* taps_x, const T* const* taps_w, int64_t taps_rows,
+              const T* wt, const T* bias, T* out, int64_t c, int64_t n, int64_t C, int64_t W, int64_t lo, int64_t hi,
+              const Geometry& g) {
+  constexpr int P = 8;
+  const auto block = pick_block<T, P, FULL>(g);
+  int64_t ow = 0;
+  for (; ow < lo; ++ow) nhwc_pixels<T, 1, true, FULL>(rows, wt, bias, out, ow, c, n, C, W, g);
+  if (block)
+    for (; ow + P <= hi; ow += P) block(taps_x, taps_w, taps_rows, bias, out, ow, c, n, C, g);
+  else
+    for (; ow + P <= hi; ow += P) nhwc_pixels<T, P, false, FULL>(rows, wt, bias, out, ow, c, n, C, W, g);
+  for (; ow < hi; ++ow) nhwc_pixels<T, 1, false, FULL>(rows, wt, bias, out, ow, c, n, C, W, g);
+  for (; ow < g.ow; ++ow) nhwc_pixels<T, 1, true, FULL>(rows, wt, bias, out, ow, c, n, C, W, g);
 }
 
 template <typename T>
 void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64_t C, int64_t H, int64_t W,
                   const Geometry& g) {
   constexpr int64_t L = Vectorized<T>::size();
-  constexpr int P = 8;
   const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
   at::parallel_for(0, N * g.oh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> rows(g.kh);
+    std::vector<const T*> rows(g.kh), taps_x(g.kh), taps_w(g.kh);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / g.oh, oh = task % g.oh;
+      int64_t taps_rows = 0;  // the kernel rows inside the input, for the register-blocked kernels
       for (int64_t i = 0; i < g.kh; ++i) {
         const int64_t ih = oh * g.sh - g.pt + i * g.dh;
         rows[i] = (ih >= 0 && ih < H) ? x + (image * H + ih) * W * C : nullptr;
+        if (rows[i]) {
+          taps_x[taps_rows] = rows[i];
+          taps_w[taps_rows++] = wt + i * g.kw * C;
+        }
       }
       T* out = y + task * g.ow * C;
-      for (int64_t c = 0; c < C; c += L) {
-        const int64_t n = std::min<int64_t>(L, C - c);
-        int64_t ow = 0;
-        for (; ow < lo; ++ow) nhwc_pixels<T, 1, true>(rows.data(), wt, bias, out, ow, c, n, C, W, g);
-        for (; ow + P <= hi; ow += P) nhwc_pixels<T, P, false>(rows.data(), wt, bias, out, ow, c, n, C, W, g);
-        for (; ow < hi; ++ow) nhwc_pixels<T, 1, false>(rows.data(), wt, bias, out, ow, c, n, C, W, g);
-        for (; ow < g.ow; ++ow) nhwc_pixels<T, 1, true>(rows.data(), wt, bias, out, ow, c, n, C, W, g);
-      }
+      int64_t c = 0;
+      for (; c + L <= C; c += L)
+        nhwc_row<T, true>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, out, c, L, C, W, lo, hi, g);
+      if (c < C)
+        nhwc_row<T, false>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, out, c, C - c, C, W, lo,
+                           hi, g);
     }
   });
 }
@@ -413,34 +547,50 @@ void nhwc_input_grad_strided(const T* dy, const T* wt, T* dx, int64_t N, int64_t
 
 // Weight gradient: per thread partial sums of (KH, KW, C), reduced at the end. For a kernel row and a vector of
 // channels, up to 8 taps of that row accumulate in registers while grad_out is loaded once per pixel.
-template <typename T, int NT>
+template <typename T, int NT, bool FULL>
 void nhwc_wgrad_taps(const T* xrow, const T* dyrow, T* partial, int64_t k0, int64_t c, int64_t n, int64_t C,
                      int64_t W, const Geometry& g) {
   using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
   V acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = V(T(0));
   // pixels for which all NT taps fall inside the row
-  const int64_t pad = g.pl - k0 * g.dw;
+  const int64_t pad = g.pl - k0 * g.dw, tap_step = g.dw * C, step = g.sw * C;
   const auto [lo, hi] = interior(W, g.ow, NT, g.sw, pad, g.dw);
-  auto load = [&](const T* p) { return n == L ? V::loadu(p) : V::loadu(p, n); };
-  for (int64_t ow = lo; ow < hi; ++ow) {
-    const V d = load(dyrow + ow * C + c);
-    const T* xp = xrow + (ow * g.sw - pad) * C + c;
-    for (int t = 0; t < NT; ++t) acc[t] = at::vec::fmadd(d, load(xp + t * g.dw * C), acc[t]);
+  const T* d = dyrow + lo * C + c;
+  const T* xp = xrow + (lo * g.sw - pad) * C + c;
+  for (int64_t ow = lo; ow < hi; ++ow, d += C, xp += step) {
+    const V dv = load<T, FULL>(d, n);
+    for (int t = 0; t < NT; ++t) acc[t] = at::vec::fmadd(dv, load<T, FULL>(xp + t * tap_step, n), acc[t]);
   }
   for (int64_t ow = 0; ow < g.ow; ++ow) {
-    if (ow == lo) ow = std::max(hi, lo);
+    if (ow == lo) ow = hi;
     if (ow >= g.ow) break;
-    const V d = load(dyrow + ow * C + c);
+    const V dv = load<T, FULL>(dyrow + ow * C + c, n);
     for (int t = 0; t < NT; ++t) {
       const int64_t col = ow * g.sw - pad + t * g.dw;
-      if (col >= 0 && col < W) acc[t] = at::vec::fmadd(d, load(xrow + col * C + c), acc[t]);
+      if (col >= 0 && col < W) acc[t] = at::vec::fmadd(dv, load<T, FULL>(xrow + col * C + c, n), acc[t]);
     }
   }
   for (int t = 0; t < NT; ++t) {
     T* p = partial + (k0 + t) * C + c;
-    (load(p) + acc[t]).store(p, n);
+    store<T, FULL>(load<T, FULL>(p, n) + acc[t], p, n);
+  }
+}
+
+template <typename T, bool FULL>
+void nhwc_wgrad_row(const T* xrow, const T* dyrow, T* partial, int64_t c, int64_t n, int64_t C, int64_t W,
+                    const Geometry& g) {
+  int64_t k = 0;
+  for (; k + 8 <= g.kw; k += 8) nhwc_wgrad_taps<T, 8, FULL>(xrow, dyrow, partial, k, c, n, C, W, g);
+  switch (g.kw - k) {
+    case 7: nhwc_wgrad_taps<T, 7, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
+    case 6: nhwc_wgrad_taps<T, 6, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
+    case 5: nhwc_wgrad_taps<T, 5, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
+    case 4: nhwc_wgrad_taps<T, 4, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
+    case 3: nhwc_wgrad_taps<T, 3, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
+    case 2: nhwc_wgrad_taps<T, 2, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
+    case 1: nhwc_wgrad_taps<T, 1, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
+    default: break;
   }
 }
 
@@ -462,21 +612,9 @@ void nhwc_weight_grad(const T* x, const T* dy, T* dwt, int64_t N, int64_t C, int
         if (ih < 0 || ih >= H) continue;
         const T* xrow = x + (image * H + ih) * W * C;
         T* row_partial = mine + i * g.kw * C;
-        for (int64_t c = 0; c < C; c += L) {
-          const int64_t n = std::min<int64_t>(L, C - c);
-          int64_t k = 0;
-          for (; k + 8 <= g.kw; k += 8) nhwc_wgrad_taps<T, 8>(xrow, dyrow, row_partial, k, c, n, C, W, g);
-          switch (g.kw - k) {
-            case 7: nhwc_wgrad_taps<T, 7>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
-            case 6: nhwc_wgrad_taps<T, 6>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
-            case 5: nhwc_wgrad_taps<T, 5>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
-            case 4: nhwc_wgrad_taps<T, 4>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
-            case 3: nhwc_wgrad_taps<T, 3>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
-            case 2: nhwc_wgrad_taps<T, 2>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
-            case 1: nhwc_wgrad_taps<T, 1>(xrow, dyrow, row_partial, k, c, n, C, W, g); break;
-            default: break;
-          }
-        }
+        int64_t c = 0;
+        for (; c + L <= C; c += L) nhwc_wgrad_row<T, true>(xrow, dyrow, row_partial, c, L, C, W, g);
+        if (c < C) nhwc_wgrad_row<T, false>(xrow, dyrow, row_partial, c, C - c, C, W, g);
       }
     }
   });
@@ -506,15 +644,38 @@ at::Tensor weight_rows(const at::Tensor& weight, bool flip) {
   return w.squeeze(1).permute({1, 2, 0}).contiguous();
 }
 
+// The channels-last forward on x (N, C, H, W channels-last). Wide kernels on narrow rows would spend most
+// pixels in the clipped border loop: then the row ends are zero-padded once and every pixel is interior.
+void run_nhwc_forward(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, at::Tensor& y, Geometry g) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2);
+  int64_t W = x.size(3);
+  at::Tensor input = x;
+  const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
+  if (g.pl >= 0 && g.kw > 3 && 4 * (hi - lo) < 3 * g.ow) {
+    const int64_t right = std::max<int64_t>(0, (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1 - g.pl - W);
+    input = at::empty({N, C, H, W + g.pl + right}, x.options().memory_format(at::MemoryFormat::ChannelsLast)).zero_();
+    input.narrow(3, g.pl, W).copy_(x);
+    W += g.pl + right;
+    g.pl = 0;
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_nhwc", [&] {
+    nhwc_forward<scalar_t>(input.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                           bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, H, W, g);
+  });
+}
+
 // PyTorch's convolutions answer a channels-last input or weight with a channels-last output.
 bool channels_last_output(const at::Tensor& t, const at::Tensor& weight) {
   return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
          weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
-// The channels-last kernels vectorise along channels: worth it from about half a vector of them on.
-bool use_nhwc(bool channels_last, int64_t C, int64_t M) {
-  return channels_last && M == 1 && C >= std::max<int64_t>(4, Vectorized<float>::size() / 2);
+// The channels-last kernels vectorise along channels: worth it from about half a vector of them on. They also
+// take contiguous inputs whose output rows are short (the planar kernels' vectors run along rows), through a
+// transposed copy in and out.
+bool use_nhwc(bool channels_last, int64_t C, int64_t M, int64_t out_width) {
+  return M == 1 && C >= std::max<int64_t>(4, Vectorized<float>::size() / 2) &&
+         (channels_last || (C >= 2 * Vectorized<float>::size() && out_width < 2 * Vectorized<float>::size()));
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -526,15 +687,11 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CM = weight.size(0), M = CM / C;
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const bool cl = channels_last_output(x, weight);
-  if (use_nhwc(cl, C, M)) {
+  if (use_nhwc(cl, C, M, g.ow)) {
     const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
     auto y = at::empty({N, CM, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    const auto wt = weight_rows(weight, false);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_nhwc", [&] {
-      nhwc_forward<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
-                             b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, H, W, g);
-    });
-    return y;
+    run_nhwc_forward(xc, weight_rows(weight, false), b, y, g);
+    return cl ? y : y.contiguous();
   }
   const auto xc = x.contiguous();
   const auto wc = weight.contiguous();
@@ -557,17 +714,13 @@ at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::
   const int64_t N = input_size[0], C = input_size[1], H = input_size[2], W = input_size[3];
   const int64_t M = weight.size(0) / C;
   const bool cl = channels_last_output(grad_out, weight);
-  if (use_nhwc(cl, C, M)) {
+  if (use_nhwc(cl, C, M, W)) {
     const auto dyc = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
     auto dx = at::empty({N, C, H, W}, grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
     if (g.sh == 1 && g.sw == 1) {
       // stride 1: the forward kernel with the flipped kernel and the flipped padding
       const Geometry flipped{g.kh, g.kw, H, W, 1, 1, g.flip_pt, g.flip_pl, g.dh, g.dw, g.pt, g.pl};
-      const auto wt = weight_rows(weight, true);
-      AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sepconv_input_grad_nhwc", [&] {
-        nhwc_forward<scalar_t>(dyc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), nullptr,
-                               dx.data_ptr<scalar_t>(), N, C, g.oh, g.ow, flipped);
-      });
+      run_nhwc_forward(dyc, weight_rows(weight, true), at::Tensor(), dx, flipped);
     } else {
       const auto wt = weight_rows(weight, false);
       AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sepconv_input_grad_nhwc_strided", [&] {
@@ -575,7 +728,7 @@ at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::
                                           dx.data_ptr<scalar_t>(), N, C, H, W, g);
       });
     }
-    return dx;
+    return cl ? dx : dx.contiguous();
   }
   const auto dyc = grad_out.contiguous();
   const auto wc = weight.contiguous();
@@ -595,7 +748,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntA
   ++kernel_calls;
   const Geometry g = read_geometry(geometry);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CM = weight_size[0], M = CM / C;
-  if (use_nhwc(x.suggest_memory_format() == at::MemoryFormat::ChannelsLast, C, M)) {
+  if (use_nhwc(x.suggest_memory_format() == at::MemoryFormat::ChannelsLast, C, M, g.ow)) {
     const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
     const auto dyc = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
     auto dwt = at::empty({g.kh, g.kw, C}, x.options());
