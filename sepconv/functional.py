@@ -20,7 +20,7 @@ import torch
 
 from . import kernels
 from ._memo import memoised
-from .geometry import check_fits, check_padding_mode, resolve_padding, to_tuple
+from .geometry import ConvGeometry, check_fits, check_padding_mode, conv_geometry, resolve_padding, to_tuple
 
 __all__ = ["conv", "depthwise_conv", "pointwise_conv", "separable_conv", "spatial_separable_conv"]
 
@@ -103,11 +103,11 @@ def _resolve_geometry(spatial, kernel_size, stride, padding, dilation, padding_m
     check_padding_mode(padding_mode)
     pairs = resolve_padding(padding, kernel_size, stride, dilation, spatial)
     check_fits(spatial, kernel_size, pairs, dilation, padding_mode)
-    return stride, pairs, dilation
+    return conv_geometry(spatial, kernel_size, stride, pairs, dilation)
 
 
-def _geometry(x, kernel_size, stride, padding, dilation, padding_mode):
-    """Normalise stride, dilation and padding for ``x``; check the kernel fits."""
+def _geometry(x, kernel_size, stride, padding, dilation, padding_mode) -> ConvGeometry:
+    """Normalise stride, dilation and padding for ``x``; check the kernel fits; the resolved geometry."""
     spatial = x.shape[2:]
     if torch.jit.is_tracing():  # sizes are tensors while tracing; as ints the trace records them as constants
         spatial, kernel_size = tuple(int(n) for n in spatial), tuple(int(k) for k in kernel_size)
@@ -132,8 +132,8 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, paddin
     if weight.shape[0] % groups:
         raise ValueError(f"weight's C_out = {weight.shape[0]} must be divisible by groups = {groups}")
     _check_bias(bias, weight.shape[0], "bias", weight)
-    stride, pairs, dilation = _geometry(x, weight.shape[2:], stride, padding, dilation, padding_mode)
-    return _unbatch(kernels.conv(x, weight, bias, stride, pairs, dilation, groups, padding_mode), unbatched)
+    geometry = _geometry(x, weight.shape[2:], stride, padding, dilation, padding_mode)
+    return _unbatch(kernels.conv(x, weight, bias, geometry, groups, padding_mode), unbatched)
 
 
 def depthwise_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, padding_mode="zeros"):
@@ -150,8 +150,8 @@ def depthwise_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, paddin
     x, unbatched = _batched(x, rank, weight)
     _check_depthwise(x.shape[1], weight)
     _check_bias(bias, weight.shape[0], "bias", weight)
-    stride, pairs, dilation = _geometry(x, weight.shape[2:], stride, padding, dilation, padding_mode)
-    return _unbatch(kernels.depthwise_conv(x, weight, bias, stride, pairs, dilation, padding_mode), unbatched)
+    geometry = _geometry(x, weight.shape[2:], stride, padding, dilation, padding_mode)
+    return _unbatch(kernels.depthwise_conv(x, weight, bias, geometry, padding_mode), unbatched)
 
 
 def pointwise_conv(x, weight, bias=None):
@@ -203,8 +203,8 @@ def separable_conv(x, depthwise_weight, pointwise_weight, bias=None, depthwise_b
                         f"{depthwise_weight.dtype}")
     _check_bias(depthwise_bias, hidden_channels, "depthwise_bias", depthwise_weight)
     _check_bias(bias, pointwise_weight.shape[0], "bias", depthwise_weight)
-    stride, pairs, dilation = _geometry(x, depthwise_weight.shape[2:], stride, padding, dilation, padding_mode)
-    hidden = kernels.depthwise_conv(x, depthwise_weight, depthwise_bias, stride, pairs, dilation, padding_mode)
+    geometry = _geometry(x, depthwise_weight.shape[2:], stride, padding, dilation, padding_mode)
+    hidden = kernels.depthwise_conv(x, depthwise_weight, depthwise_bias, geometry, padding_mode)
     return _unbatch(kernels.pointwise_conv(hidden, pointwise_weight, bias), unbatched)
 
 
@@ -238,18 +238,20 @@ def spatial_separable_conv(x, weights: Sequence[torch.Tensor], bias=None, stride
     for w, axis in zip(weights, axes):
         kernel_size[axis] = w.shape[2]
     _check_bias(bias, weights[-1].shape[0], "bias", weights[-1])
-    stride, pairs, dilation = _geometry(x, tuple(kernel_size), stride, padding, dilation, padding_mode)
+    whole = _geometry(x, tuple(kernel_size), stride, padding, dilation, padding_mode)
 
     for i, (w, axis) in enumerate(zip(weights, axes)):
         groups = _groups(x.shape[1], w, f"weights[{i}]")
-        shape = [1] * rank
-        shape[axis] = w.shape[2]
-        step = [1] * rank
-        step[axis] = stride[axis]
-        spread = [1] * rank
-        spread[axis] = dilation[axis]
-        pad = [(0, 0)] * rank
-        pad[axis] = pairs[axis]
-        x = kernels.conv(x, w.reshape(*w.shape[:2], *shape), bias if i == rank - 1 else None, tuple(step),
-                         tuple(pad), tuple(spread), groups, padding_mode)
+        step = _one_axis(whole, axis, x.shape[2:])
+        x = kernels.conv(x, w.reshape(*w.shape[:2], *step.kernel_size), bias if i == rank - 1 else None, step,
+                         groups, padding_mode)
     return _unbatch(x, unbatched)
+
+
+@memoised
+def _one_axis(whole: ConvGeometry, axis: int, spatial) -> ConvGeometry:
+    """The geometry of the step of a spatially separable convolution that filters ``axis`` alone."""
+    def only(values, rest):
+        return tuple(value if i == axis else rest for i, value in enumerate(values))
+    return conv_geometry(spatial, only(whole.kernel_size, 1), only(whole.stride, 1), only(whole.padding, (0, 0)),
+                         only(whole.dilation, 1))

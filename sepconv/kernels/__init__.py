@@ -1,29 +1,38 @@
-"""Compute kernels behind :mod:`sepconv.functional`.
+"""Compute kernels behind :mod:`sepconv.functional`: one face per op, backends behind it.
 
-The functional ops check arguments and resolve geometry, then call the entry points here with
-tensors that are known to be valid and with padding as integer ``(before, after)`` pairs. ``conv`` and
-``pointwise_conv`` run the PyTorch reference path (:mod:`sepconv.kernels.reference`);
-``depthwise_conv`` goes through :mod:`sepconv.kernels.dispatch`, which picks between the Numba
-kernels (:mod:`sepconv.kernels.numba_depthwise`) and the reference per the ``SEPCONV_KERNELS`` mode
-(:func:`set_kernels`), with the reference kept as their tested twin.
+The functional ops check arguments and resolve the geometry once (a :class:`sepconv.geometry.ConvGeometry`),
+then call the faces here with tensors known to be valid. ``depthwise_conv`` (and ``conv`` whenever its groups
+equal the input's channels, e.g. EEGNet's one-channel temporal convolution) goes to the backend that
+:mod:`.registry` selects: the reference (:mod:`.reference`, PyTorch's own convolutions) or a registered fast
+backend (:mod:`.cpu`, C++ kernels behind the ``torch.ops.sepconv`` operators of :mod:`.ops`).
+``pointwise_conv`` and the other convolutions run on the reference.
+
+Adding a backend: a subpackage with the :class:`.registry.Backend` attributes, registered below; if it has
+kernels of its own, it registers them as the device implementations of the ops in :mod:`.ops`.
 """
 
 from __future__ import annotations
 
-from . import dispatch, reference
-from .dispatch import get_kernels, set_kernels, use_kernels
+from . import cpu, reference, registry
+from .registry import choices, clear_choices, get_kernels, register_backend, set_kernels, use_kernels
 
-__all__ = ["conv", "depthwise_conv", "get_kernels", "pointwise_conv", "set_kernels", "use_kernels"]
+__all__ = ["choices", "clear_choices", "conv", "depthwise_conv", "get_kernels", "pointwise_conv", "register_backend",
+           "set_kernels", "use_kernels"]
 
-
-def conv(x, weight, bias, stride, padding, dilation, groups, padding_mode):
-    """Grouped N-d convolution; ``padding`` is a tuple of integer ``(before, after)`` pairs."""
-    return reference.conv(x, weight, bias, stride, padding, dilation, groups, padding_mode)
+registry.register_backend(cpu)
 
 
-def depthwise_conv(x, weight, bias, stride, padding, dilation, padding_mode):
-    """Depthwise convolution: ``groups`` equals the input's channel count."""
-    return dispatch.depthwise_conv(x, weight, bias, stride, padding, dilation, padding_mode)
+def depthwise_conv(x, weight, bias, geometry, padding_mode):
+    """Depthwise convolution: ``weight`` ``(C * M, 1, *kernel_size)`` on ``x`` ``(N, C, *spatial)``."""
+    return registry.select(x, weight, bias, geometry, padding_mode).depthwise_conv(x, weight, bias, geometry,
+                                                                                   padding_mode)
+
+
+def conv(x, weight, bias, geometry, groups, padding_mode):
+    """Grouped N-d convolution; one group per input channel is a depthwise convolution."""
+    if groups == x.shape[1] and weight.shape[1] == 1:
+        return depthwise_conv(x, weight, bias, geometry, padding_mode)
+    return reference.conv(x, weight, bias, geometry, groups, padding_mode)
 
 
 def pointwise_conv(x, weight, bias):

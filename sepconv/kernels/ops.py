@@ -43,12 +43,13 @@ def resolve(input_size, kernel_size, stride, padding, dilation) -> geometry.Conv
 @torch.library.register_fake("sepconv::depthwise_conv")
 def _(x, weight, bias, stride, padding, dilation):
     g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight.shape[0], *g.output_size), memory_format=_layout(x, weight))
+    return torch.empty((x.shape[0], weight.shape[0], *g.output_size), dtype=x.dtype, device=x.device,
+                       memory_format=_layout(x, weight))
 
 
 @torch.library.register_fake("sepconv::depthwise_conv_input_grad")
 def _(grad_out, weight, input_size, stride, padding, dilation):
-    return grad_out.new_empty(input_size, memory_format=_layout(grad_out, weight))
+    return torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device, memory_format=_layout(grad_out, weight))
 
 
 @torch.library.register_fake("sepconv::depthwise_conv_weight_grad")
@@ -76,19 +77,19 @@ def channels_last_like(t: torch.Tensor) -> bool:
 
 
 # --- gradients: each op is linear in each input, so the adjoints are the other two ops -----------------------
+# The backward formulas call the ops through autograd.Functions (below), which torch.func transforms accept
+# (``grad``, and ``vmap`` of it), so gradients of any order work under them too.
 
 def _save(ctx, inputs, output):
-    ctx.save_for_backward(*(t for t in inputs[:2]))
+    ctx.save_for_backward(*inputs[:2])
     ctx.args = inputs[2:]
 
 
 def _depthwise_conv_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     bias, stride, padding, dilation = ctx.args
-    dx = depthwise_conv_input_grad(grad, weight, x.shape, stride, padding, dilation) \
-        if ctx.needs_input_grad[0] else None
-    dw = depthwise_conv_weight_grad(x, grad, weight.shape, stride, padding, dilation) \
-        if ctx.needs_input_grad[1] else None
+    dx = InputGrad.apply(grad, weight, x.shape, stride, padding, dilation) if ctx.needs_input_grad[0] else None
+    dw = WeightGrad.apply(x, grad, weight.shape, stride, padding, dilation) if ctx.needs_input_grad[1] else None
     db = grad.sum(dim=[0, *range(2, grad.ndim)]) if bias is not None and ctx.needs_input_grad[2] else None
     return dx, dw, db, None, None, None
 
@@ -96,20 +97,34 @@ def _depthwise_conv_backward(ctx, grad):
 def _input_grad_backward(ctx, grad):
     grad_out, weight = ctx.saved_tensors
     _, stride, padding, dilation = ctx.args
-    d_grad_out = depthwise_conv(grad, weight, None, stride, padding, dilation) if ctx.needs_input_grad[0] else None
-    dw = depthwise_conv_weight_grad(grad, grad_out, weight.shape, stride, padding, dilation) \
-        if ctx.needs_input_grad[1] else None
+    d_grad_out = DepthwiseConv.apply(grad, weight, None, stride, padding, dilation) if ctx.needs_input_grad[0] else None
+    dw = WeightGrad.apply(grad, grad_out, weight.shape, stride, padding, dilation) if ctx.needs_input_grad[1] else None
     return d_grad_out, dw, None, None, None, None
 
 
 def _weight_grad_backward(ctx, grad):
     x, grad_out = ctx.saved_tensors
     _, stride, padding, dilation = ctx.args
-    dx = depthwise_conv_input_grad(grad_out, grad, x.shape, stride, padding, dilation) \
-        if ctx.needs_input_grad[0] else None
-    d_grad_out = depthwise_conv(x, grad, None, stride, padding, dilation) if ctx.needs_input_grad[1] else None
+    dx = InputGrad.apply(grad_out, grad, x.shape, stride, padding, dilation) if ctx.needs_input_grad[0] else None
+    d_grad_out = DepthwiseConv.apply(x, grad, None, stride, padding, dilation) if ctx.needs_input_grad[1] else None
     return dx, d_grad_out, None, None, None, None
 
+
+def _function(op, backward):
+    """``op`` with ``backward`` as an autograd.Function (vmap through the op's own rule)."""
+    def forward(*args):
+        return op(*args)
+
+    return type(op.name().split("::")[1], (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(_save),
+        "backward": staticmethod(backward)})
+
+
+DepthwiseConv = _function(depthwise_conv, _depthwise_conv_backward)
+InputGrad = _function(depthwise_conv_input_grad, _input_grad_backward)
+WeightGrad = _function(depthwise_conv_weight_grad, _weight_grad_backward)
 
 torch.library.register_autograd("sepconv::depthwise_conv", _depthwise_conv_backward, setup_context=_save)
 torch.library.register_autograd("sepconv::depthwise_conv_input_grad", _input_grad_backward, setup_context=_save)
@@ -122,7 +137,7 @@ def _vmap_by_loop(op):
     def rule(info, in_dims, *args):
         outputs = []
         for i in range(info.batch_size):
-            call = [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
+            call = [a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a for a, d in zip(args, in_dims)]
             outputs.append(op(*call))
         return torch.stack(outputs), 0
     return rule

@@ -20,7 +20,8 @@ import warnings
 
 import torch
 
-from .. import ops
+from ..._memo import memoised
+from .. import ops, reference
 
 NAME = "cpu"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "depthwise.cpp")
@@ -78,17 +79,31 @@ def kernel_calls() -> int:
     return load().kernel_calls() if available() else 0
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernels cover this call (any geometry; zero padding is the caller's business)."""
+def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the kernels cover this call: 1-D or 2-D, float32/float64 on the CPU (any geometry)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.ndim in (3, 4)
-            and weight.dtype == x.dtype and weight.device.type == "cpu")
+            and weight.dtype == x.dtype and weight.device.type == "cpu"
+            and (bias is None or (bias.dtype == x.dtype and bias.device.type == "cpu")))
+
+
+def depthwise_conv(x, weight, bias, geometry, padding_mode):
+    """The depthwise convolution on ``torch.ops.sepconv.depthwise_conv``; other padding modes pad first."""
+    if padding_mode != "zeros" and not geometry.zero_padded:
+        x, geometry = reference.pad(x, geometry.padding, padding_mode), geometry.without_padding()
+    args = (x, weight, bias, geometry.stride, geometry.flat_padding, geometry.dilation)
+    # compiled graphs record the op itself (its registered autograd); eager calls go through the autograd.Function,
+    # which torch.func transforms accept as well
+    return ops.depthwise_conv(*args) if torch.compiler.is_compiling() else ops.DepthwiseConv.apply(*args)
 
 
 # --- the CPU implementations of the ops -----------------------------------------------------------------------
 # Kernels take 4-D tensors; a 1-D call is a 2-D one with a single row (an (N, L, C)-backed input stays
 # channels-last through the view).
 
-def _geometry_args(g) -> list[int]:
+@memoised
+def _kernel_args(input_size, kernel_size, stride, padding, dilation) -> list[int]:
+    """The kernels' 12 geometry integers (see depthwise.cpp's Geometry) for an op call's arguments."""
+    g = ops.resolve(input_size, kernel_size, stride, padding, dilation)
     if len(g.kernel_size) == 1:
         g = g._replace(input_size=(1, *g.input_size), kernel_size=(1, *g.kernel_size), stride=(1, *g.stride),
                        padding=((0, 0), *g.padding), dilation=(1, *g.dilation), output_size=(1, *g.output_size))
@@ -107,21 +122,21 @@ def _back(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(x, weight, bias, stride, padding, dilation):
-    g = ops.resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    out = _module.forward(_planes(x), _planes(weight), bias, _geometry_args(g))
+    args = _kernel_args(x.shape[2:], weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
+    out = _module.forward(_planes(x), _planes(weight), bias, args)
     return _back(out, x).contiguous() if x.ndim == 3 else out
 
 
 def _input_grad(grad_out, weight, input_size, stride, padding, dilation):
-    g = ops.resolve(input_size[2:], weight.shape[2:], stride, padding, dilation)
+    args = _kernel_args(tuple(input_size[2:]), weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
     size = list(input_size) if len(input_size) == 4 else [input_size[0], input_size[1], 1, input_size[2]]
-    return _back(_module.input_grad(_planes(grad_out), _planes(weight), size, _geometry_args(g)), grad_out)
+    return _back(_module.input_grad(_planes(grad_out), _planes(weight), size, args), grad_out)
 
 
 def _weight_grad(x, grad_out, weight_size, stride, padding, dilation):
-    g = ops.resolve(x.shape[2:], weight_size[2:], stride, padding, dilation)
+    args = _kernel_args(x.shape[2:], tuple(weight_size[2:]), tuple(stride), tuple(padding), tuple(dilation))
     size = list(weight_size) if len(weight_size) == 4 else [weight_size[0], 1, 1, weight_size[2]]
-    return _module.weight_grad(_planes(x), _planes(grad_out), size, _geometry_args(g)).reshape(weight_size)
+    return _module.weight_grad(_planes(x), _planes(grad_out), size, args).reshape(weight_size)
 
 
 def _register(module) -> None:

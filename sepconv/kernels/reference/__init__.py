@@ -1,0 +1,62 @@
+"""The reference backend: PyTorch's own convolutions, with padding applied the cheapest correct way.
+
+It covers everything (any rank, dtype, device, padding mode) and is the tested twin of every fast backend.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..._memo import memoised
+
+NAME = "reference"
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+@memoised
+def _padding_plan(padding: tuple, padding_mode: str, pad_explicitly: bool):
+    """``(conv_padding, pad_amounts)``: what goes inside the convolution and what ``F.pad`` does first."""
+    if not pad_explicitly and padding_mode == "zeros" and all(before == after for before, after in padding):
+        return tuple(before for before, _ in padding), None  # inside the convolution: no padded copy
+    if not any(before or after for before, after in padding):
+        return 0, None
+    return 0, pad_amounts(padding)
+
+
+def pad_amounts(padding) -> list:
+    """``F.pad``'s list for ``(before, after)`` pairs: the last axis first."""
+    return [amount for pair in reversed(padding) for amount in pair]
+
+
+def pad(x, padding, padding_mode: str):
+    """``x`` padded by ``(before, after)`` pairs per spatial axis in ``padding_mode``."""
+    return F.pad(x, pad_amounts(padding), mode=_PAD_MODE[padding_mode])
+
+
+def conv(x, weight, bias, geometry, groups, padding_mode):
+    """Grouped N-d convolution of the resolved :class:`~sepconv.geometry.ConvGeometry`."""
+    # PyTorch's CPU 1-D grouped convolution is far slower with padding inside it than after an explicit
+    # F.pad (measured here, 16x16x512 depthwise: k15 forward 2.24 ms vs 0.24 ms, forward+backward
+    # 4.18 ms vs 2.07 ms); at k3 the two are close and inside wins forward+backward.
+    pad_explicitly = weight.ndim == 3 and groups > 1 and weight.shape[-1] > 3
+    conv_padding, amounts = _padding_plan(geometry.padding, padding_mode, pad_explicitly)
+    if amounts is not None:
+        x = F.pad(x, amounts, mode=_PAD_MODE[padding_mode])
+    return _CONV[weight.ndim - 2](x, weight, bias, geometry.stride, conv_padding, geometry.dilation, groups)
+
+
+def depthwise_conv(x, weight, bias, geometry, padding_mode):
+    return conv(x, weight, bias, geometry, x.shape[1], padding_mode)
+
+
+def pointwise_conv(x, weight, bias):
+    return _CONV[weight.ndim - 2](x, weight, bias)
+
+
+def supports(x, weight, bias) -> bool:
+    return True
+
+
+def available() -> bool:
+    return True
