@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .._extras import MissingExtra
 from ..experiment import (DATASETS, DEFAULT_MODELS, CheckpointMismatch, ComparisonError, ComparisonSettings, DataError,
                           run_comparison)
 from ._args import at_least
@@ -54,7 +55,7 @@ def compare_command(args) -> int:
                                   seed=args.seed, resume=args.resume)
     try:
         run_comparison(settings)
-    except (ComparisonError, DataError, CheckpointMismatch) as error:
+    except (ComparisonError, DataError, CheckpointMismatch, MissingExtra) as error:
         return _error(str(error))
     except KeyboardInterrupt:
         return INTERRUPTED_EXIT_CODE

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._extras import require
 from ..models import create_model, list_models
 from .data import DEFAULT_MODELS, Dataset, load_dataset
 from .measure import TIMING_METHOD, count_costs, measure_times
@@ -135,8 +136,9 @@ def _trained_line(twin: str, history: list[dict]) -> str:
 def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None, echo=print) -> dict | None:
     """Run the comparison; returns the metrics (``None`` on ranks other than 0 under ``torchrun``).
 
-    Raises :class:`ComparisonError`, :class:`~sepconv.experiment.data.DataError` or
-    :class:`~sepconv.experiment.train.CheckpointMismatch` before writing anything; ``KeyboardInterrupt`` after
+    Raises :class:`ComparisonError`, :class:`~sepconv.experiment.data.DataError`,
+    :class:`~sepconv.experiment.train.CheckpointMismatch` or :class:`~sepconv._extras.MissingExtra` (an extra
+    is not installed) before writing anything; ``KeyboardInterrupt`` after
     writing the partial report. ``progress``: bars per epoch and batch (default: only in a terminal).
     ``echo`` prints a line (rank 0 only).
     """
@@ -144,6 +146,8 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
     say = echo if distributed.is_main else (lambda line: None)
     trained = False  # every process has run all of training's collectives: they can meet before leaving the group
     try:
+        for module in ("matplotlib", "tqdm"):  # the plots and the progress bars: fail before any work
+            require(module, "experiment", "sepconv compare")
         dataset = load_dataset(settings.dataset, settings.data_dir, settings.seed)
         _check_out_dir(settings)
         twins = build_twins(settings.model_name, dataset, settings.seed)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._extras import require
+
 __all__ = ["DATASETS", "DEFAULT_MODELS", "DataError", "Dataset", "load_dataset", "make_eeg_synthetic",
            "eeg_synthetic_templates", "stratified_split"]
 
@@ -135,11 +137,7 @@ def _split(name: str, description: str, inputs: np.ndarray, labels: np.ndarray, 
 # --- digits ---------------------------------------------------------------------------------------
 
 def _load_digits(seed: int) -> Dataset:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise DataError("dataset 'digits' needs scikit-learn, which ships it: pip install scikit-learn") from error
-    digits = load_digits()
+    digits = require("sklearn.datasets", "experiment", "--dataset digits").load_digits()
     images = digits.images.astype(np.float32)[:, None]  # (1797, 1, 8, 8), grey levels 0-16
     return _split("digits", "scikit-learn's handwritten digits: 1,797 8x8 grey images of the digits 0-9",
                          images, digits.target.astype(np.int64), [str(d) for d in digits.target_names], seed, "image")
