@@ -309,8 +309,8 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
                             "EEGNet.__init__() got an unexpected keyword argument 'in_channels'"),
     (["--model", "vgg_cifar", "--dataset", "eeg-synthetic"], "--model vgg_cifar does not fit --dataset eeg-synthetic "
                                                              "(inputs 1x16x128, 4 classes): TypeError:"),
-    (["--dataset", "cifar10"], "--dataset cifar10 needs --data-dir PATH"),
-    (["--data-dir", "data"], "--dataset digits reads no --data-dir (got 'data'); only cifar10 and eeg-numpy do"),
+    (["--dataset", "eeg-numpy"], "--dataset eeg-numpy needs --data-dir PATH"),
+    (["--data-dir", "data"], "--dataset digits reads no --data-dir (got 'data'); only cifar10, eeg-numpy do"),
 ])
 def test_bad_requests_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "run"

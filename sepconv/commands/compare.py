@@ -68,9 +68,11 @@ def add_parser(commands) -> None:
     defaults = ", ".join(f"{dataset}: {model}" for dataset, model in DEFAULT_MODELS.items())
     parser.add_argument("--model", help=f"a registered model with a separable twin (default per dataset: {defaults})")
     parser.add_argument("--dataset", choices=DATASETS, default=DEFAULTS.dataset,
-                        help="digits (bundled with scikit-learn, the default), cifar10 (python batches in --data-dir), "
+                        help="digits (bundled with scikit-learn, the default), cifar10 (downloaded once into "
+                             "$SEPCONV_DATA or the user cache folder, or the python batches in --data-dir), "
                              "eeg-synthetic (generated), eeg-numpy (X.npy and y.npy in --data-dir)")
-    parser.add_argument("--data-dir", type=Path, help="folder of cifar10's cifar-10-batches-py or eeg-numpy's arrays")
+    parser.add_argument("--data-dir", type=Path, help="folder of cifar10's cifar-10-batches-py (instead of the "
+                        "download) or eeg-numpy's arrays")
     parser.add_argument("--epochs", type=at_least(1), default=DEFAULTS.epochs,
                         help=f"epochs per twin (default {DEFAULTS.epochs})")
     parser.add_argument("--batch-size", type=at_least(1), default=DEFAULTS.batch_size,

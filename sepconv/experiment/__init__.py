@@ -1,6 +1,7 @@
 """The experiment behind ``sepconv compare``: a network and its separable twin, trained the same way, compared.
 
 * :mod:`~sepconv.experiment.data` — the datasets (``digits``, ``cifar10``, ``eeg-synthetic``, ``eeg-numpy``);
+* :mod:`~sepconv.experiment.download` — archives downloaded once into a cache, verified, unpacked safely;
 * :mod:`~sepconv.experiment.train` — the training loop: checkpoints, resume, ``torchrun`` (DDP);
 * :mod:`~sepconv.experiment.measure` — counted costs and measured times;
 * :mod:`~sepconv.experiment.plots` and :mod:`~sepconv.experiment.report` — the PNGs, ``metrics.json``,

@@ -3,7 +3,10 @@
 * ``digits`` (the default): scikit-learn's bundled handwritten digits, 1,797 8x8 grey images of 0-9, shipped
   inside the scikit-learn package, so nothing is downloaded. Validation: a stratified 20% chosen by the seed.
 * ``cifar10``: the standard CIFAR-10 python batches (the ``cifar-10-batches-py`` folder): ``data_batch_1`` to
-  ``data_batch_5`` for training, ``test_batch`` for validation (the usual protocol; no seed involved).
+  ``data_batch_5`` for training, ``test_batch`` for validation (the usual protocol; no seed involved). Without
+  ``--data-dir`` the official tarball is downloaded once into the cache (:mod:`~sepconv.experiment.download`),
+  checked against its published MD5, and unpacked. Test hooks, for the tests only: ``SEPCONV_CIFAR10_URL`` and
+  ``SEPCONV_CIFAR10_MD5`` replace the URL and the checksum (the tests serve a small tarball on 127.0.0.1).
 * ``eeg-synthetic``: generated event-related EEG, documented in :func:`make_eeg_synthetic`. Synthetic: it
   shows how EEGNet and its twin learn a known spatial and temporal structure, not how they do on real EEG.
 * ``eeg-numpy``: real epoched EEG from ``X.npy`` (trials x channels x samples) and ``y.npy`` (one label per
@@ -15,6 +18,7 @@ Inputs are standardised per channel with the training set's mean and standard de
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,8 @@ __all__ = ["DATASETS", "DEFAULT_MODELS", "DataError", "Dataset", "load_dataset",
            "eeg_synthetic_templates", "stratified_split"]
 
 DATASETS = ("digits", "cifar10", "eeg-synthetic", "eeg-numpy")
-NEEDS_DATA_DIR = ("cifar10", "eeg-numpy")
+NEEDS_DATA_DIR = ("eeg-numpy",)
+READS_DATA_DIR = ("cifar10", *NEEDS_DATA_DIR)
 DEFAULT_MODELS = {"digits": "digits_cnn", "cifar10": "vgg_cifar", "eeg-synthetic": "eegnet", "eeg-numpy": "eegnet"}
 VALIDATION_FRACTION = 0.2
 
@@ -78,18 +83,19 @@ class Dataset:
 
 
 def load_dataset(name: str, data_dir=None, seed: int = 0) -> Dataset:
-    """The dataset ``name`` (one of :data:`DATASETS`); ``data_dir`` for ``cifar10`` and ``eeg-numpy`` only."""
+    """The dataset ``name`` (one of :data:`DATASETS`); ``data_dir`` for the datasets of :data:`READS_DATA_DIR` only
+    (``cifar10`` downloads without it)."""
     if name not in DATASETS:
         raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
     if data_dir is None and name in NEEDS_DATA_DIR:
         raise DataError(f"--dataset {name} needs --data-dir PATH (where its files are)")
-    if data_dir is not None and name not in NEEDS_DATA_DIR:
+    if data_dir is not None and name not in READS_DATA_DIR:
         raise DataError(f"--dataset {name} reads no --data-dir (got {str(data_dir)!r}); only "
-                        f"{' and '.join(NEEDS_DATA_DIR)} do")
+                        f"{', '.join(READS_DATA_DIR)} do")
     if name == "digits":
         return _load_digits(seed)
     if name == "cifar10":
-        return _load_cifar10(Path(data_dir))
+        return _load_cifar10(None if data_dir is None else Path(data_dir))
     if name == "eeg-synthetic":
         inputs, labels = make_eeg_synthetic(seed)
         return _split("eeg-synthetic", make_eeg_synthetic.__doc__.split("\n\n")[0], inputs[:, None], labels,
@@ -149,6 +155,7 @@ CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_FILES = (*CIFAR_TRAIN_FILES, "test_batch", "batches.meta")
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"  # published on https://www.cs.toronto.edu/~kriz/cifar.html
 CIFAR_MAX_FILE_BYTES = 64 * 2**20  # the real batches are 31 MB each
 CIFAR_IMAGE_VALUES = 3 * 32 * 32
 # What CIFAR's pickles may construct: numpy arrays (as numpy 1 and 2 pickle them) and the bytes codec. Anything
@@ -200,7 +207,15 @@ def _read_cifar_batch(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _load_cifar10(data_dir: Path) -> Dataset:
+def _load_cifar10(data_dir: Path | None) -> Dataset:
+    if data_dir is None:
+        from .download import fetch_and_unpack
+
+        url = os.environ.get("SEPCONV_CIFAR10_URL", CIFAR_URL)  # test hooks: see the module's docstring
+        data_dir = fetch_and_unpack(url, os.environ.get("SEPCONV_CIFAR10_MD5", CIFAR_MD5), CIFAR_FOLDER)
+        source = f"{url} (MD5 verified), cached in {data_dir}"
+    else:
+        source = str(data_dir)
     if (data_dir / CIFAR_FOLDER).is_dir():  # the folder the archive unpacks into, given its parent
         data_dir = data_dir / CIFAR_FOLDER
     if not data_dir.is_dir():
@@ -217,7 +232,7 @@ def _load_cifar10(data_dir: Path) -> Dataset:
     train_labels = np.concatenate([labels for _, labels in train])
     train_inputs, validation_inputs = _standardised(train_images.astype(np.float32), test_images.astype(np.float32),
                                                     channel_axis=1)
-    return Dataset("cifar10", f"CIFAR-10 from {data_dir}: 32x32 colour images of 10 classes; validation is "
+    return Dataset("cifar10", f"CIFAR-10 from {source}: 32x32 colour images of 10 classes; validation is "
                    "test_batch", train_inputs, torch.from_numpy(train_labels), validation_inputs,
                    torch.from_numpy(test_labels), tuple(n.decode() for n in names), "image")
 
