@@ -61,7 +61,8 @@ model = sepconv.models.create_model("digits_cnn", separable=True)
 assert sepconv.profile(model, (1, 1, 8, 8)).total_macs > 0
 print("core ok")
 
-for call in (lambda: load_dataset("digits"), lambda: sepconv.distill(model, model, [], 1)):
+for call in (lambda: load_dataset("digits"), lambda: sepconv.distill(model, model, [], 1),
+             lambda: load_dataset("eeg-mne", {str(tmp_path)!r}), lambda: load_dataset("moabb:FakeDataset")):
     try:
         call()
     except ImportError as error:
@@ -73,6 +74,8 @@ print("exit", code)
     assert lines == ["core ok",
                      "--dataset digits needs scikit-learn, which is not installed: pip install 'sepconv[experiment]'",
                      "sepconv.distill needs tqdm, which is not installed: pip install 'sepconv[experiment]'",
+                     "--dataset eeg-mne needs mne, which is not installed: pip install 'sepconv[eeg]'",
+                     "--dataset moabb:FakeDataset needs mne, which is not installed: pip install 'sepconv[eeg]'",
                      "exit 2"]
     assert result.stderr == ("sepconv compare: error: sepconv compare needs matplotlib, which is not installed: "
                              "pip install 'sepconv[experiment]'\n")

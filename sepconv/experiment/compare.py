@@ -19,7 +19,7 @@ from torch import nn
 
 from .._extras import require
 from ..models import create_model, list_models
-from .data import DEFAULT_MODELS, Dataset, load_dataset
+from .data import Dataset, EEGOptions, default_model, load_dataset
 from .measure import TIMING_METHOD, count_costs, measure_times
 from .report import (TWINS, build_metrics, markdown_table, speedup_lines, summarize_history, summary_table,
                      write_report)
@@ -48,14 +48,16 @@ class ComparisonSettings:
     learning_rate: float = 1e-3
     seed: int = 0
     resume: bool = False
+    eeg_options: EEGOptions = EEGOptions()
 
     @property
     def model_name(self) -> str:
-        return self.model or DEFAULT_MODELS.get(self.dataset, "")
+        return self.model or default_model(self.dataset)
 
     def command_line(self, resume: bool) -> str:
         """The ``sepconv compare`` command that runs this comparison (with ``--resume``: continues it)."""
-        words = ["sepconv", "compare", "--model", self.model_name, "--dataset", self.dataset]
+        words = ["sepconv", "compare", "--model", self.model_name, "--dataset", self.dataset,
+                 *self.eeg_options.command_words()]
         if self.data_dir is not None:
             words += ["--data-dir", str(self.data_dir)]
         words += ["--epochs", str(self.epochs), "--batch-size", str(self.batch_size), "--lr", f"{self.learning_rate:g}",
@@ -148,13 +150,15 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
     try:
         for module in ("matplotlib", "tqdm"):  # the plots and the progress bars: fail before any work
             require(module, "experiment", "sepconv compare")
-        dataset = load_dataset(settings.dataset, settings.data_dir, settings.seed)
+        dataset = load_dataset(settings.dataset, settings.data_dir, settings.seed, settings.eeg_options)
         _check_out_dir(settings)
         twins = build_twins(settings.model_name, dataset, settings.seed)
         training = TrainingSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.seed)
         run = {"model": settings.model_name, "dataset": settings.dataset, "batch_size": settings.batch_size,
                "learning_rate": settings.learning_rate, "seed": settings.seed, "processes": distributed.world_size,
                "data_dir": None if settings.data_dir is None else str(Path(settings.data_dir).resolve())}
+        if settings.eeg_options != EEGOptions():  # only then: checkpoints of runs without them stay resumable
+            run["eeg_options"] = asdict(settings.eeg_options)
         trainers = {twin: Trainer(model, dataset, training, settings.out / "checkpoints" / f"{twin}.pt",
                                   label=f"{twin} twin", run={**run, "twin": twin}, distributed=distributed,
                                   progress=progress) for twin, model in twins.items()}

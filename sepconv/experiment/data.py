@@ -11,6 +11,11 @@
   shows how EEGNet and its twin learn a known spatial and temporal structure, not how they do on real EEG.
 * ``eeg-numpy``: real epoched EEG from ``X.npy`` (trials x channels x samples) and ``y.npy`` (one label per
   trial) in ``--data-dir``. Validation: a stratified 20% chosen by the seed.
+* ``eeg-mne`` (MNE epochs files in ``--data-dir``) and ``moabb:NAME`` (a MOABB data set, options in
+  :class:`EEGOptions`): real EEG through MNE and MOABB, in :mod:`~sepconv.experiment.eeg` (``sepconv[eeg]``).
+
+An EEG dataset's :attr:`Dataset.details` say where it comes from: source, subjects, sessions, channels, sampling
+rate and how validation was chosen; :meth:`Dataset.summary` adds the trials per class.
 
 Inputs are standardised per channel with the training set's mean and standard deviation. Images are
 ``(N, C, H, W)``; EEG trials ``(N, 1, electrodes, samples)``, the layout EEGNet reads.
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +33,51 @@ import torch
 
 from .._extras import require
 
-__all__ = ["DATASETS", "DEFAULT_MODELS", "DataError", "Dataset", "load_dataset", "make_eeg_synthetic",
-           "eeg_synthetic_templates", "stratified_split"]
+__all__ = ["DATASETS", "DEFAULT_MODELS", "DataError", "Dataset", "EEGOptions", "load_dataset", "default_model",
+           "check_dataset_name", "make_eeg_synthetic", "eeg_synthetic_templates", "stratified_split"]
 
-DATASETS = ("digits", "cifar10", "eeg-synthetic", "eeg-numpy")
-NEEDS_DATA_DIR = ("eeg-numpy",)
+DATASETS = ("digits", "cifar10", "eeg-synthetic", "eeg-numpy", "eeg-mne", "moabb:NAME")
+NEEDS_DATA_DIR = ("eeg-numpy", "eeg-mne")
 READS_DATA_DIR = ("cifar10", *NEEDS_DATA_DIR)
-DEFAULT_MODELS = {"digits": "digits_cnn", "cifar10": "vgg_cifar", "eeg-synthetic": "eegnet", "eeg-numpy": "eegnet"}
+DEFAULT_MODELS = {"digits": "digits_cnn", "cifar10": "vgg_cifar", "eeg-synthetic": "eegnet", "eeg-numpy": "eegnet",
+                  "eeg-mne": "eegnet", "moabb:NAME": "eegnet"}
 VALIDATION_FRACTION = 0.2
 
 
 class DataError(ValueError):
     """Missing or malformed data; the message is one line that names the data and says what was expected."""
+
+
+def check_dataset_name(name: str) -> str:
+    """``name`` if it is one of :data:`DATASETS` (``moabb:`` followed by a MOABB data set's name), else DataError."""
+    if name in DATASETS[:-1] or (name.startswith("moabb:") and len(name) > len("moabb:")):
+        return name
+    raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+
+
+def default_model(name: str) -> str:
+    """The model ``sepconv compare`` trains on dataset ``name`` unless told otherwise."""
+    return DEFAULT_MODELS.get("moabb:NAME" if name.startswith("moabb:") else name, "")
+
+
+@dataclass(frozen=True)
+class EEGOptions:
+    """How ``moabb:NAME`` loads its trials: MOABB's paradigm and its options; ``None`` takes the default."""
+
+    subjects: tuple[int, ...] | None = None  # None: every subject of the data set
+    paradigm: str | None = None  # None: the data set's own (see sepconv.experiment.eeg.PARADIGMS)
+    fmin: float | None = None  # band-pass, Hz
+    fmax: float | None = None
+    resample: float | None = None  # Hz
+
+    def command_words(self) -> list[str]:
+        """The ``sepconv compare`` options that ask for these settings."""
+        words = ["--subjects", ",".join(map(str, self.subjects))] if self.subjects is not None else []
+        for flag, value in (("--paradigm", self.paradigm), ("--fmin", self.fmin), ("--fmax", self.fmax),
+                            ("--resample", self.resample)):
+            if value is not None:
+                words += [flag, value if isinstance(value, str) else f"{value:g}"]
+        return words
 
 
 @dataclass(frozen=True)
@@ -58,6 +96,7 @@ class Dataset:
     validation_labels: torch.Tensor
     class_names: tuple[str, ...]
     layout: str
+    details: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -77,16 +116,23 @@ class Dataset:
         return {"num_classes": self.num_classes, "in_channels": channels, "input_size": (height, width)}
 
     def summary(self) -> dict:
+        def per_class(labels):
+            counts = torch.bincount(labels, minlength=self.num_classes).tolist()
+            return dict(zip(self.class_names, counts))
         return {"name": self.name, "description": self.description, "input_shape": list(self.input_shape),
-                "num_classes": self.num_classes, "class_names": list(self.class_names),
-                "train_size": len(self.train_labels), "validation_size": len(self.validation_labels)}
+                "num_classes": self.num_classes, "class_names": list(self.class_names), "layout": self.layout,
+                "train_size": len(self.train_labels), "validation_size": len(self.validation_labels),
+                "per_class": {"train": per_class(self.train_labels), "validation": per_class(self.validation_labels)},
+                "details": self.details}
 
 
-def load_dataset(name: str, data_dir=None, seed: int = 0) -> Dataset:
+def load_dataset(name: str, data_dir=None, seed: int = 0, eeg_options: EEGOptions = EEGOptions()) -> Dataset:
     """The dataset ``name`` (one of :data:`DATASETS`); ``data_dir`` for the datasets of :data:`READS_DATA_DIR` only
-    (``cifar10`` downloads without it)."""
-    if name not in DATASETS:
-        raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    (``cifar10`` downloads without it); ``eeg_options`` for ``moabb:NAME`` only."""
+    check_dataset_name(name)
+    if eeg_options != EEGOptions() and not name.startswith("moabb:"):
+        raise DataError(f"--subjects, --paradigm, --fmin, --fmax and --resample are for --dataset moabb:NAME; got "
+                        f"{' '.join(eeg_options.command_words())} with --dataset {name}")
     if data_dir is None and name in NEEDS_DATA_DIR:
         raise DataError(f"--dataset {name} needs --data-dir PATH (where its files are)")
     if data_dir is not None and name not in READS_DATA_DIR:
@@ -98,9 +144,19 @@ def load_dataset(name: str, data_dir=None, seed: int = 0) -> Dataset:
         return _load_cifar10(None if data_dir is None else Path(data_dir))
     if name == "eeg-synthetic":
         inputs, labels = make_eeg_synthetic(seed)
-        return _split("eeg-synthetic", make_eeg_synthetic.__doc__.split("\n\n")[0], inputs[:, None], labels,
-                      [f"class {k}" for k in range(EEG_CLASSES)], seed, "eeg")
-    return _load_eeg_numpy(Path(data_dir), seed)
+        details = eeg_details(f"generated by sepconv.experiment.data.make_eeg_synthetic (seed {seed})",
+                              "none (synthetic)", "none (synthetic)", EEG_GRID ** 2, EEG_SAMPLING_RATE,
+                              STRATIFIED_VALIDATION)
+        return split_dataset("eeg-synthetic", make_eeg_synthetic.__doc__.split("\n\n")[0], inputs[:, None], labels,
+                             [f"class {k}" for k in range(EEG_CLASSES)], *stratified_split(labels, seed), "eeg",
+                             details)
+    if name == "eeg-numpy":
+        return _load_eeg_numpy(Path(data_dir), seed)
+    from . import eeg  # needs sepconv[eeg]; it says so if MNE or MOABB is missing
+
+    if name == "eeg-mne":
+        return eeg.load_eeg_mne(Path(data_dir), seed)
+    return eeg.load_moabb(name, eeg_options, seed)
 
 
 # --- splitting and standardisation ----------------------------------------------------------------
@@ -129,15 +185,35 @@ def _standardised(train: np.ndarray, validation: np.ndarray, channel_axis: int):
     return convert(train), convert(validation)
 
 
-def _split(name: str, description: str, inputs: np.ndarray, labels: np.ndarray, class_names, seed: int,
-           layout: str) -> Dataset:
-    """Inputs ``(N, C, H, W)`` (images) or ``(N, 1, electrodes, samples)`` (EEG), standardised per channel or
-    electrode, split by :func:`stratified_split`."""
-    train, validation = stratified_split(labels, seed)
+def split_dataset(name: str, description: str, inputs: np.ndarray, labels: np.ndarray, class_names,
+                  train: np.ndarray, validation: np.ndarray, layout: str, details: dict | None = None) -> Dataset:
+    """Inputs ``(N, C, H, W)`` (images) or ``(N, 1, electrodes, samples)`` (EEG) split into the ``train`` and
+    ``validation`` indices, standardised per channel or electrode with the training set's statistics."""
     channel_axis = 2 if layout == "eeg" else 1
     train_inputs, validation_inputs = _standardised(inputs[train], inputs[validation], channel_axis)
     return Dataset(name, description, train_inputs, torch.from_numpy(labels[train]), validation_inputs,
-                   torch.from_numpy(labels[validation]), tuple(class_names), layout)
+                   torch.from_numpy(labels[validation]), tuple(class_names), layout, details or {})
+
+
+def class_indices(labels: np.ndarray, source: str) -> tuple[list[str], np.ndarray]:
+    """The class names (sorted) and each trial's class index; DataError naming ``source`` unless there are at
+    least 2 classes of at least 2 trials each (one for training, one for validation)."""
+    classes, indices, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(classes) < 2 or counts.min() < 2:
+        raise DataError(f"{source}: needs at least 2 classes of at least 2 trials each (one for training, one for "
+                        f"validation); got counts {dict(zip(map(str, classes), counts.tolist()))}")
+    return [str(c) for c in classes], indices.astype(np.int64)
+
+
+STRATIFIED_VALIDATION = "stratified 20% chosen by the seed"
+NOT_RECORDED = "not recorded"
+
+
+def eeg_details(source: str, subjects, sessions, channels, sampling_rate: float | None, validation: str) -> dict:
+    """What a report states about an EEG dataset. ``subjects``/``sessions``: lists or a sentence; ``channels``: the
+    names, or their number where the data do not name them; ``sampling_rate`` in Hz (``None``: not recorded)."""
+    return {"source": source, "subjects": subjects, "sessions": sessions, "channels": channels,
+            "sampling rate (Hz)": NOT_RECORDED if sampling_rate is None else sampling_rate, "validation": validation}
 
 
 # --- digits ---------------------------------------------------------------------------------------
@@ -145,8 +221,10 @@ def _split(name: str, description: str, inputs: np.ndarray, labels: np.ndarray, 
 def _load_digits(seed: int) -> Dataset:
     digits = require("sklearn.datasets", "experiment", "--dataset digits").load_digits()
     images = digits.images.astype(np.float32)[:, None]  # (1797, 1, 8, 8), grey levels 0-16
-    return _split("digits", "scikit-learn's handwritten digits: 1,797 8x8 grey images of the digits 0-9",
-                         images, digits.target.astype(np.int64), [str(d) for d in digits.target_names], seed, "image")
+    labels = digits.target.astype(np.int64)
+    return split_dataset("digits", "scikit-learn's handwritten digits: 1,797 8x8 grey images of the digits 0-9",
+                         images, labels, [str(d) for d in digits.target_names], *stratified_split(labels, seed),
+                         "image")
 
 
 # --- CIFAR-10 -------------------------------------------------------------------------------------
@@ -324,10 +402,9 @@ def _load_eeg_numpy(data_dir: Path, seed: int) -> Dataset:
     if labels.shape != (len(trials),):
         raise DataError(f"--data-dir {data_dir}: y.npy must hold one label per trial, shape ({len(trials)},); got "
                         f"shape {labels.shape}")
-    classes, indices, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    if len(classes) < 2 or counts.min() < 2:
-        raise DataError(f"--data-dir {data_dir}: y.npy needs at least 2 classes of at least 2 trials each (one for "
-                        f"training, one for validation); got counts {dict(zip(classes.tolist(), counts.tolist()))}")
-    return _split("eeg-numpy", f"epoched EEG from {data_dir}: {trials.shape[0]} trials of {trials.shape[1]} "
-                  f"channels x {trials.shape[2]} samples", trials.astype(np.float32)[:, None], indices.astype(np.int64),
-                  [str(c) for c in classes], seed, "eeg")
+    classes, indices = class_indices(labels, f"--data-dir {data_dir}: y.npy")
+    details = eeg_details(f"{data_dir}/X.npy and y.npy", NOT_RECORDED, NOT_RECORDED, trials.shape[1], None,
+                          STRATIFIED_VALIDATION)
+    return split_dataset("eeg-numpy", f"epoched EEG from {data_dir}: {trials.shape[0]} trials of {trials.shape[1]} "
+                         f"channels x {trials.shape[2]} samples", trials.astype(np.float32)[:, None], indices, classes,
+                         *stratified_split(indices, seed), "eeg", details)
