@@ -86,6 +86,8 @@ class Dataset:
 
     Attributes:
         layout: ``"image"`` (inputs ``(N, C, H, W)``) or ``"eeg"`` (``(N, 1, electrodes, samples)``).
+        details: what the report states about the data's origin (:func:`eeg_details` for EEG: source, subjects,
+            sessions, channels, sampling rate, validation protocol); empty for images.
     """
 
     name: str

@@ -133,7 +133,8 @@ def load_moabb(name: str, options: EEGOptions, seed: int) -> Dataset:
     except Exception as error:  # a download, a file or MOABB itself: one line naming the data set
         raise DataError(f"--dataset {name}: MOABB could not load subjects {', '.join(map(str, subjects))} "
                         f"({_one_line(error)})") from None
-    trials = epochs.get_data(picks="data")
+    epochs.pick("data", exclude="bads")
+    trials = epochs.get_data()
     classes, indices = class_indices(np.asarray(labels), f"--dataset {name}")
     sessions = sorted(metadata["session"].astype(str).unique())
     if len(sessions) > 1:  # the usual protocol: train on the earlier sessions, validate on the last
@@ -143,7 +144,7 @@ def load_moabb(name: str, options: EEGOptions, seed: int) -> Dataset:
     else:
         train, validation = stratified_split(indices, seed)
         protocol = f"{STRATIFIED_VALIDATION} (one session)"
-    channels = epochs.copy().pick("data").ch_names
+    channels = epochs.ch_names
     sampling_rate = epochs.info["sfreq"]
     band = ", ".join(f"{low:g}-{high:g} Hz" for low, high in paradigm.filters)
     details = eeg_details(f"MOABB {dataset.__class__.__name__} (code {dataset.code}) through the {paradigm_name} "
