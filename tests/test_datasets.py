@@ -11,6 +11,7 @@ import socket
 import tarfile
 import threading
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,6 +155,23 @@ def test_a_failed_download_is_one_line_leaves_nothing_half_written_and_the_next_
     server.truncated = 0
     assert load_dataset("cifar10").num_classes == 10
 
+
+
+def test_a_full_disk_while_unpacking_leaves_no_partial_folder(tmp_path, server, cache, monkeypatch, capsys):
+    _serve(server, monkeypatch, _tarball(tmp_path))
+    extract = tarfile.TarFile.extractall
+
+    def full_disk(self, path, *args, **kwargs):
+        (Path(path) / "partial").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full_disk)
+    assert cli.main(["compare", "--dataset", "cifar10", "--out", str(tmp_path / "run")]) == 2
+    assert (f"cannot unpack {cache / ARCHIVE} (OSError: [Errno 28] No space left on device); nothing was unpacked, "
+            "the next run tries again\n") in capsys.readouterr().err
+    assert _files(cache) == [ARCHIVE]
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extract)
+    assert load_dataset("cifar10").num_classes == 10 and server.requests == 1  # the verified archive is reused
 
 # --- real EEG through MNE and MOABB ---------------------------------------------------------------
 

@@ -88,8 +88,8 @@ def _unpack(archive: Path, folder: str) -> Path:
         if not target.is_dir():  # else another process (under torchrun) has unpacked it meanwhile
             os.replace(temporary / folder, target)
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise DataError(f"cannot unpack {archive} ({type(error).__name__}: {_one_line(error)}); delete it to "
-                        "download again") from None
+        raise DataError(f"cannot unpack {archive} ({type(error).__name__}: {_one_line(error)}); nothing was "
+                        "unpacked, the next run tries again") from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return target
