@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run   - create .venv, install the CPU PyTorch wheel then sepconv, and run the `sepconv` command
-#   make test  - same environment plus the test extras, then the whole test suite
+#   make run   - create .venv, install the CPU PyTorch wheel then sepconv[experiment], and run the `sepconv` command
+#   make test  - same environment plus the test extras (which include the experiment and eeg extras), then the
+#                whole test suite
 # torch==2.13.0 is installed before the package so that pip never resolves a CUDA build of torch.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +15,7 @@ $(BIN)/python:
 
 $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[experiment]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._extras import require
 from ._io import atomic_save
 from .constraints import apply_constraints
 
@@ -48,7 +49,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, lr
 
     Constraints (``max_norm``) of the student are applied after every step, as in training.
     """
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "experiment", "sepconv.distill").tqdm
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int; got {epochs!r}")

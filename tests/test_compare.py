@@ -293,7 +293,8 @@ def test_distributed_close_leaves_the_group_when_the_wait_fails(monkeypatch):
     (["compare", "--epochs", "0"], "sepconv compare: error: argument --epochs: must be an int >= 1; got '0'"),
     (["compare", "--batch-size", "many"], "argument --batch-size: must be an int >= 1; got 'many'"),
     (["compare", "--lr", "-0.1"], "argument --lr: must be a positive number; got '-0.1'"),
-    (["compare", "--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+    (["compare", "--dataset", "mnist"], "argument --dataset: must be one of digits, cifar10, eeg-synthetic, eeg-numpy, "
+                                        "eeg-mne, moabb:NAME; got 'mnist'"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -309,8 +310,8 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
                             "EEGNet.__init__() got an unexpected keyword argument 'in_channels'"),
     (["--model", "vgg_cifar", "--dataset", "eeg-synthetic"], "--model vgg_cifar does not fit --dataset eeg-synthetic "
                                                              "(inputs 1x16x128, 4 classes): TypeError:"),
-    (["--dataset", "cifar10"], "--dataset cifar10 needs --data-dir PATH"),
-    (["--data-dir", "data"], "--dataset digits reads no --data-dir (got 'data'); only cifar10 and eeg-numpy do"),
+    (["--dataset", "eeg-numpy"], "--dataset eeg-numpy needs --data-dir PATH"),
+    (["--data-dir", "data"], "--dataset digits reads no --data-dir (got 'data'); only cifar10, eeg-numpy, eeg-mne do"),
 ])
 def test_bad_requests_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "run"

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..experiment import (DATASETS, DEFAULT_MODELS, CheckpointMismatch, ComparisonError, ComparisonSettings, DataError,
-                          run_comparison)
+from .._extras import MissingExtra
+from ..experiment import (DEFAULT_MODELS, CheckpointMismatch, ComparisonError, ComparisonSettings, DataError,
+                          EEGOptions, check_dataset_name, run_comparison)
+from ..experiment.eeg import PARADIGMS
 from ._args import at_least
 
 DEFAULTS = ComparisonSettings(out=Path("runs"))
@@ -37,6 +39,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _dataset(text: str) -> str:
+    try:
+        return check_dataset_name(text)
+    except DataError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--dataset ")) from None
+
+
+def _subjects(text: str) -> tuple[int, ...]:
+    try:
+        subjects = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        subjects = ()
+    if not subjects or min(subjects) < 1:
+        raise argparse.ArgumentTypeError(f"must be subject numbers >= 1 separated by commas, like 1,2,3; got {text!r}")
+    return subjects
+
+
 def _error(message: str) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one message rather than one per process
         print(f"sepconv compare: error: {message}", file=sys.stderr)
@@ -51,10 +70,12 @@ def compare_command(args) -> int:
     out = args.out if args.out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     settings = ComparisonSettings(out=out, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
                                   epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                                  seed=args.seed, resume=args.resume)
+                                  seed=args.seed, resume=args.resume,
+                                  eeg_options=EEGOptions(args.subjects, args.paradigm, args.fmin, args.fmax,
+                                                         args.resample))
     try:
         run_comparison(settings)
-    except (ComparisonError, DataError, CheckpointMismatch) as error:
+    except (ComparisonError, DataError, CheckpointMismatch, MissingExtra) as error:
         return _error(str(error))
     except KeyboardInterrupt:
         return INTERRUPTED_EXIT_CODE
@@ -66,10 +87,14 @@ def add_parser(commands) -> None:
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = ", ".join(f"{dataset}: {model}" for dataset, model in DEFAULT_MODELS.items())
     parser.add_argument("--model", help=f"a registered model with a separable twin (default per dataset: {defaults})")
-    parser.add_argument("--dataset", choices=DATASETS, default=DEFAULTS.dataset,
-                        help="digits (bundled with scikit-learn, the default), cifar10 (python batches in --data-dir), "
-                             "eeg-synthetic (generated), eeg-numpy (X.npy and y.npy in --data-dir)")
-    parser.add_argument("--data-dir", type=Path, help="folder of cifar10's cifar-10-batches-py or eeg-numpy's arrays")
+    parser.add_argument("--dataset", type=_dataset, default=DEFAULTS.dataset,
+                        help="digits (bundled with scikit-learn, the default), cifar10 (downloaded once into "
+                             "$SEPCONV_DATA or the user cache folder, or the python batches in --data-dir), "
+                             "eeg-synthetic (generated), eeg-numpy (X.npy and y.npy in --data-dir), eeg-mne (MNE "
+                             "*-epo.fif files in --data-dir), moabb:NAME (a MOABB data set, e.g. moabb:BNCI2014_001; "
+                             "MOABB downloads it); eeg-mne and moabb need sepconv[eeg]")
+    parser.add_argument("--data-dir", type=Path, help="folder of cifar10's cifar-10-batches-py (instead of the "
+                        "download), eeg-numpy's arrays or eeg-mne's epochs files")
     parser.add_argument("--epochs", type=at_least(1), default=DEFAULTS.epochs,
                         help=f"epochs per twin (default {DEFAULTS.epochs})")
     parser.add_argument("--batch-size", type=at_least(1), default=DEFAULTS.batch_size,
@@ -82,5 +107,12 @@ def add_parser(commands) -> None:
     parser.add_argument("--threads", type=at_least(1), help="PyTorch's intra-op threads for training and timing "
                         "(default: PyTorch's own choice, one per core)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    eeg = parser.add_argument_group("MOABB (--dataset moabb:NAME)", "default: the paradigm's own setting")
+    eeg.add_argument("--subjects", type=_subjects, help="subjects to load, like 1,2,3 (default: all)")
+    eeg.add_argument("--paradigm", choices=PARADIGMS, help="how trials are cut and labelled (default: the data "
+                     "set's own: motor-imagery, p300 or ssvep)")
+    eeg.add_argument("--fmin", type=_positive_float, help="band-pass low edge (Hz)")
+    eeg.add_argument("--fmax", type=_positive_float, help="band-pass high edge (Hz)")
+    eeg.add_argument("--resample", type=_positive_float, help="sampling rate to resample to (Hz)")
     parser.set_defaults(handler=compare_command)
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._extras import require
 from ..models import create_model, list_models
-from .data import DEFAULT_MODELS, Dataset, load_dataset
+from .data import Dataset, EEGOptions, default_model, load_dataset
 from .measure import TIMING_METHOD, count_costs, measure_times
 from .report import (TWINS, build_metrics, markdown_table, speedup_lines, summarize_history, summary_table,
                      write_report)
@@ -47,14 +48,16 @@ class ComparisonSettings:
     learning_rate: float = 1e-3
     seed: int = 0
     resume: bool = False
+    eeg_options: EEGOptions = EEGOptions()
 
     @property
     def model_name(self) -> str:
-        return self.model or DEFAULT_MODELS.get(self.dataset, "")
+        return self.model or default_model(self.dataset)
 
     def command_line(self, resume: bool) -> str:
         """The ``sepconv compare`` command that runs this comparison (with ``--resume``: continues it)."""
-        words = ["sepconv", "compare", "--model", self.model_name, "--dataset", self.dataset]
+        words = ["sepconv", "compare", "--model", self.model_name, "--dataset", self.dataset,
+                 *self.eeg_options.command_words()]
         if self.data_dir is not None:
             words += ["--data-dir", str(self.data_dir)]
         words += ["--epochs", str(self.epochs), "--batch-size", str(self.batch_size), "--lr", f"{self.learning_rate:g}",
@@ -135,8 +138,9 @@ def _trained_line(twin: str, history: list[dict]) -> str:
 def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None, echo=print) -> dict | None:
     """Run the comparison; returns the metrics (``None`` on ranks other than 0 under ``torchrun``).
 
-    Raises :class:`ComparisonError`, :class:`~sepconv.experiment.data.DataError` or
-    :class:`~sepconv.experiment.train.CheckpointMismatch` before writing anything; ``KeyboardInterrupt`` after
+    Raises :class:`ComparisonError`, :class:`~sepconv.experiment.data.DataError`,
+    :class:`~sepconv.experiment.train.CheckpointMismatch` or :class:`~sepconv._extras.MissingExtra` (an extra
+    is not installed) before writing anything; ``KeyboardInterrupt`` after
     writing the partial report. ``progress``: bars per epoch and batch (default: only in a terminal).
     ``echo`` prints a line (rank 0 only).
     """
@@ -144,13 +148,17 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
     say = echo if distributed.is_main else (lambda line: None)
     trained = False  # every process has run all of training's collectives: they can meet before leaving the group
     try:
-        dataset = load_dataset(settings.dataset, settings.data_dir, settings.seed)
+        for module in ("matplotlib", "tqdm"):  # the plots and the progress bars: fail before any work
+            require(module, "experiment", "sepconv compare")
+        dataset = load_dataset(settings.dataset, settings.data_dir, settings.seed, settings.eeg_options)
         _check_out_dir(settings)
         twins = build_twins(settings.model_name, dataset, settings.seed)
         training = TrainingSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.seed)
         run = {"model": settings.model_name, "dataset": settings.dataset, "batch_size": settings.batch_size,
                "learning_rate": settings.learning_rate, "seed": settings.seed, "processes": distributed.world_size,
                "data_dir": None if settings.data_dir is None else str(Path(settings.data_dir).resolve())}
+        if settings.eeg_options != EEGOptions():  # only then: checkpoints of runs without them stay resumable
+            run["eeg_options"] = asdict(settings.eeg_options)
         trainers = {twin: Trainer(model, dataset, training, settings.out / "checkpoints" / f"{twin}.pt",
                                   label=f"{twin} twin", run={**run, "twin": twin}, distributed=distributed,
                                   progress=progress) for twin, model in twins.items()}

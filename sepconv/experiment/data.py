@@ -3,11 +3,19 @@
 * ``digits`` (the default): scikit-learn's bundled handwritten digits, 1,797 8x8 grey images of 0-9, shipped
   inside the scikit-learn package, so nothing is downloaded. Validation: a stratified 20% chosen by the seed.
 * ``cifar10``: the standard CIFAR-10 python batches (the ``cifar-10-batches-py`` folder): ``data_batch_1`` to
-  ``data_batch_5`` for training, ``test_batch`` for validation (the usual protocol; no seed involved).
+  ``data_batch_5`` for training, ``test_batch`` for validation (the usual protocol; no seed involved). Without
+  ``--data-dir`` the official tarball is downloaded once into the cache (:mod:`~sepconv.experiment.download`),
+  checked against its published MD5, and unpacked. Test hooks, for the tests only: ``SEPCONV_CIFAR10_URL`` and
+  ``SEPCONV_CIFAR10_MD5`` replace the URL and the checksum (the tests serve a small tarball on 127.0.0.1).
 * ``eeg-synthetic``: generated event-related EEG, documented in :func:`make_eeg_synthetic`. Synthetic: it
   shows how EEGNet and its twin learn a known spatial and temporal structure, not how they do on real EEG.
 * ``eeg-numpy``: real epoched EEG from ``X.npy`` (trials x channels x samples) and ``y.npy`` (one label per
   trial) in ``--data-dir``. Validation: a stratified 20% chosen by the seed.
+* ``eeg-mne`` (MNE epochs files in ``--data-dir``) and ``moabb:NAME`` (a MOABB data set, options in
+  :class:`EEGOptions`): real EEG through MNE and MOABB, in :mod:`~sepconv.experiment.eeg` (``sepconv[eeg]``).
+
+An EEG dataset's :attr:`Dataset.details` say where it comes from: source, subjects, sessions, channels, sampling
+rate and how validation was chosen; :meth:`Dataset.summary` adds the trials per class.
 
 Inputs are standardised per channel with the training set's mean and standard deviation. Images are
 ``(N, C, H, W)``; EEG trials ``(N, 1, electrodes, samples)``, the layout EEGNet reads.
@@ -15,24 +23,61 @@ Inputs are standardised per channel with the training set's mean and standard de
 
 from __future__ import annotations
 
+import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DEFAULT_MODELS", "DataError", "Dataset", "load_dataset", "make_eeg_synthetic",
-           "eeg_synthetic_templates", "stratified_split"]
+from .._extras import require
 
-DATASETS = ("digits", "cifar10", "eeg-synthetic", "eeg-numpy")
-NEEDS_DATA_DIR = ("cifar10", "eeg-numpy")
-DEFAULT_MODELS = {"digits": "digits_cnn", "cifar10": "vgg_cifar", "eeg-synthetic": "eegnet", "eeg-numpy": "eegnet"}
+__all__ = ["DATASETS", "DEFAULT_MODELS", "DataError", "Dataset", "EEGOptions", "load_dataset", "default_model",
+           "check_dataset_name", "make_eeg_synthetic", "eeg_synthetic_templates", "stratified_split"]
+
+DATASETS = ("digits", "cifar10", "eeg-synthetic", "eeg-numpy", "eeg-mne", "moabb:NAME")
+NEEDS_DATA_DIR = ("eeg-numpy", "eeg-mne")
+READS_DATA_DIR = ("cifar10", *NEEDS_DATA_DIR)
+DEFAULT_MODELS = {"digits": "digits_cnn", "cifar10": "vgg_cifar", "eeg-synthetic": "eegnet", "eeg-numpy": "eegnet",
+                  "eeg-mne": "eegnet", "moabb:NAME": "eegnet"}
 VALIDATION_FRACTION = 0.2
 
 
 class DataError(ValueError):
     """Missing or malformed data; the message is one line that names the data and says what was expected."""
+
+
+def check_dataset_name(name: str) -> str:
+    """``name`` if it is one of :data:`DATASETS` (``moabb:`` followed by a MOABB data set's name), else DataError."""
+    if name in DATASETS[:-1] or (name.startswith("moabb:") and len(name) > len("moabb:")):
+        return name
+    raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+
+
+def default_model(name: str) -> str:
+    """The model ``sepconv compare`` trains on dataset ``name`` unless told otherwise."""
+    return DEFAULT_MODELS.get("moabb:NAME" if name.startswith("moabb:") else name, "")
+
+
+@dataclass(frozen=True)
+class EEGOptions:
+    """How ``moabb:NAME`` loads its trials: MOABB's paradigm and its options; ``None`` takes the default."""
+
+    subjects: tuple[int, ...] | None = None  # None: every subject of the data set
+    paradigm: str | None = None  # None: the data set's own (see sepconv.experiment.eeg.PARADIGMS)
+    fmin: float | None = None  # band-pass, Hz
+    fmax: float | None = None
+    resample: float | None = None  # Hz
+
+    def command_words(self) -> list[str]:
+        """The ``sepconv compare`` options that ask for these settings."""
+        words = ["--subjects", ",".join(map(str, self.subjects))] if self.subjects is not None else []
+        for flag, value in (("--paradigm", self.paradigm), ("--fmin", self.fmin), ("--fmax", self.fmax),
+                            ("--resample", self.resample)):
+            if value is not None:
+                words += [flag, value if isinstance(value, str) else f"{value:g}"]
+        return words
 
 
 @dataclass(frozen=True)
@@ -41,6 +86,8 @@ class Dataset:
 
     Attributes:
         layout: ``"image"`` (inputs ``(N, C, H, W)``) or ``"eeg"`` (``(N, 1, electrodes, samples)``).
+        details: what the report states about the data's origin (:func:`eeg_details` for EEG: source, subjects,
+            sessions, channels, sampling rate, validation protocol); empty for images.
     """
 
     name: str
@@ -51,6 +98,7 @@ class Dataset:
     validation_labels: torch.Tensor
     class_names: tuple[str, ...]
     layout: str
+    details: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -70,29 +118,47 @@ class Dataset:
         return {"num_classes": self.num_classes, "in_channels": channels, "input_size": (height, width)}
 
     def summary(self) -> dict:
+        def per_class(labels):
+            counts = torch.bincount(labels, minlength=self.num_classes).tolist()
+            return dict(zip(self.class_names, counts))
         return {"name": self.name, "description": self.description, "input_shape": list(self.input_shape),
-                "num_classes": self.num_classes, "class_names": list(self.class_names),
-                "train_size": len(self.train_labels), "validation_size": len(self.validation_labels)}
+                "num_classes": self.num_classes, "class_names": list(self.class_names), "layout": self.layout,
+                "train_size": len(self.train_labels), "validation_size": len(self.validation_labels),
+                "per_class": {"train": per_class(self.train_labels), "validation": per_class(self.validation_labels)},
+                "details": self.details}
 
 
-def load_dataset(name: str, data_dir=None, seed: int = 0) -> Dataset:
-    """The dataset ``name`` (one of :data:`DATASETS`); ``data_dir`` for ``cifar10`` and ``eeg-numpy`` only."""
-    if name not in DATASETS:
-        raise DataError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+def load_dataset(name: str, data_dir=None, seed: int = 0, eeg_options: EEGOptions = EEGOptions()) -> Dataset:
+    """The dataset ``name`` (one of :data:`DATASETS`); ``data_dir`` for the datasets of :data:`READS_DATA_DIR` only
+    (``cifar10`` downloads without it); ``eeg_options`` for ``moabb:NAME`` only."""
+    check_dataset_name(name)
+    if eeg_options != EEGOptions() and not name.startswith("moabb:"):
+        raise DataError(f"--subjects, --paradigm, --fmin, --fmax and --resample are for --dataset moabb:NAME; got "
+                        f"{' '.join(eeg_options.command_words())} with --dataset {name}")
     if data_dir is None and name in NEEDS_DATA_DIR:
         raise DataError(f"--dataset {name} needs --data-dir PATH (where its files are)")
-    if data_dir is not None and name not in NEEDS_DATA_DIR:
+    if data_dir is not None and name not in READS_DATA_DIR:
         raise DataError(f"--dataset {name} reads no --data-dir (got {str(data_dir)!r}); only "
-                        f"{' and '.join(NEEDS_DATA_DIR)} do")
+                        f"{', '.join(READS_DATA_DIR)} do")
     if name == "digits":
         return _load_digits(seed)
     if name == "cifar10":
-        return _load_cifar10(Path(data_dir))
+        return _load_cifar10(None if data_dir is None else Path(data_dir))
     if name == "eeg-synthetic":
         inputs, labels = make_eeg_synthetic(seed)
-        return _split("eeg-synthetic", make_eeg_synthetic.__doc__.split("\n\n")[0], inputs[:, None], labels,
-                      [f"class {k}" for k in range(EEG_CLASSES)], seed, "eeg")
-    return _load_eeg_numpy(Path(data_dir), seed)
+        details = eeg_details(f"generated by sepconv.experiment.data.make_eeg_synthetic (seed {seed})",
+                              "none (synthetic)", "none (synthetic)", EEG_GRID ** 2, EEG_SAMPLING_RATE,
+                              STRATIFIED_VALIDATION)
+        return split_dataset("eeg-synthetic", make_eeg_synthetic.__doc__.split("\n\n")[0], inputs[:, None], labels,
+                             [f"class {k}" for k in range(EEG_CLASSES)], *stratified_split(labels, seed), "eeg",
+                             details)
+    if name == "eeg-numpy":
+        return _load_eeg_numpy(Path(data_dir), seed)
+    from . import eeg  # needs sepconv[eeg]; it says so if MNE or MOABB is missing
+
+    if name == "eeg-mne":
+        return eeg.load_eeg_mne(Path(data_dir), seed)
+    return eeg.load_moabb(name, eeg_options, seed)
 
 
 # --- splitting and standardisation ----------------------------------------------------------------
@@ -121,28 +187,46 @@ def _standardised(train: np.ndarray, validation: np.ndarray, channel_axis: int):
     return convert(train), convert(validation)
 
 
-def _split(name: str, description: str, inputs: np.ndarray, labels: np.ndarray, class_names, seed: int,
-           layout: str) -> Dataset:
-    """Inputs ``(N, C, H, W)`` (images) or ``(N, 1, electrodes, samples)`` (EEG), standardised per channel or
-    electrode, split by :func:`stratified_split`."""
-    train, validation = stratified_split(labels, seed)
+def split_dataset(name: str, description: str, inputs: np.ndarray, labels: np.ndarray, class_names,
+                  train: np.ndarray, validation: np.ndarray, layout: str, details: dict | None = None) -> Dataset:
+    """Inputs ``(N, C, H, W)`` (images) or ``(N, 1, electrodes, samples)`` (EEG) split into the ``train`` and
+    ``validation`` indices, standardised per channel or electrode with the training set's statistics."""
     channel_axis = 2 if layout == "eeg" else 1
     train_inputs, validation_inputs = _standardised(inputs[train], inputs[validation], channel_axis)
     return Dataset(name, description, train_inputs, torch.from_numpy(labels[train]), validation_inputs,
-                   torch.from_numpy(labels[validation]), tuple(class_names), layout)
+                   torch.from_numpy(labels[validation]), tuple(class_names), layout, details or {})
+
+
+def class_indices(labels: np.ndarray, source: str) -> tuple[list[str], np.ndarray]:
+    """The class names (sorted) and each trial's class index; DataError naming ``source`` unless there are at
+    least 2 classes of at least 2 trials each (one for training, one for validation)."""
+    classes, indices, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(classes) < 2 or counts.min() < 2:
+        raise DataError(f"{source}: needs at least 2 classes of at least 2 trials each (one for training, one for "
+                        f"validation); got counts {dict(zip(map(str, classes), counts.tolist()))}")
+    return [str(c) for c in classes], indices.astype(np.int64)
+
+
+STRATIFIED_VALIDATION = "stratified 20% chosen by the seed"
+NOT_RECORDED = "not recorded"
+
+
+def eeg_details(source: str, subjects, sessions, channels, sampling_rate: float | None, validation: str) -> dict:
+    """What a report states about an EEG dataset. ``subjects``/``sessions``: lists or a sentence; ``channels``: the
+    names, or their number where the data do not name them; ``sampling_rate`` in Hz (``None``: not recorded)."""
+    return {"source": source, "subjects": subjects, "sessions": sessions, "channels": channels,
+            "sampling rate (Hz)": NOT_RECORDED if sampling_rate is None else sampling_rate, "validation": validation}
 
 
 # --- digits ---------------------------------------------------------------------------------------
 
 def _load_digits(seed: int) -> Dataset:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise DataError("dataset 'digits' needs scikit-learn, which ships it: pip install scikit-learn") from error
-    digits = load_digits()
+    digits = require("sklearn.datasets", "experiment", "--dataset digits").load_digits()
     images = digits.images.astype(np.float32)[:, None]  # (1797, 1, 8, 8), grey levels 0-16
-    return _split("digits", "scikit-learn's handwritten digits: 1,797 8x8 grey images of the digits 0-9",
-                         images, digits.target.astype(np.int64), [str(d) for d in digits.target_names], seed, "image")
+    labels = digits.target.astype(np.int64)
+    return split_dataset("digits", "scikit-learn's handwritten digits: 1,797 8x8 grey images of the digits 0-9",
+                         images, labels, [str(d) for d in digits.target_names], *stratified_split(labels, seed),
+                         "image")
 
 
 # --- CIFAR-10 -------------------------------------------------------------------------------------
@@ -151,6 +235,7 @@ CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_FILES = (*CIFAR_TRAIN_FILES, "test_batch", "batches.meta")
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"  # published on https://www.cs.toronto.edu/~kriz/cifar.html
 CIFAR_MAX_FILE_BYTES = 64 * 2**20  # the real batches are 31 MB each
 CIFAR_IMAGE_VALUES = 3 * 32 * 32
 # What CIFAR's pickles may construct: numpy arrays (as numpy 1 and 2 pickle them) and the bytes codec. Anything
@@ -202,7 +287,15 @@ def _read_cifar_batch(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _load_cifar10(data_dir: Path) -> Dataset:
+def _load_cifar10(data_dir: Path | None) -> Dataset:
+    if data_dir is None:
+        from .download import fetch_and_unpack
+
+        url = os.environ.get("SEPCONV_CIFAR10_URL", CIFAR_URL)  # test hooks: see the module's docstring
+        data_dir = fetch_and_unpack(url, os.environ.get("SEPCONV_CIFAR10_MD5", CIFAR_MD5), CIFAR_FOLDER)
+        source = f"{url} (MD5 verified), cached in {data_dir}"
+    else:
+        source = str(data_dir)
     if (data_dir / CIFAR_FOLDER).is_dir():  # the folder the archive unpacks into, given its parent
         data_dir = data_dir / CIFAR_FOLDER
     if not data_dir.is_dir():
@@ -219,7 +312,7 @@ def _load_cifar10(data_dir: Path) -> Dataset:
     train_labels = np.concatenate([labels for _, labels in train])
     train_inputs, validation_inputs = _standardised(train_images.astype(np.float32), test_images.astype(np.float32),
                                                     channel_axis=1)
-    return Dataset("cifar10", f"CIFAR-10 from {data_dir}: 32x32 colour images of 10 classes; validation is "
+    return Dataset("cifar10", f"CIFAR-10 from {source}: 32x32 colour images of 10 classes; validation is "
                    "test_batch", train_inputs, torch.from_numpy(train_labels), validation_inputs,
                    torch.from_numpy(test_labels), tuple(n.decode() for n in names), "image")
 
@@ -311,10 +404,9 @@ def _load_eeg_numpy(data_dir: Path, seed: int) -> Dataset:
     if labels.shape != (len(trials),):
         raise DataError(f"--data-dir {data_dir}: y.npy must hold one label per trial, shape ({len(trials)},); got "
                         f"shape {labels.shape}")
-    classes, indices, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    if len(classes) < 2 or counts.min() < 2:
-        raise DataError(f"--data-dir {data_dir}: y.npy needs at least 2 classes of at least 2 trials each (one for "
-                        f"training, one for validation); got counts {dict(zip(classes.tolist(), counts.tolist()))}")
-    return _split("eeg-numpy", f"epoched EEG from {data_dir}: {trials.shape[0]} trials of {trials.shape[1]} "
-                  f"channels x {trials.shape[2]} samples", trials.astype(np.float32)[:, None], indices.astype(np.int64),
-                  [str(c) for c in classes], seed, "eeg")
+    classes, indices = class_indices(labels, f"--data-dir {data_dir}: y.npy")
+    details = eeg_details(f"{data_dir}/X.npy and y.npy", NOT_RECORDED, NOT_RECORDED, trials.shape[1], None,
+                          STRATIFIED_VALIDATION)
+    return split_dataset("eeg-numpy", f"epoched EEG from {data_dir}: {trials.shape[0]} trials of {trials.shape[1]} "
+                         f"channels x {trials.shape[2]} samples", trials.astype(np.float32)[:, None], indices, classes,
+                         *stratified_split(indices, seed), "eeg", details)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._extras import require
 from .._io import atomic_path
 from ..layers import DepthwiseConv2d, SeparableConv2d, SpatialSeparableConv2d
 from ..weights import spatial_dense_weight
@@ -28,11 +29,9 @@ KERNEL_COLORMAP = "RdBu_r"  # diverging: negative weights blue, positive red, ze
 
 
 def _figure(width: float, height: float):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("the comparison's plots need matplotlib: pip install matplotlib") from error
+    require("matplotlib", "experiment", "the comparison's plots")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure

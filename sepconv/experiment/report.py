@@ -179,6 +179,24 @@ def speedup_lines(metrics: dict) -> list[str]:
 
 # --- the documents ---------------------------------------------------------------------------------
 
+def _listed(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} ({', '.join(map(str, value))})"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def data_lines(dataset: dict) -> list[str]:
+    """What the report says about the data beyond its description: the details an EEG dataset records (source,
+    subjects, sessions, channels, sampling rate, validation) and the inputs (EEG: trials) per class."""
+    lines = [f"{key}: {_listed(value)}" for key, value in dataset.get("details", {}).items()]
+    counts = dataset.get("per_class")
+    if counts:
+        noun = "trials" if dataset.get("layout") == "eeg" else "inputs"
+        lines.append(f"{noun} per class, training / validation: " + ", ".join(
+            f"{name} {counts['train'][name]} / {counts['validation'][name]}" for name in counts["train"]))
+    return lines
+
+
 def _blocks(metrics: dict) -> list[tuple]:
     settings, dataset, environment = metrics["settings"], metrics["dataset"], metrics["environment"]
     model = settings["model"]
@@ -192,6 +210,7 @@ def _blocks(metrics: dict) -> list[tuple]:
         ("paragraph", f"Data: {dataset['description']}. {dataset['train_size']:,} training and "
                       f"{dataset['validation_size']:,} validation inputs of shape {shape}, {dataset['num_classes']} "
                       "classes."),
+        ("list", data_lines(dataset)),
         ("paragraph", f"Training: both twins built from seed {settings['seed']} with the same initialisation scheme "
                       f"and trained the same way: {settings['epochs']} epochs of {settings['optimizer']} (learning "
                       f"rate {settings['learning_rate']:g}) on cross-entropy, batches of {settings['batch_size']} per "

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from .._extras import require
 from .._io import atomic_save
 from ..constraints import apply_constraints
 from .data import Dataset
@@ -207,7 +208,7 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         """Train the remaining epochs; returns :attr:`history`. Ctrl-C leaves the last epoch's checkpoint."""
-        from tqdm.auto import tqdm
+        tqdm = require("tqdm.auto", "experiment", "training").tqdm
 
         if self._resumed_rng is not None:
             _set_rng_state(self._resumed_rng, self.distributed.device)
@@ -232,7 +233,7 @@ class Trainer:
         return self.history
 
     def _train_epoch(self, order: list[int], epoch: int, disable: bool | None) -> tuple[float, float]:
-        from tqdm.auto import tqdm
+        tqdm = require("tqdm.auto", "experiment", "training").tqdm
 
         self.network.train()
         order = torch.tensor(order, device=self.distributed.device)

@@ -12,6 +12,7 @@ Needs matplotlib (drawn off-screen with the Agg canvas; no display, no global py
 
 from __future__ import annotations
 
+from .._extras import require
 from .._io import atomic_path
 from ..cost import format_shape
 from .report import Profile, kind_order
@@ -27,12 +28,10 @@ def plot_roofline(result: Profile, path, machine: Machine | None = None) -> None
     if machine is None or not rows:
         raise ValueError("a roofline needs measured op times and the machine's roofs: use profile(model, input, "
                          "measure=True)")
-    try:
-        import numpy as np
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("roofline plots need matplotlib: pip install matplotlib") from error
+    require("matplotlib", "experiment", "the roofline plot")
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     figure = Figure(figsize=(13, 5.5), layout="constrained")
     FigureCanvasAgg(figure)
