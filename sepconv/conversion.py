@@ -247,6 +247,8 @@ def convert(model: nn.Module, *, kind: str = "depthwise_separable", energy: floa
 
     1x1 and depthwise convolutions are left alone (they are already the factors).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
     rules = [n for n, v in (("energy", energy), ("rank", rank), ("max_error", max_error), ("budget_params", budget_params),
