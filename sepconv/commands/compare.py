@@ -21,20 +21,24 @@ import torch
 
 from ..experiment import (DATASETS, DEFAULT_MODELS, CheckpointMismatch, ComparisonError, ComparisonSettings, DataError,
                           run_comparison)
-from ._args import at_least
+from .._io import WriteError
+from ._args import at_least, number_in
 
 DEFAULTS = ComparisonSettings(out=Path("runs"))
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+# Ranges of the numeric options: wide enough for any sensible run, narrow enough that nothing overflows (a seed
+# feeds torch.manual_seed and numpy, a learning rate Adam's float32 arithmetic).
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 2**20
+MAX_LEARNING_RATE = 1e6
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number; got {text!r}")
-    return value
+def _folder(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder; got {text!r}")
+    return Path(text)
 
 
 def _error(message: str) -> int:
@@ -51,11 +55,14 @@ def compare_command(args) -> int:
     out = args.out if args.out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     settings = ComparisonSettings(out=out, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
                                   epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                                  seed=args.seed, resume=args.resume)
+                                  seed=args.seed, resume=args.resume, force=args.force)
     try:
         run_comparison(settings)
     except (ComparisonError, DataError, CheckpointMismatch) as error:
         return _error(str(error))
+    except WriteError as error:  # e.g. a full disk: the checkpoints of the completed epochs are intact
+        _error(str(error))
+        return 1
     except KeyboardInterrupt:
         return INTERRUPTED_EXIT_CODE
     return 0
@@ -70,17 +77,20 @@ def add_parser(commands) -> None:
                         help="digits (bundled with scikit-learn, the default), cifar10 (python batches in --data-dir), "
                              "eeg-synthetic (generated), eeg-numpy (X.npy and y.npy in --data-dir)")
     parser.add_argument("--data-dir", type=Path, help="folder of cifar10's cifar-10-batches-py or eeg-numpy's arrays")
-    parser.add_argument("--epochs", type=at_least(1), default=DEFAULTS.epochs,
+    parser.add_argument("--epochs", type=at_least(1, MAX_EPOCHS), default=DEFAULTS.epochs,
                         help=f"epochs per twin (default {DEFAULTS.epochs})")
-    parser.add_argument("--batch-size", type=at_least(1), default=DEFAULTS.batch_size,
+    parser.add_argument("--batch-size", type=at_least(1, MAX_BATCH_SIZE), default=DEFAULTS.batch_size,
                         help=f"inputs per step and process (default {DEFAULTS.batch_size})")
-    parser.add_argument("--lr", type=_positive_float, default=DEFAULTS.learning_rate,
+    parser.add_argument("--lr", type=number_in(0, MAX_LEARNING_RATE), default=DEFAULTS.learning_rate,
                         help=f"Adam's learning rate (default {DEFAULTS.learning_rate:g})")
-    parser.add_argument("--seed", type=at_least(0), default=DEFAULTS.seed,
+    parser.add_argument("--seed", type=at_least(0, MAX_SEED), default=DEFAULTS.seed,
                         help=f"initialisation, data split and order, dropout (default {DEFAULTS.seed})")
-    parser.add_argument("--out", type=Path, help="folder of the report and checkpoints (default runs/<timestamp>)")
-    parser.add_argument("--threads", type=at_least(1), help="PyTorch's intra-op threads for training and timing "
-                        "(default: PyTorch's own choice, one per core)")
+    parser.add_argument("--out", type=_folder, help="folder of the report and checkpoints (default "
+                        "runs/<timestamp>); new or empty unless --resume or --force")
+    parser.add_argument("--threads", type=at_least(1, MAX_THREADS), help="PyTorch's intra-op threads for training and "
+                        "timing (default: PyTorch's own choice, one per core)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out (its other files are left "
+                        "alone; a comparison there is started again)")
     parser.set_defaults(handler=compare_command)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._io import check_writable
 from ..models import create_model, list_models
 from .data import DEFAULT_MODELS, Dataset, load_dataset
 from .measure import TIMING_METHOD, count_costs, measure_times
@@ -47,6 +48,7 @@ class ComparisonSettings:
     learning_rate: float = 1e-3
     seed: int = 0
     resume: bool = False
+    force: bool = False
 
     @property
     def model_name(self) -> str:
@@ -63,6 +65,7 @@ class ComparisonSettings:
 
     def as_metrics(self) -> dict:
         values = asdict(self)
+        del values["force"]
         values.update(model=self.model_name, out=str(self.out), optimizer=OPTIMIZER, loss="cross-entropy",
                       data_dir=None if self.data_dir is None else str(self.data_dir))
         return values
@@ -93,12 +96,27 @@ def build_twins(name: str, dataset: Dataset, seed: int) -> dict[str, nn.Module]:
 
 
 def _check_out_dir(settings: ComparisonSettings) -> None:
+    """--out must be new or empty, hold the run to --resume, or be allowed with --force; and be writable."""
     out = settings.out
     if out.exists() and not out.is_dir():
         raise ComparisonError(f"--out {out} is a file; it must be a folder (new, or the run to --resume)")
-    if not settings.resume and any((out / name).exists() for name in RUN_FILES):
-        raise ComparisonError(f"--out {out} already holds a comparison; pass --resume to continue it, or choose "
-                              "another --out")
+    holds_run = any((out / name).exists() for name in RUN_FILES)
+    others = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    listing = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+    if settings.resume and others and not holds_run:
+        raise ComparisonError(f"--out {out} holds no comparison to --resume (no {' or '.join(RUN_FILES)}), but other "
+                              f"files ({listing})")
+    if not settings.resume and not settings.force:
+        if holds_run:
+            raise ComparisonError(f"--out {out} already holds a comparison; pass --resume to continue it, or choose "
+                                  "another --out")
+        if others:
+            raise ComparisonError(f"--out {out} is not empty ({listing}); choose a new or empty folder, or pass "
+                                  "--force to write the run's files into it")
+    try:
+        check_writable(out, "--out")
+    except ValueError as error:
+        raise ComparisonError(str(error)) from None
 
 
 def _environment(distributed: Distributed) -> dict:
@@ -111,7 +129,8 @@ def _report(settings: ComparisonSettings, dataset: Dataset, trainers: dict[str, 
             complete: bool) -> dict:
     models = {twin: {"name": settings.model_name, "separable": twin == "separable",
                      **count_costs(trainer.model, dataset.input_shape), "inference_ms": None, "train_step_ms": None,
-                     "epochs": trainer.history} for twin, trainer in trainers.items()}
+                     "epochs": trainer.history, "diverged_at_epoch": trainer.diverged_at}
+              for twin, trainer in trainers.items()}
     if complete:
         times = measure_times({twin: trainer.model for twin, trainer in trainers.items()}, dataset.train_inputs,
                               dataset.train_labels, settings.batch_size, settings.learning_rate)
@@ -121,12 +140,16 @@ def _report(settings: ComparisonSettings, dataset: Dataset, trainers: dict[str, 
                             dataset=dataset.summary(), environment=_environment(distributed), models=models,
                             timing_method=TIMING_METHOD if complete else None,
                             resume_command=settings.command_line(resume=True))
-    write_report(settings.out, metrics, {twin: trainer.model for twin, trainer in trainers.items() if trainer.finished})
+    write_report(settings.out, metrics, {twin: trainer.model for twin, trainer in trainers.items() if trainer.stopped})
     return metrics
 
 
-def _trained_line(twin: str, history: list[dict]) -> str:
+def _trained_line(twin: str, trainer: Trainer) -> str:
+    history = trainer.history
     summary = summarize_history(history)
+    if trainer.diverged_at is not None:
+        return (f"{twin} twin: DIVERGED at epoch {trainer.diverged_at} (loss {history[-1]['train_loss']:g}); "
+                "training stopped there")
     return (f"{twin} twin: {len(history)} epochs, validation accuracy "
             f"{100 * summary['final_validation_accuracy']:.2f}% (best {100 * summary['best_validation_accuracy']:.2f}% "
             f"at epoch {summary['best_epoch']}), {summary['seconds_per_epoch']['median']:.2f} s per epoch (median)")
@@ -165,7 +188,7 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
         try:
             for twin, trainer in trainers.items():
                 trainer.fit()
-                say(_trained_line(twin, trainer.history))
+                say(_trained_line(twin, trainer))
             trained = True
             if not distributed.is_main:
                 return None
