@@ -99,9 +99,9 @@ def one_error_line(code, out, err) -> str:
      "argument --input: --input must be 3 or 4 or 5 positive sizes like 1x3x224x224 (N x C x H x W); got '1x3'"),
     (["tiny_models:build", "--input", "axb"], "argument --input: --input must look like 1x3x224x224"),
     (["tiny_models:build", "--input", "1x4x8x8"],
-     "input 1x4x8x8 does not fit Sequential: ValueError: depthwise weight must have shape"),
+     "input 1x4x8x8 does not fit Sequential: ValueError: x has 4 channels but the layer has in_channels = 3"),
     (["tiny_models:build", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
-    (["tiny_models:build", "--repeats", "0"], "argument --repeats: must be an int >= 1; got '0'"),
+    (["tiny_models:build", "--repeats", "0"], "argument --repeats: must be an int from 1 to 10000; got '0'"),
     (["tiny_models:missing"], "MODEL 'tiny_models:missing': cannot import 'missing' from 'tiny_models'"),
     (["no_such_package.module:build"], "cannot import 'build' from 'no_such_package.module'"),
     (["tiny_models:broken"], "MODEL 'tiny_models:broken': building it failed with RuntimeError: weights file "

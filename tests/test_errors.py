@@ -104,8 +104,11 @@ def test_layer_argument_errors(make, error, message):
 
 def test_layer_forward_errors_name_the_input():
     layer = sepconv.SeparableConv2d(4, 8, 3)
-    with pytest.raises(ValueError, match=r"x has 3 channels, which do not divide the 4 output channels"):
+    with pytest.raises(ValueError, match=r"x has 3 channels but the layer has in_channels = 4; got shape \(1, 3, 9, 9\)"):
         layer(torch.randn(1, 3, 9, 9))
+    for wrong in (sepconv.DepthwiseConv2d(4, 3), sepconv.SpatialSeparableConv2d(4, 4, 3, depthwise=True)):
+        with pytest.raises(ValueError, match=r"x has 2 channels but the layer has in_channels = 4"):
+            wrong(torch.randn(2, 9, 9))  # unbatched; 2 divides 4: the ops alone would infer other groups
     with pytest.raises(TypeError, match=r"x must be a floating-point tensor; got dtype torch.uint8"):
         layer(torch.zeros(1, 4, 9, 9, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"input size 2 on spatial axis 1 \(padded to 2\) is smaller than the effective"):

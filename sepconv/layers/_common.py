@@ -48,6 +48,14 @@ def _built(factory, argument: str, what: str, *args) -> nn.Module:
     return module
 
 
+def check_input_channels(x, in_channels: int, rank: int) -> None:
+    """The layer's own check of its input's channels: the depthwise ops infer the depth multiplier (and the
+    spatial ones the groups) from them, so an input with a divisor of ``in_channels`` would run, wrongly."""
+    if isinstance(x, torch.Tensor) and x.ndim in (rank + 1, rank + 2) and x.shape[-rank - 1] != in_channels:
+        raise ValueError(f"x has {x.shape[-rank - 1]} channels but the layer has in_channels = {in_channels}; got "
+                         f"shape {tuple(x.shape)}")
+
+
 def check_init(init: str) -> str:
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}; got {init!r}")

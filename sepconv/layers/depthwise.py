@@ -9,7 +9,7 @@ from .. import functional as F
 from ..constraints import check_max_norm, max_norm_
 from ..interop import keras as keras_io
 from ..weights import depthwise_dense_weight
-from ._common import (check_channels, check_init, factory_kwargs, reset_keras_, reset_torch_, settings_repr,
+from ._common import (check_channels, check_init, check_input_channels, factory_kwargs, reset_keras_, reset_torch_, settings_repr,
                       spatial_args, spatial_repr)
 from .conv import dense_conv
 
@@ -70,6 +70,7 @@ class _DepthwiseConvNd(nn.Module):
             reset_torch_(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_channels(x, self.in_channels, len(self.kernel_size))
         return F.depthwise_conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.padding_mode)
 
     def constrain_(self) -> None:
