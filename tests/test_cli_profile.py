@@ -134,3 +134,17 @@ def test_entry_point_has_no_traceback(factories):
                             text=True, timeout=120, env=environment)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_roofline_path_is_checked_before_measuring_and_a_replaced_file_is_said(factories, capsys, monkeypatch):
+    import sepconv.commands.profile as profile_module
+    monkeypatch.setattr(profile_module, "profile", lambda *args, **kwargs: pytest.fail("measured"))
+    for path in ("", str(factories)):
+        err = one_error_line(*run(["profile", "tiny_models:build", "--roofline", path], capsys))
+        assert "must name a PNG file" in err
+    monkeypatch.undo()
+    png = factories / "mine.png"
+    png.write_bytes(b"the user's plot")
+    code, _, err = run(["profile", "tiny_models:build", "--input", "1x3x8x8", "--repeats", "1", "--warmup", "0",
+                        "--roofline", str(png)], capsys)
+    assert code == 0 and f"wrote the roofline plot to {png} (it replaced the file there)" in err

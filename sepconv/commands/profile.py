@@ -9,8 +9,10 @@ under a dispatch-level counter; --measure times every counted op and probes this
 from __future__ import annotations
 
 import math
+import os
 import sys
 
+from .._io import check_writable
 from ..profiling import plot_roofline, profile
 from ._args import UsageError, at_least, build_model, check_memory, parse_shape
 
@@ -20,7 +22,15 @@ MAX_RUNS = 10_000
 
 def profile_command(args) -> int:
     measure = args.measure or args.roofline is not None
+    replaces = args.roofline is not None and os.path.isfile(args.roofline)
     try:
+        if args.roofline is not None:  # checked before the measurements, so that they are not lost
+            if not args.roofline or os.path.isdir(args.roofline):
+                raise UsageError(f"--roofline {args.roofline!r} must name a PNG file")
+            try:
+                check_writable(args.roofline, "--roofline")
+            except ValueError as error:
+                raise UsageError(f"cannot write {error}") from None
         check_memory(4 * math.prod(args.input), f"--input {'x'.join(map(str, args.input))}")
         model = build_model(args.model)
         try:
@@ -40,7 +50,8 @@ def profile_command(args) -> int:
             "markdown": type(result).to_markdown}[args.format](result)
     print(text, end="" if text.endswith("\n") else "\n")
     if args.roofline is not None:
-        print(f"wrote the roofline plot to {args.roofline}", file=sys.stderr)  # stdout stays machine-readable
+        print(f"wrote the roofline plot to {args.roofline}" + (" (it replaced the file there)" if replaces else ""),
+              file=sys.stderr)  # stdout stays machine-readable
     return 0
 
 
