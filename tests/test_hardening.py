@@ -476,3 +476,13 @@ def test_resume_refuses_a_damaged_checkpoint(forced_run, tmp_path, capsys):
     code, _, err = run_cli(["compare", *TINY, "--epochs", "1", "--out", str(copy), "--resume"], capsys)
     assert code == 2
     assert_one_line_error(err, f"{checkpoint} is damaged: its content does not match the digest it was saved with")
+
+
+def test_compare_refuses_a_batch_larger_than_memory(tmp_path, capsys, monkeypatch):
+    import sepconv.experiment.compare as compare_module
+    monkeypatch.setattr(compare_module, "machine_memory_bytes", lambda: 2**27)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["compare", "--batch-size", "1048576", "--out", str(out)], capsys)
+    assert code == 2
+    assert_one_line_error(err, "--batch-size 1048576 of 1x8x8 inputs needs at least 0.2 GiB")
+    assert not out.exists()

@@ -9,6 +9,7 @@ Ctrl-C stops it with the checkpoints of the completed epochs and a partial repor
 
 from __future__ import annotations
 
+import math
 import platform
 import shlex
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import check_writable
+from .._io import check_writable, machine_memory_bytes
 from ..models import create_model, list_models
 from .data import DEFAULT_MODELS, Dataset, load_dataset
 from .measure import TIMING_METHOD, count_costs, measure_times
@@ -101,7 +102,10 @@ def _check_out_dir(settings: ComparisonSettings) -> None:
     if out.exists() and not out.is_dir():
         raise ComparisonError(f"--out {out} is a file; it must be a folder (new, or the run to --resume)")
     holds_run = any((out / name).exists() for name in RUN_FILES)
-    others = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    try:
+        others = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    except OSError as error:
+        raise ComparisonError(f"--out {out}: cannot list the folder ({error.strerror})") from None
     listing = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
     if settings.resume and others and not holds_run:
         raise ComparisonError(f"--out {out} holds no comparison to --resume (no {' or '.join(RUN_FILES)}), but other "
@@ -117,6 +121,16 @@ def _check_out_dir(settings: ComparisonSettings) -> None:
         check_writable(out, "--out")
     except ValueError as error:
         raise ComparisonError(str(error)) from None
+
+
+def _check_batch_fits(batch_size: int, dataset: Dataset) -> None:
+    """A batch of float32 inputs (the timing makes one of exactly --batch-size) must fit in memory; a lower bound
+    of what a step needs, so a refused batch clearly cannot run."""
+    needed = 4 * batch_size * math.prod(dataset.input_shape)
+    if needed > machine_memory_bytes():
+        raise ComparisonError(f"--batch-size {batch_size} of {'x'.join(map(str, dataset.input_shape))} inputs needs "
+                              f"at least {needed / 2**30:,.1f} GiB of memory (float32); this machine has "
+                              f"{machine_memory_bytes() / 2**30:,.1f} GiB")
 
 
 def _environment(distributed: Distributed) -> dict:
@@ -168,6 +182,7 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
     trained = False  # every process has run all of training's collectives: they can meet before leaving the group
     try:
         dataset = load_dataset(settings.dataset, settings.data_dir, settings.seed)
+        _check_batch_fits(settings.batch_size, dataset)
         _check_out_dir(settings)
         twins = build_twins(settings.model_name, dataset, settings.seed)
         training = TrainingSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.seed)
