@@ -293,7 +293,7 @@ def test_distributed_close_leaves_the_group_when_the_wait_fails(monkeypatch):
     (["compare", "--epochs", "0"],
      "sepconv compare: error: argument --epochs: must be an int from 1 to 100000; got '0'"),
     (["compare", "--batch-size", "many"], "argument --batch-size: must be an int from 1 to 1048576; got 'many'"),
-    (["compare", "--lr", "-0.1"], "argument --lr: must be a number in (0, 1e+06]; got '-0.1'"),
+    (["compare", "--lr", "-0.1"], "argument --lr: must be a number in (0, 1e+36]; got '-0.1'"),
     (["compare", "--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):

@@ -380,7 +380,8 @@ def test_decompose_full_disk_is_one_line(state_dict, capsys, monkeypatch):
 # --- 8. extreme values are refused up front ----------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    (["compare", "--lr", "1e308"], "argument --lr: must be a number in (0, 1e+06]; got '1e308'"),
+    (["compare", "--lr", "1e308"], "argument --lr: must be a number in (0, 1e+36]; got '1e308'"),
+    (["compare", "--lr", "4e37"], "argument --lr: must be a number in (0, 1e+36]; got '4e37'"),  # overflowed Adam
     (["compare", "--seed", "99999999999999999999"], "argument --seed: must be an int from 0 to 4294967295"),
     (["example", "--input", "100000x512x512x512", "--no-measure"],
      "sepconv example: error: --input 100000x512x512x512 with --out-channels 64 needs at least"),

@@ -26,11 +26,12 @@ from ._args import at_least, number_in
 
 DEFAULTS = ComparisonSettings(out=Path("runs"))
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
-# Ranges of the numeric options: wide enough for any sensible run, narrow enough that nothing overflows (a seed
-# feeds torch.manual_seed and numpy, a learning rate Adam's float32 arithmetic).
+# Ranges of the numeric options: wide enough for any run, even a diverging one, narrow enough that nothing
+# overflows: a seed feeds torch.manual_seed and numpy; Adam's first step divides the learning rate by 1 - beta1 = 0.1
+# and hands it to PyTorch as a float32 scalar, which overflows above about 3.4e37.
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 2**20
-MAX_LEARNING_RATE = 1e6
+MAX_LEARNING_RATE = 1e36
 MAX_SEED = 2**32 - 1
 MAX_THREADS = 1024
 
