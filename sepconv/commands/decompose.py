@@ -3,8 +3,9 @@
 IN.pt is loaded safely (``torch.load(weights_only=True)``): a state dict, with ``--model`` naming the
 architecture (a registry name or ``package.module:factory``). A whole pickled model runs code when loaded,
 so it is accepted only with ``--trust-pickle``. The output is written atomically: a state-dict bundle
-``{"format", "model", "kind", "ranks", "state_dict"}`` (reload it with ``sepconv.load_converted``), or a
-pickled model when the input was one.
+``{"format", "model", "kind", "ranks", "state_dict"}`` with a digest of its content (reload it with
+``sepconv.load_converted``), or a pickled model when the input was one. IN.pt, OUT.pt and REPORT.md must be three
+different files; an existing OUT.pt or REPORT.md is replaced only with ``--force``.
 """
 
 from __future__ import annotations
