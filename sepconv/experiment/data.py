@@ -379,10 +379,9 @@ def _read_npy(data_dir: Path, name: str, kinds: str, expected: str) -> np.ndarra
         raise problem(f"is not a readable numpy array ({' '.join(str(error).split())})") from None
     if dtype.kind not in kinds:
         raise problem(f"holds {dtype} values; it must hold real numbers" + (" or labels" if "U" in kinds else ""))
-    size = math.prod(shape) * dtype.itemsize
-    if size != os.path.getsize(path) - offset:
-        raise problem(f"claims shape {shape} of {dtype} ({size:,} bytes), but holds {os.path.getsize(path) - offset:,} "
-                      "bytes of data")
+    size, held = math.prod(shape) * dtype.itemsize, os.path.getsize(path) - offset
+    if size != held:
+        raise problem(f"claims shape {shape} of {dtype} ({size:,} bytes), but holds {held:,} bytes of data")
     if size + 4 * math.prod(shape) > machine_memory_bytes():
         raise problem(f"of shape {shape} needs {size / 2**30:,.1f} GiB and a float32 copy; this machine has "
                       f"{machine_memory_bytes() / 2**30:,.1f} GiB")
