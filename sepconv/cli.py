@@ -26,6 +26,9 @@ def build_parser() -> OneLineParser:
 def main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:  # compare takes no positional word
+        parser.error(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} (none runs "
+                     f"{DEFAULT_COMMAND})")
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = [DEFAULT_COMMAND, *argv]
     args = parser.parse_args(argv)

@@ -44,4 +44,8 @@ def apply_constraints(model: nn.Module) -> None:
 
 def attach_constraints(optimizer: torch.optim.Optimizer, model: nn.Module):
     """Apply ``model``'s constraints after every ``optimizer.step()``; returns the removable hook handle."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     return optimizer.register_step_post_hook(lambda *_: apply_constraints(model))

@@ -247,6 +247,8 @@ def convert(model: nn.Module, *, kind: str = "depthwise_separable", energy: floa
 
     1x1 and depthwise convolutions are left alone (they are already the factors).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
     rules = [n for n, v in (("energy", energy), ("rank", rank), ("max_error", max_error), ("budget_params", budget_params),
@@ -300,9 +302,12 @@ def convert(model: nn.Module, *, kind: str = "depthwise_separable", energy: floa
 
 def load_converted(path, model: nn.Module) -> nn.Module:
     """Rebuild a model saved by ``sepconv decompose`` from a state dict: convert ``model`` (the original
-    architecture) to the saved kind and ranks, then load the saved weights. Loads with ``weights_only=True``."""
-    bundle = torch.load(path, weights_only=True)
-    if not isinstance(bundle, dict) or bundle.get("format") != "sepconv.converted/1":
+    architecture) to the saved kind and ranks, then load the saved weights. Loads with ``weights_only=True`` and
+    checks the file's digest: a damaged file raises :class:`~sepconv._io.CheckpointError` (a ``ValueError``)."""
+    from ._io import load_checkpoint
+
+    bundle = load_checkpoint(path)
+    if bundle.get("format") != "sepconv.converted/1":
         raise ValueError(f"{path} is not a file written by `sepconv decompose` from a state dict")
     converted, _ = convert(model, kind=bundle["kind"], ranks=bundle["ranks"], inplace=True)
     converted.load_state_dict(bundle["state_dict"])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._extras import require
-from ._io import atomic_save
+from ._io import load_checkpoint, save_checkpoint
 from .constraints import apply_constraints
 
 
@@ -44,7 +44,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, lr
         lr / optimizer: Adam with this learning rate unless an optimizer over ``student`` is given.
         temperature, label_weight: see :func:`distillation_loss` (labels are used only if batches carry them).
         checkpoint: a path; after every epoch the student, optimizer and history are saved there
-            atomically, and a run that finds the file resumes after its last completed epoch.
+            atomically with a digest of their content, and a run that finds the file resumes after its last
+            completed epoch (a damaged file raises :class:`~sepconv._io.CheckpointError`).
         progress: a progress bar per epoch (default: only in a terminal).
 
     Constraints (``max_norm``) of the student are applied after every step, as in training.
@@ -56,7 +57,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, lr
     optimizer = optimizer if optimizer is not None else torch.optim.Adam(student.parameters(), lr=lr)
     history, start = [], 0
     if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, weights_only=True)
+        state = load_checkpoint(checkpoint)  # CheckpointError (a ValueError) if damaged
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         history, start = list(state["history"]), int(state["epoch"])
@@ -79,6 +80,6 @@ def distill(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, *, lr
             bar.set_postfix(loss=f"{total / count:.4g}")
         history.append(total / max(count, 1))
         if checkpoint is not None:
-            atomic_save({"epoch": epoch + 1, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                         "history": history}, checkpoint)
+            save_checkpoint({"epoch": epoch + 1, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                             "history": history}, checkpoint)
     return history

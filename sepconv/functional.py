@@ -20,7 +20,8 @@ import torch
 
 from . import kernels
 from ._memo import memoised
-from .geometry import ConvGeometry, check_fits, check_padding_mode, conv_geometry, resolve_padding, to_tuple
+from .geometry import (ConvGeometry, check_fits, check_padding_mode, check_positive_int, conv_geometry, resolve_padding,
+                       to_tuple)
 
 __all__ = ["conv", "depthwise_conv", "pointwise_conv", "separable_conv", "spatial_separable_conv"]
 
@@ -30,6 +31,8 @@ __all__ = ["conv", "depthwise_conv", "pointwise_conv", "separable_conv", "spatia
 def _check_tensor(value, name: str) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {value.layout}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor; got dtype {value.dtype}")
 
@@ -76,7 +79,10 @@ def _batched(x, rank: int, weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def _check_depthwise(channels: int, weight: torch.Tensor) -> None:
-    if weight.shape[1] != 1 or weight.shape[0] % channels:
+    if weight.shape[1] == 1 and weight.shape[0] % channels:  # the weight is depthwise: blame the input
+        raise ValueError(f"x has {channels} channels, which do not divide the {weight.shape[0]} output channels (C * "
+                         f"depth_multiplier) of the depthwise weight of shape {tuple(weight.shape)}")
+    if weight.shape[1] != 1:
         raise ValueError(f"depthwise weight must have shape (C * depth_multiplier, 1, *kernel_size) with C = {channels} "
                          f"input channels; got shape {tuple(weight.shape)}")
 
@@ -88,10 +94,12 @@ def _unbatch(y: torch.Tensor, unbatched: bool) -> torch.Tensor:
 def _groups(in_channels: int, weight: torch.Tensor, name: str) -> int:
     """Groups implied by the input channels and a weight ``(C_out, C_in / groups, ...)``."""
     per_group = weight.shape[1]
-    if in_channels % per_group or weight.shape[0] % (in_channels // per_group):
+    if in_channels % per_group:
         raise ValueError(f"{name} of shape {tuple(weight.shape)} does not fit an input with {in_channels} channels: "
-                         f"C_in / groups = {per_group} must divide {in_channels}, and C_out = {weight.shape[0]} "
-                         f"must be a multiple of groups = {in_channels // max(per_group, 1)}")
+                         f"C_in / groups = {per_group} must divide {in_channels}")
+    if weight.shape[0] % (in_channels // per_group):
+        raise ValueError(f"{name} of shape {tuple(weight.shape)} does not fit an input with {in_channels} channels: "
+                         f"C_out = {weight.shape[0]} must be a multiple of groups = {in_channels // per_group}")
     return in_channels // per_group
 
 
@@ -124,8 +132,7 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, paddin
     """
     rank = _check_weight(weight, "weight")
     x, unbatched = _batched(x, rank, weight)
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int; got {groups!r}")
+    groups = check_positive_int(groups, "groups")
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"x has {x.shape[1]} channels but weight of shape {tuple(weight.shape)} with "
                          f"groups={groups} expects {weight.shape[1] * groups}")
@@ -230,6 +237,10 @@ def spatial_separable_conv(x, weights: Sequence[torch.Tensor], bias=None, stride
         raise ValueError(f"weights must hold one factor per spatial axis (1, 2 or 3); got {rank}")
     for i, w in enumerate(weights):
         _check_weight(w, f"weights[{i}]", rank=1)
+        if w.dtype != weights[0].dtype:
+            raise TypeError(f"weights[{i}] dtype {w.dtype} does not match the weights[0] dtype {weights[0].dtype}")
+    if axes is not None and (isinstance(axes, (str, bytes)) or not isinstance(axes, Sequence)):
+        raise TypeError(f"axes must be None or a sequence of spatial axes; got {axes!r}")
     axes = tuple(range(rank)) if axes is None else tuple(axes)
     if sorted(axes) != list(range(rank)):
         raise ValueError(f"axes must be a permutation of {tuple(range(rank))}; got {axes!r}")

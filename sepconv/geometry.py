@@ -40,6 +40,7 @@ CanonicalPadding = tuple[AxisPadding, ...]
 
 PADDING_STRINGS = ("same", "valid", "causal")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+MAX_SIZE = 2**31 - 1  # larger strides, dilations and paddings overflow PyTorch's C++ size arithmetic
 
 
 def _is_int(value) -> bool:
@@ -49,6 +50,24 @@ def _is_int(value) -> bool:
 
 def _as_int(value):
     return value if isinstance(value, (int, torch.SymInt)) else int(value)
+
+
+def check_positive_int(value, name: str) -> int:
+    """A positive int (numpy integers accepted and returned as int; bools refused).
+
+    >>> check_positive_int(True, "groups")
+    Traceback (most recent call last):
+    ...
+    ValueError: groups must be a positive int; got True
+    """
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return _as_int(value)
+
+
+def _check_at_most(values, name: str, given) -> None:
+    if any(isinstance(v, int) and v > MAX_SIZE for v in values):  # SymInts (export): a guard
+        raise ValueError(f"{name} must be at most {MAX_SIZE} on every axis; got {given!r}")
 
 
 def to_tuple(value, rank: int, name: str, *, minimum: int = 1) -> tuple[int, ...]:
@@ -64,7 +83,7 @@ def to_tuple(value, rank: int, name: str, *, minimum: int = 1) -> tuple[int, ...
     rule = f"an int or a tuple of {rank} ints, each >= {minimum}"
     if _is_int(value):
         values = (_as_int(value),) * rank
-    elif isinstance(value, Sequence) and not isinstance(value, str):
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
         values = tuple(_as_int(v) if _is_int(v) else v for v in value)
         if len(values) != rank or not all(_is_int(v) for v in values):
             raise ValueError(f"{name} must be {rule}; got {value!r}")
@@ -72,6 +91,7 @@ def to_tuple(value, rank: int, name: str, *, minimum: int = 1) -> tuple[int, ...
         raise TypeError(f"{name} must be {rule}; got {value!r} of type {type(value).__name__}")
     if any(v < minimum for v in values):
         raise ValueError(f"{name} must be {rule}; got {value!r}")
+    _check_at_most(values, name, value)
     return values
 
 
@@ -88,6 +108,7 @@ def _axis_padding(entry, name: str) -> AxisPadding:
         raise ValueError(f"{name} must be an int, a (before, after) pair of ints or one of {PADDING_STRINGS}; got {entry!r}")
     if min(pair) < 0:
         raise ValueError(f"{name} must be non-negative; got {entry!r}")
+    _check_at_most(pair, name, entry)
     return pair
 
 
@@ -109,7 +130,7 @@ def normalize_padding(padding, rank: int, name: str = "padding") -> CanonicalPad
         return (padding,) * rank
     if _is_int(padding):
         return (_axis_padding(padding, name),) * rank
-    if isinstance(padding, Sequence):
+    if isinstance(padding, Sequence) and not isinstance(padding, (bytes, bytearray)):
         if len(padding) != rank:
             raise ValueError(f"{name} must have one entry per spatial axis ({rank}); got {padding!r}")
         return tuple(_axis_padding(entry, f"{name}[{axis}]") for axis, entry in enumerate(padding))

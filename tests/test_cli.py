@@ -26,7 +26,8 @@ def test_example_measures_time(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["example", "--input", "1x3"], "--input must be 4 positive sizes like 1x3x224x224 (N x C x H x W); got '1x3'"),
     (["example", "--input", "axb"], "--input must look like 1x3x224x224"),
-    (["example", "--padding", "full"], "--padding must be same, valid, causal or an int; got 'full'"),
+    (["example", "--padding", "full"],
+     "argument --padding: must be same, valid, causal or an int from 0 to 2147483647; got 'full'"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

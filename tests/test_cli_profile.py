@@ -99,9 +99,9 @@ def one_error_line(code, out, err) -> str:
      "argument --input: --input must be 3 or 4 or 5 positive sizes like 1x3x224x224 (N x C x H x W); got '1x3'"),
     (["tiny_models:build", "--input", "axb"], "argument --input: --input must look like 1x3x224x224"),
     (["tiny_models:build", "--input", "1x4x8x8"],
-     "input 1x4x8x8 does not fit Sequential: ValueError: depthwise weight must have shape"),
+     "input 1x4x8x8 does not fit Sequential: ValueError: x has 4 channels but the layer has in_channels = 3"),
     (["tiny_models:build", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
-    (["tiny_models:build", "--repeats", "0"], "argument --repeats: must be an int >= 1; got '0'"),
+    (["tiny_models:build", "--repeats", "0"], "argument --repeats: must be an int from 1 to 10000; got '0'"),
     (["tiny_models:missing"], "MODEL 'tiny_models:missing': cannot import 'missing' from 'tiny_models'"),
     (["no_such_package.module:build"], "cannot import 'build' from 'no_such_package.module'"),
     (["tiny_models:broken"], "MODEL 'tiny_models:broken': building it failed with RuntimeError: weights file "
@@ -134,3 +134,17 @@ def test_entry_point_has_no_traceback(factories):
                             text=True, timeout=120, env=environment)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_roofline_path_is_checked_before_measuring_and_a_replaced_file_is_said(factories, capsys, monkeypatch):
+    import sepconv.commands.profile as profile_module
+    monkeypatch.setattr(profile_module, "profile", lambda *args, **kwargs: pytest.fail("measured"))
+    for path in ("", str(factories)):
+        err = one_error_line(*run(["profile", "tiny_models:build", "--roofline", path], capsys))
+        assert "must name a PNG file" in err
+    monkeypatch.undo()
+    png = factories / "mine.png"
+    png.write_bytes(b"the user's plot")
+    code, _, err = run(["profile", "tiny_models:build", "--input", "1x3x8x8", "--repeats", "1", "--warmup", "0",
+                        "--roofline", str(png)], capsys)
+    assert code == 0 and f"wrote the roofline plot to {png} (it replaced the file there)" in err

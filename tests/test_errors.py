@@ -1,5 +1,6 @@
 """Bad input gets a ValueError/TypeError that names the argument and the value it got."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,15 +18,16 @@ pw = torch.randn(6, 8)
      r"x must have shape \(N, C, \*spatial\) or \(C, \*spatial\) with 2 spatial dims \(4 or 3 dims\); "
      r"got shape \(2, 4, 9, 9, 9\)"),
     (lambda: F.depthwise_conv(torch.randn(3, 4, 9), dw), ValueError,  # read as unbatched (C=3, H=4, W=9)
-     r"with C = 3 input channels; got shape \(8, 1, 3, 3\)"),
+     r"x has 3 channels, which do not divide the 8 output channels \(C \* depth_multiplier\) of the depthwise "
+     r"weight of shape \(8, 1, 3, 3\)"),
     (lambda: F.depthwise_conv(x2, torch.randn(8, 1, 3, 3, 3, 3)), ValueError,
      r"weight must have shape \(C_out, C_in / groups, \*kernel_size\) with 1, 2 or 3 spatial dims; got shape"),
     (lambda: F.pointwise_conv(torch.randn(4, 9), torch.randn(3, 4)), ValueError,
      r"x must have shape \(N, C, \*spatial\) with 1, 2 or 3 spatial dims; got shape \(4, 9\)"),
     # channel count mismatch
     (lambda: F.depthwise_conv(x2, torch.randn(6, 1, 3, 3)), ValueError,
-     r"depthwise weight must have shape \(C \* depth_multiplier, 1, \*kernel_size\) with C = 4 input channels; "
-     r"got shape \(6, 1, 3, 3\)"),
+     r"x has 4 channels, which do not divide the 6 output channels \(C \* depth_multiplier\) of the depthwise "
+     r"weight of shape \(6, 1, 3, 3\)"),
     (lambda: F.depthwise_conv(x2, torch.randn(8, 2, 3, 3)), ValueError, r"with C = 4 input channels; got shape \(8, 2, 3, 3\)"),
     (lambda: F.pointwise_conv(x2, torch.randn(6, 5)), ValueError,
      r"x has 4 channels but the pointwise weight of shape \(6, 5, 1, 1\) expects 5"),
@@ -102,9 +104,54 @@ def test_layer_argument_errors(make, error, message):
 
 def test_layer_forward_errors_name_the_input():
     layer = sepconv.SeparableConv2d(4, 8, 3)
-    with pytest.raises(ValueError, match=r"depthwise weight must have shape .* with C = 3 input channels"):
+    with pytest.raises(ValueError, match=r"x has 3 channels but the layer has in_channels = 4; got shape \(1, 3, 9, 9\)"):
         layer(torch.randn(1, 3, 9, 9))
+    for wrong in (sepconv.DepthwiseConv2d(4, 3), sepconv.SpatialSeparableConv2d(4, 4, 3, depthwise=True)):
+        with pytest.raises(ValueError, match=r"x has 2 channels but the layer has in_channels = 4"):
+            wrong(torch.randn(2, 9, 9))  # unbatched; 2 divides 4: the ops alone would infer other groups
     with pytest.raises(TypeError, match=r"x must be a floating-point tensor; got dtype torch.uint8"):
         layer(torch.zeros(1, 4, 9, 9, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"input size 2 on spatial axis 1 \(padded to 2\) is smaller than the effective"):
         layer(torch.randn(1, 4, 9, 2))
+
+
+# --- issue 18: errors that came from deep inside PyTorch, or named the wrong thing -----------------------------
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: F.spatial_separable_conv(x2, [torch.randn(4, 1, 3), torch.randn(4, 1, 3, dtype=torch.float64)]),
+     TypeError, r"weights\[1\] dtype torch.float64 does not match the weights\[0\] dtype torch.float32"),
+    (lambda: F.conv(x2, torch.randn(6, 4, 3, 3), groups=True), ValueError, r"groups must be a positive int; got True"),
+    (lambda: F.depthwise_conv(x2, dw, stride=2**70), ValueError,
+     r"stride must be at most 2147483647 on every axis; got 1180591620717411303424"),
+    (lambda: F.depthwise_conv(x2, dw, padding=2**70), ValueError, r"padding must be at most 2147483647 on every axis"),
+    (lambda: F.depthwise_conv(x2, dw, dilation=(1, 2**62)), ValueError, r"dilation must be at most 2147483647"),
+    (lambda: F.depthwise_conv(x2.to_sparse(), dw), TypeError,
+     r"x must be a dense \(strided\) tensor; got layout torch.sparse_coo"),
+    (lambda: F.spatial_separable_conv(x2, [torch.randn(4, 1, 3)] * 2, axes=1), TypeError,
+     r"axes must be None or a sequence of spatial axes; got 1"),
+    (lambda: sepconv.convert("model"), TypeError, r"model must be a torch.nn.Module; got str"),
+    (lambda: sepconv.attach_constraints("opt", torch.nn.Linear(2, 2)), TypeError,
+     r"optimizer must be a torch.optim.Optimizer; got str"),
+    (lambda: sepconv.SeparableConv2d(4, 8, 3, activation=torch.relu), TypeError,
+     r"activation must be an nn.Module or a factory called with no arguments; got <built-in method relu"),
+    (lambda: sepconv.SeparableConv2d(4, 8, 3, norm=lambda channels: "batch"), TypeError,
+     r"norm must be a factory taking the channel count and returning an nn.Module; got .*, which returned a str"),
+    (lambda: sepconv.DepthwiseConv2d(4, 3, dtype=torch.int32), TypeError,
+     r"dtype must be None or a floating-point torch.dtype; got torch.int32"),
+    (lambda: sepconv.Conv2d(4, 4, 3, dtype=torch.int64), TypeError, r"dtype must be None or a floating-point"),
+    # misleading messages
+    (lambda: F.spatial_separable_conv(x2, [torch.randn(8, 8, 3), torch.randn(8, 8, 3)]), ValueError,
+     r"weights\[0\] of shape \(8, 8, 3\) does not fit an input with 4 channels: C_in / groups = 8 must divide 4$"),
+    (lambda: F.depthwise_conv(x2, dw, padding=b"same"), TypeError,
+     r"padding must be a str, an int or a tuple; got b'same'"),
+    (lambda: sepconv.DepthwiseConv2d(4, b"\x03\x03"), TypeError, r"kernel_size must be an int or a tuple of 2 ints"),
+])
+def test_issue_18_api_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_numpy_groups_work_in_layers_and_ops_alike():
+    layer = sepconv.Conv2d(4, 6, 3, groups=np.int64(2))
+    assert type(layer.groups) is int
+    torch.testing.assert_close(layer(x2), F.conv(x2, layer.weight, layer.bias, groups=np.int64(2)))

@@ -173,23 +173,23 @@ def test_trace_freezes_same_padding_for_stride2():
 @pytest.mark.parametrize("make, error", [
     (lambda: sepconv.SeparableConv2d(8, 16, 3, stride=2, padding="same"), RuntimeError),
     (lambda: sepconv.DepthwiseConv1d(4, 3, padding="causal"), RuntimeError),
-    (lambda: sepconv.SpatialSeparableConv2d(4, 8, 3, padding="same"), torch.jit.frontend.NotSupportedError),
+    (lambda: sepconv.SpatialSeparableConv2d(4, 8, 3, padding="same"), RuntimeError),
 ], ids=["separable", "depthwise", "spatial_separable"])
 def test_script_is_not_supported(make, error):
     """``torch.jit.script`` cannot compile sepconv layers; use ``torch.compile``, ``torch.export`` or ONNX.
 
     Scripting compiles ``forward`` and, recursively, the functional ops, geometry and kernels, which
     are dynamic Python that TorchScript's static subset does not accept. The first construct it meets
-    is an error message: ``tuple(weight.shape)`` inside an f-string in ``functional._check_weight``
-    ("cannot statically infer the expected size of a list in this context", a ``RuntimeError``), or
-    an f-string with a ``!r`` conversion in ``spatial_separable_conv`` ("Don't support conversion in
-    JoinedStr", a ``NotSupportedError``). Behind those: padding and stride are untyped arguments that
-    take an int, a string or a tuple of ``(before, after)`` pairs and strings (unions TorchScript cannot
-    type), ``isinstance`` checks against ``collections.abc.Sequence``, keyword-only arguments with
+    is an error message: ``tuple(x.shape)`` inside an f-string in the layers' channel check
+    (``layers._common.check_input_channels``: "cannot statically infer the expected size of a list in this
+    context", a ``RuntimeError``). Behind it: the same in ``functional._check_weight``, an f-string with a ``!r``
+    conversion in ``spatial_separable_conv`` ("Don't support conversion in JoinedStr"), padding and stride as
+    untyped arguments that take an int, a string or a tuple of ``(before, after)`` pairs and strings (unions
+    TorchScript cannot type), ``isinstance`` checks against ``collections.abc.Sequence``, keyword-only arguments with
     defaults (``geometry.to_tuple``), a dict of functions and nested generators in
     ``kernels.reference.conv`` (see ``test_script_geometry_is_not_supported``).
     """
-    with pytest.raises(error, match=r"functional\.py"):
+    with pytest.raises(error, match=r"_common\.py"):
         torch.jit.script(make())
 
 

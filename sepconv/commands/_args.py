@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+from .._io import machine_memory_bytes
 
 
 def parse_shape(text: str, rank: int | None = None) -> tuple[int, ...]:
@@ -44,9 +47,11 @@ def build_model(spec: str):
 
     if ":" in spec:
         module_name, _, factory_name = spec.partition(":")
+        if not module_name or not factory_name:
+            raise UsageError(f"MODEL {spec!r}: package.module:factory needs both a module and a factory name")
         try:
             factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError) as error:
+        except (ImportError, AttributeError, ValueError) as error:
             raise UsageError(f"MODEL {spec!r}: cannot import {factory_name!r} from {module_name!r} ({error})") from None
     else:
         def factory():
@@ -67,14 +72,38 @@ def build_model(spec: str):
     return model
 
 
-def at_least(minimum: int):
-    """An argparse type: an int >= ``minimum``."""
+def at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an int >= ``minimum`` (and <= ``maximum`` if given)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}; got {text!r}")
+        if value < minimum or maximum is not None and value > maximum:
+            bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be an int {bounds}; got {text!r}")
         return value
     return parse
+
+
+def number_in(low: float, high: float, *, low_open: bool = True):
+    """An argparse type: a finite float in ``(low, high]`` (``[low, high]`` if not ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (low < value <= high if low_open else low <= value <= high):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a number in {bounds}; got {text!r}")
+        return value
+    return parse
+
+
+def check_memory(needed_bytes: int, what: str) -> None:
+    """:class:`UsageError` when ``what`` needs more than this machine's memory (``needed_bytes``: a lower bound,
+    e.g. the cost model's input + output + weights), before anything is allocated."""
+    available = machine_memory_bytes()
+    if needed_bytes > available:
+        raise UsageError(f"{what} needs at least {needed_bytes / 2**30:,.1f} GiB of memory (float32); this machine "
+                         f"has {available / 2**30:,.1f} GiB")

@@ -8,18 +8,24 @@ import sys
 import torch
 
 from .. import geometry
-from ..cost import conv_mult_adds
+from ..cost import conv_cost, conv_mult_adds, separable_cost
 from ..layers import Conv2d, SeparableConv2d
-from ._args import parse_shape
+from ._args import at_least, check_memory, parse_shape
+
+MAX_SIZE = 2**31 - 1  # channels, kernel sizes, strides and padding: what PyTorch's convolutions index with int32
 
 
 def parse_padding(text: str):
     if text in geometry.PADDING_STRINGS:
         return text
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--padding must be same, valid, causal or an int; got {text!r}") from None
+        value = -1
+    if not 0 <= value <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be same, valid, causal or an int from 0 to {MAX_SIZE}; "
+                                         f"got {text!r}")
+    return value
 
 
 def _median_ms(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
@@ -33,6 +39,11 @@ def _median_ms(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
 def example(args) -> int:
     n, c, h, w = args.input
     try:
+        # the costs check the geometry and bound the memory (input, outputs and weights) before anything is made
+        costs = [cost(args.input, args.out_channels, args.kernel_size, args.stride, args.padding, bias=True, **extra)
+                 for cost, extra in ((conv_cost, {}), (separable_cost, {"depth_multiplier": args.depth_multiplier}))]
+        check_memory(sum(cost.bytes for cost in costs) - 4 * n * c * h * w,
+                     f"--input {n}x{c}x{h}x{w} with --out-channels {args.out_channels}")
         standard = Conv2d(c, args.out_channels, args.kernel_size, args.stride, args.padding, bias=True)
         separable = SeparableConv2d(c, args.out_channels, args.kernel_size, args.stride, args.padding,
                                     depth_multiplier=args.depth_multiplier, bias=True)
@@ -94,10 +105,10 @@ def add_parser(commands) -> None:
                                  description=__doc__)
     parser.add_argument("--input", type=lambda text: parse_shape(text, rank=2), default=(1, 3, 224, 224),
                         help="N x C x H x W (default 1x3x224x224)")
-    parser.add_argument("--out-channels", type=int, default=64)
-    parser.add_argument("--kernel-size", type=int, default=3)
-    parser.add_argument("--stride", type=int, default=1)
+    parser.add_argument("--out-channels", type=at_least(1, MAX_SIZE), default=64)
+    parser.add_argument("--kernel-size", type=at_least(1, MAX_SIZE), default=3)
+    parser.add_argument("--stride", type=at_least(1, MAX_SIZE), default=1)
     parser.add_argument("--padding", type=parse_padding, default="same")
-    parser.add_argument("--depth-multiplier", type=int, default=1)
+    parser.add_argument("--depth-multiplier", type=at_least(1, MAX_SIZE), default=1)
     parser.add_argument("--no-measure", dest="measure", action="store_false", help="skip the timing")
     parser.set_defaults(handler=example)

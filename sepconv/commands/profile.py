@@ -8,18 +8,30 @@ under a dispatch-level counter; --measure times every counted op and probes this
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 
-
+from .._io import check_writable
 from ..profiling import plot_roofline, profile
-from ._args import UsageError, at_least, build_model, parse_shape
+from ._args import UsageError, at_least, build_model, check_memory, parse_shape
 
 FORMATS = ("table", "csv", "json", "markdown")
+MAX_RUNS = 10_000
 
 
 def profile_command(args) -> int:
     measure = args.measure or args.roofline is not None
+    replaces = args.roofline is not None and os.path.isfile(args.roofline)
     try:
+        if args.roofline is not None:  # checked before the measurements, so that they are not lost
+            if not args.roofline or os.path.isdir(args.roofline):
+                raise UsageError(f"--roofline {args.roofline!r} must name a PNG file")
+            try:
+                check_writable(args.roofline, "--roofline")
+            except ValueError as error:
+                raise UsageError(f"cannot write {error}") from None
+        check_memory(4 * math.prod(args.input), f"--input {'x'.join(map(str, args.input))}")
         model = build_model(args.model)
         try:
             result = profile(model, args.input, measure=measure, backward=args.backward, warmup=args.warmup,
@@ -38,7 +50,8 @@ def profile_command(args) -> int:
             "markdown": type(result).to_markdown}[args.format](result)
     print(text, end="" if text.endswith("\n") else "\n")
     if args.roofline is not None:
-        print(f"wrote the roofline plot to {args.roofline}", file=sys.stderr)  # stdout stays machine-readable
+        print(f"wrote the roofline plot to {args.roofline}" + (" (it replaced the file there)" if replaces else ""),
+              file=sys.stderr)  # stdout stays machine-readable
     return 0
 
 
@@ -53,6 +66,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--backward", action="store_true", help="count (and time) the backward pass too")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--roofline", metavar="PNG", help="write the roofline plot here (implies --measure)")
-    parser.add_argument("--repeats", type=at_least(1), default=5, help="timed runs with --measure (default 5)")
-    parser.add_argument("--warmup", type=at_least(0), default=2, help="untimed runs first (default 2)")
+    parser.add_argument("--repeats", type=at_least(1, MAX_RUNS), default=5,
+                        help="timed runs with --measure (default 5)")
+    parser.add_argument("--warmup", type=at_least(0, MAX_RUNS), default=2, help="untimed runs first (default 2)")
     parser.set_defaults(handler=profile_command)

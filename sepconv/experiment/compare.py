@@ -1,14 +1,17 @@
 """The comparison: a registered model and its separable twin, built and trained the same way, measured, reported.
 
-:func:`run_comparison` checks everything that can be checked before it writes anything (the data, that both
-twins build and take the data's inputs, that a checkpoint to resume belongs to this run), then trains the
-standard twin and the separable twin in turn (:class:`~sepconv.experiment.train.Trainer`), counts their costs,
-times them (:mod:`~sepconv.experiment.measure`) and writes the report (:mod:`~sepconv.experiment.report`).
+:func:`run_comparison` checks everything that can be checked before it writes anything (the extras it needs; an
+--out that is new, empty, the run to resume or allowed with --force, and writable; the data; that a batch fits in
+memory; that both twins build and take the data's inputs; that a checkpoint to resume belongs to this run), then
+trains the standard twin and the separable twin in turn (:class:`~sepconv.experiment.train.Trainer`), counts
+their costs, times them (:mod:`~sepconv.experiment.measure`) and writes the report
+(:mod:`~sepconv.experiment.report`); a twin whose loss becomes nan or inf stops there and is reported as diverged.
 Ctrl-C stops it with the checkpoints of the completed epochs and a partial report (no times).
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import shlex
 from dataclasses import asdict, dataclass
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from .._extras import require
+from .._io import check_writable, machine_memory_bytes
 from ..models import create_model, list_models
 from .data import Dataset, EEGOptions, default_model, load_dataset
 from .measure import TIMING_METHOD, count_costs, measure_times
@@ -49,6 +53,7 @@ class ComparisonSettings:
     seed: int = 0
     resume: bool = False
     eeg_options: EEGOptions = EEGOptions()
+    force: bool = False
 
     @property
     def model_name(self) -> str:
@@ -66,6 +71,7 @@ class ComparisonSettings:
 
     def as_metrics(self) -> dict:
         values = asdict(self)
+        del values["force"]
         values.update(model=self.model_name, out=str(self.out), optimizer=OPTIMIZER, loss="cross-entropy",
                       data_dir=None if self.data_dir is None else str(self.data_dir))
         return values
@@ -96,12 +102,40 @@ def build_twins(name: str, dataset: Dataset, seed: int) -> dict[str, nn.Module]:
 
 
 def _check_out_dir(settings: ComparisonSettings) -> None:
+    """--out must be new or empty, hold the run to --resume, or be allowed with --force; and be writable."""
     out = settings.out
     if out.exists() and not out.is_dir():
         raise ComparisonError(f"--out {out} is a file; it must be a folder (new, or the run to --resume)")
-    if not settings.resume and any((out / name).exists() for name in RUN_FILES):
-        raise ComparisonError(f"--out {out} already holds a comparison; pass --resume to continue it, or choose "
-                              "another --out")
+    holds_run = any((out / name).exists() for name in RUN_FILES)
+    try:
+        others = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    except OSError as error:
+        raise ComparisonError(f"--out {out}: cannot list the folder ({error.strerror})") from None
+    listing = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+    if settings.resume and others and not holds_run:
+        raise ComparisonError(f"--out {out} holds no comparison to --resume (no {' or '.join(RUN_FILES)}), but other "
+                              f"files ({listing})")
+    if not settings.resume and not settings.force:
+        if holds_run:
+            raise ComparisonError(f"--out {out} already holds a comparison; pass --resume to continue it, or choose "
+                                  "another --out")
+        if others:
+            raise ComparisonError(f"--out {out} is not empty ({listing}); choose a new or empty folder, or pass "
+                                  "--force to write the run's files into it")
+    try:
+        check_writable(out, "--out")
+    except ValueError as error:
+        raise ComparisonError(str(error)) from None
+
+
+def _check_batch_fits(batch_size: int, dataset: Dataset) -> None:
+    """A batch of float32 inputs (the timing makes one of exactly --batch-size) must fit in memory; a lower bound
+    of what a step needs, so a refused batch clearly cannot run."""
+    needed = 4 * batch_size * math.prod(dataset.input_shape)
+    if needed > machine_memory_bytes():
+        raise ComparisonError(f"--batch-size {batch_size} of {'x'.join(map(str, dataset.input_shape))} inputs needs "
+                              f"at least {needed / 2**30:,.1f} GiB of memory (float32); this machine has "
+                              f"{machine_memory_bytes() / 2**30:,.1f} GiB")
 
 
 def _environment(distributed: Distributed) -> dict:
@@ -114,7 +148,8 @@ def _report(settings: ComparisonSettings, dataset: Dataset, trainers: dict[str, 
             complete: bool) -> dict:
     models = {twin: {"name": settings.model_name, "separable": twin == "separable",
                      **count_costs(trainer.model, dataset.input_shape), "inference_ms": None, "train_step_ms": None,
-                     "epochs": trainer.history} for twin, trainer in trainers.items()}
+                     "epochs": trainer.history, "diverged_at_epoch": trainer.diverged_at}
+              for twin, trainer in trainers.items()}
     if complete:
         times = measure_times({twin: trainer.model for twin, trainer in trainers.items()}, dataset.train_inputs,
                               dataset.train_labels, settings.batch_size, settings.learning_rate)
@@ -124,12 +159,16 @@ def _report(settings: ComparisonSettings, dataset: Dataset, trainers: dict[str, 
                             dataset=dataset.summary(), environment=_environment(distributed), models=models,
                             timing_method=TIMING_METHOD if complete else None,
                             resume_command=settings.command_line(resume=True))
-    write_report(settings.out, metrics, {twin: trainer.model for twin, trainer in trainers.items() if trainer.finished})
+    write_report(settings.out, metrics, {twin: trainer.model for twin, trainer in trainers.items() if trainer.stopped})
     return metrics
 
 
-def _trained_line(twin: str, history: list[dict]) -> str:
+def _trained_line(twin: str, trainer: Trainer) -> str:
+    history = trainer.history
     summary = summarize_history(history)
+    if trainer.diverged_at is not None:
+        return (f"{twin} twin: DIVERGED at epoch {trainer.diverged_at} (loss {history[-1]['train_loss']:g}); "
+                "training stopped there")
     return (f"{twin} twin: {len(history)} epochs, validation accuracy "
             f"{100 * summary['final_validation_accuracy']:.2f}% (best {100 * summary['best_validation_accuracy']:.2f}% "
             f"at epoch {summary['best_epoch']}), {summary['seconds_per_epoch']['median']:.2f} s per epoch (median)")
@@ -140,8 +179,9 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
 
     Raises :class:`ComparisonError`, :class:`~sepconv.experiment.data.DataError`,
     :class:`~sepconv.experiment.train.CheckpointMismatch` or :class:`~sepconv._extras.MissingExtra` (an extra
-    is not installed) before writing anything; ``KeyboardInterrupt`` after
-    writing the partial report. ``progress``: bars per epoch and batch (default: only in a terminal).
+    is not installed) before writing anything; :class:`~sepconv._io.WriteError` if a write fails later (a full
+    disk); ``KeyboardInterrupt`` after writing the partial report. ``progress``: bars per epoch and batch
+    (default: only in a terminal).
     ``echo`` prints a line (rank 0 only).
     """
     distributed = Distributed.from_environment()
@@ -150,8 +190,9 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
     try:
         for module in ("matplotlib", "tqdm"):  # the plots and the progress bars: fail before any work
             require(module, "experiment", "sepconv compare")
+        _check_out_dir(settings)  # before the data, which may be a download: a wrong --out is said at once
         dataset = load_dataset(settings.dataset, settings.data_dir, settings.seed, settings.eeg_options)
-        _check_out_dir(settings)
+        _check_batch_fits(settings.batch_size, dataset)
         twins = build_twins(settings.model_name, dataset, settings.seed)
         training = TrainingSettings(settings.epochs, settings.batch_size, settings.learning_rate, settings.seed)
         run = {"model": settings.model_name, "dataset": settings.dataset, "batch_size": settings.batch_size,
@@ -173,7 +214,7 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
         try:
             for twin, trainer in trainers.items():
                 trainer.fit()
-                say(_trained_line(twin, trainer.history))
+                say(_trained_line(twin, trainer))
             trained = True
             if not distributed.is_main:
                 return None

@@ -23,6 +23,7 @@ Inputs are standardised per channel with the training set's mean and standard de
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from .._extras import require
+from .._io import machine_memory_bytes
 
 __all__ = ["DATASETS", "DEFAULT_MODELS", "DataError", "Dataset", "EEGOptions", "load_dataset", "default_model",
            "check_dataset_name", "make_eeg_synthetic", "eeg_synthetic_templates", "stratified_split"]
@@ -238,6 +240,8 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"  # published on https://www.cs.toronto.edu/~kriz/cifar.html
 CIFAR_MAX_FILE_BYTES = 64 * 2**20  # the real batches are 31 MB each
 CIFAR_IMAGE_VALUES = 3 * 32 * 32
+CIFAR_IMAGES_PER_BATCH = 10_000
+CIFAR_MAX_ARRAY_BYTES = CIFAR_IMAGES_PER_BATCH * CIFAR_IMAGE_VALUES  # a batch's uint8 images, the largest array
 # What CIFAR's pickles may construct: numpy arrays (as numpy 1 and 2 pickle them) and the bytes codec. Anything
 # else would run code that is not part of the format, so loading refuses it.
 _CIFAR_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
@@ -245,10 +249,59 @@ _CIFAR_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "
                          ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 
 
+def _check_array_request(shape, dtype) -> int:
+    """Refuse, before numpy allocates it, an array larger than a CIFAR-10 batch's images (a small pickle can ask
+    for gigabytes: the array constructors allocate what the shape says, whatever the file holds)."""
+    dims = (shape,) if isinstance(shape, int) else shape
+    if not (isinstance(dims, tuple) and all(isinstance(n, int) and n >= 0 for n in dims)):
+        raise pickle.UnpicklingError(f"it asks for an array of shape {shape!r}")
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except TypeError:
+        raise pickle.UnpicklingError(f"it asks for an array of dtype {dtype!r}") from None
+    size = math.prod(dims) * itemsize
+    if size > CIFAR_MAX_ARRAY_BYTES:
+        raise pickle.UnpicklingError(f"it asks for an array of shape {dims} and dtype {np.dtype(dtype)} ({size:,} "
+                                     f"bytes), more than a batch's {CIFAR_IMAGES_PER_BATCH:,} x {CIFAR_IMAGE_VALUES:,} "
+                                     "uint8 images")
+    return size
+
+
+class _CheckedArray(np.ndarray):
+    """An array a CIFAR pickle builds: its BUILD (``__setstate__``) must fill it with exactly the bytes its shape
+    needs, and no Python objects (numpy's own ``__setstate__`` trusts the state, and can crash on a hostile one)."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) in (4, 5)):
+            raise pickle.UnpicklingError("it builds an array from a state numpy does not write")
+        shape, dtype, _, raw = state[-4:]
+        size = _check_array_request(shape, dtype)
+        if np.dtype(dtype).hasobject or not isinstance(raw, bytes) or len(raw) != size:
+            raise pickle.UnpicklingError(f"it builds an array of shape {shape} and dtype {dtype} from other data")
+        super().__setstate__(state)
+
+
+def _bounded_ndarray(shape, dtype=float):
+    """``numpy.ndarray`` as CIFAR's pickles may call it: bounded; also the marker of the class in _reconstruct."""
+    _check_array_request(shape, dtype)
+    return _CheckedArray(shape, dtype)
+
+
+def _bounded_reconstruct(subtype, shape, dtype):
+    """numpy's ``_reconstruct`` (an empty array its BUILD then fills from the pickle's bytes), bounded."""
+    if subtype is not _bounded_ndarray:
+        raise pickle.UnpicklingError(f"it reconstructs a {subtype!r}, not a numpy array")
+    return _bounded_ndarray(shape, dtype)
+
+
 class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in _CIFAR_PICKLE_GLOBALS:
             raise pickle.UnpicklingError(f"it refers to {module}.{name}, which CIFAR-10 batches do not use")
+        if name == "ndarray":
+            return _bounded_ndarray
+        if name == "_reconstruct":
+            return _bounded_reconstruct
         return super().find_class(module, name)
 
 
@@ -277,6 +330,7 @@ def _read_cifar_file(data_dir: Path, name: str) -> dict:
 def _read_cifar_batch(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     content = _read_cifar_file(data_dir, name)
     data, labels = content.get(b"data"), content.get(b"labels")
+    data = np.asarray(data) if isinstance(data, np.ndarray) else data  # a plain array, not the _CheckedArray
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
             and data.shape[1] == CIFAR_IMAGE_VALUES):
         raise _cifar_error(data_dir, f"{name} has no b'data' array of uint8 with {CIFAR_IMAGE_VALUES} values per "
@@ -386,24 +440,60 @@ def make_eeg_synthetic(seed: int = 0, trials_per_class: int = EEG_TRIALS_PER_CLA
 
 # --- real EEG from numpy arrays -------------------------------------------------------------------
 
+EEG_INPUT_KINDS = "iuf"  # X: integers or real floats (not complex, bool, strings or objects)
+EEG_LABEL_KINDS = "iufbUS"  # y: integers, floats, booleans or strings
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a ``.npy`` file, from its header alone (nothing allocated)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"npy format version {version[0]}.{version[1]} (1.0 and 2.0 are read)")
+        shape, _, dtype = readers[version](handle)
+        return shape, dtype, handle.tell()
+
+
+def _read_npy(data_dir: Path, name: str, kinds: str, expected: str) -> np.ndarray:
+    """``name``.npy, after checking its header: a dtype of ``kinds``, and a size that the file holds and that
+    fits in memory (with the float32 copy training makes)."""
+    path = data_dir / f"{name}.npy"
+
+    def problem(text: str) -> DataError:
+        return DataError(f"--data-dir {data_dir}: {name}.npy {text}; eeg-numpy needs {expected}")
+    try:
+        shape, dtype, offset = _npy_header(path)
+    except FileNotFoundError:
+        raise DataError(f"--data-dir {data_dir}: no {name}.npy; eeg-numpy needs {expected}") from None
+    except (ValueError, OSError, EOFError) as error:
+        raise problem(f"is not a readable numpy array ({' '.join(str(error).split())})") from None
+    if dtype.kind not in kinds:
+        raise problem(f"holds {dtype} values; it must hold real numbers" + (" or labels" if "U" in kinds else ""))
+    size, held = math.prod(shape) * dtype.itemsize, os.path.getsize(path) - offset
+    if size != held:
+        raise problem(f"claims shape {shape} of {dtype} ({size:,} bytes), but holds {held:,} bytes of data")
+    if size + 4 * math.prod(shape) > machine_memory_bytes():
+        raise problem(f"of shape {shape} needs {size / 2**30:,.1f} GiB and a float32 copy; this machine has "
+                      f"{machine_memory_bytes() / 2**30:,.1f} GiB")
+    return np.load(path, allow_pickle=False)  # never runs pickled code
+
+
 def _load_eeg_numpy(data_dir: Path, seed: int) -> Dataset:
     expected = f"{data_dir}/X.npy (trials x channels x samples) and {data_dir}/y.npy (one label per trial)"
-    arrays = {}
-    for name in ("X", "y"):
-        try:
-            arrays[name] = np.load(data_dir / f"{name}.npy", allow_pickle=False)  # never runs pickled code
-        except FileNotFoundError:
-            raise DataError(f"--data-dir {data_dir}: no {name}.npy; eeg-numpy needs {expected}") from None
-        except (ValueError, OSError, EOFError) as error:
-            raise DataError(f"--data-dir {data_dir}: {name}.npy is not a readable numpy array ({error}); eeg-numpy "
-                            f"needs {expected}") from None
-    trials, labels = arrays["X"], arrays["y"]
-    if trials.ndim != 3 or not np.issubdtype(trials.dtype, np.number) or not np.isfinite(trials).all():
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir}: no such directory; eeg-numpy needs {expected}")
+    trials = _read_npy(data_dir, "X", EEG_INPUT_KINDS, expected)
+    labels = _read_npy(data_dir, "y", EEG_LABEL_KINDS, expected)
+    if trials.ndim != 3 or not np.isfinite(trials).all():
         raise DataError(f"--data-dir {data_dir}: X.npy must be finite numbers of shape (trials, channels, samples); "
                         f"got {trials.dtype} of shape {trials.shape}")
     if labels.shape != (len(trials),):
         raise DataError(f"--data-dir {data_dir}: y.npy must hold one label per trial, shape ({len(trials)},); got "
                         f"shape {labels.shape}")
+    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        raise DataError(f"--data-dir {data_dir}: y.npy holds {int((~np.isfinite(labels)).sum())} labels that are nan "
+                        "or inf; every trial needs a label")
     classes, indices = class_indices(labels, f"--data-dir {data_dir}: y.npy")
     details = eeg_details(f"{data_dir}/X.npy and y.npy", NOT_RECORDED, NOT_RECORDED, trials.shape[1], None,
                           STRATIFIED_VALIDATION)

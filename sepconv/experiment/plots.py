@@ -1,6 +1,8 @@
 """The PNG plots of a comparison: training curves, per-layer costs, learned filters.
 
 Drawn off-screen with matplotlib's Agg canvas (no display, no global pyplot state) and written atomically.
+Non-finite values (a diverged training) are left out of the drawing and counted in the titles; scales come
+from the finite values.
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ def _save(figure, path: Path) -> None:
         figure.savefig(temporary, format="png", dpi=DPI)
 
 
+def _scale(values: np.ndarray) -> float:
+    """The largest finite magnitude in ``values`` (1 if there is none, or it is 0): a symmetric axis limit."""
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+
+
+def _non_finite_note(count: int, what: str) -> str:
+    return f"; {count} non-finite {what} (nan or inf) not drawn" if count else ""
+
+
 def plot_training_curves(histories: dict[str, list[dict]], title: str, path: Path) -> None:
     """Accuracy and loss per epoch, training (dashed) and validation (solid), one colour per twin."""
     figure = _figure(12, 4.5)
@@ -59,7 +71,10 @@ def plot_training_curves(histories: dict[str, list[dict]], title: str, path: Pat
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
         axes.xaxis.get_major_locator().set_params(integer=True)
-    figure.suptitle(f"{title}\ntrain: mean over each epoch's batches in training mode; validation: after each epoch")
+    values = np.array([record[key] for history in histories.values() for record in history
+                       for key in ("train_loss", "validation_loss", "train_accuracy", "validation_accuracy")], float)
+    figure.suptitle(f"{title}\ntrain: mean over each epoch's batches in training mode; validation: after each epoch"
+                    + _non_finite_note(int((~np.isfinite(values)).sum()), "values"))
     _save(figure, path)
 
 
@@ -130,7 +145,7 @@ def _plot_depthwise_filters(weight: torch.Tensor, depth_multiplier: int, title: 
     columns = min(GRID_COLUMNS, len(shown))
     rows = math.ceil(len(shown) / columns)
     figure = _figure(1.5 * columns + 1, 1.4 * rows + 0.9)
-    limit = float(np.abs(shown).max()) or 1.0
+    limit = _scale(shown)
     one_dimensional = height == 1 or width == 1
     image = None
     for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).ravel()):
@@ -151,8 +166,8 @@ def _plot_depthwise_filters(weight: torch.Tensor, depth_multiplier: int, title: 
         figure.colorbar(image, ax=figure.axes, shrink=0.6, label="weight")
     drawn = f", drawn as curves along their {max(height, width)} taps" if one_dimensional else ""
     first = f"; the first {len(shown)} of {count} shown" if count > len(shown) else ""
-    figure.suptitle(f"{title}\n{count} learned {height}x{width} kernels{drawn}{first}; shared scale ±{limit:.3g}",
-                    fontsize=10)
+    figure.suptitle(f"{title}\n{count} learned {height}x{width} kernels{drawn}{first}; shared scale ±{limit:.3g}"
+                    + _non_finite_note(int((~np.isfinite(shown)).sum()), "weights"), fontsize=10)
     _save(figure, path)
 
 
@@ -161,12 +176,13 @@ def _plot_spatial_filters(module: SpatialSeparableConv2d, title: str, path: Path
     kernel (their outer product in the per-channel form); the filters with the largest norm are shown."""
     factors = [factor.detach().to("cpu", torch.float32) for factor in module.factors]
     composed = _kernels(spatial_dense_weight(factors, module.in_channels)[:, 0])  # (C_out, kh, kw), input 0
-    order = np.argsort(-np.linalg.norm(composed.reshape(len(composed), -1), axis=1))[:MAX_SPATIAL_FILTERS]
+    norms = np.linalg.norm(composed.reshape(len(composed), -1), axis=1)
+    order = np.argsort(-np.nan_to_num(norms, nan=-1.0))[:MAX_SPATIAL_FILTERS]  # non-finite ones last
     one_dimensional_rows = module.depthwise  # the mixing form's composed kernel is a sum of outer products
     rows = 3 if one_dimensional_rows else 1
     figure = _figure(1.9 * len(order) + 0.6, 2.0 * rows + 2.0)
     grid = figure.add_gridspec(rows, len(order), height_ratios=[1, 1, 1.6] if one_dimensional_rows else [1])
-    limit = float(np.abs(composed[order]).max()) or 1.0
+    limit = _scale(composed[order])
     kernel_height, kernel_width = composed.shape[1:]
     positions_y, positions_x = np.meshgrid(np.arange(kernel_height), np.arange(kernel_width), indexing="ij")
     for column, channel in enumerate(order):
@@ -193,6 +209,6 @@ def _plot_spatial_filters(module: SpatialSeparableConv2d, title: str, path: Path
         axes.set_title("outer product" if one_dimensional_rows else f"filter {channel}, input 0", fontsize=8)
     what = "vertical and horizontal 1-D kernels and the 3-D surface of their outer product" if one_dimensional_rows \
         else "surface of the composed kernel (input channel 0)"
-    figure.suptitle(f"{title}\n{what}; the {len(order)} of {len(composed)} filters with the largest norm",
-                    fontsize=10)
+    figure.suptitle(f"{title}\n{what}; the {len(order)} of {len(composed)} filters with the largest norm"
+                    + _non_finite_note(int((~np.isfinite(composed[order])).sum()), "kernel values"), fontsize=10)
     _save(figure, path)

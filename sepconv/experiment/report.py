@@ -3,7 +3,8 @@
 Both documents are rendered from one list of blocks (headings, paragraphs, tables, lists, images), so they
 always say the same thing; the HTML embeds the PNG plots as base64. A figure that was not measured (times of
 an interrupted run, accuracy of a model with no completed epoch) is ``null`` in the JSON and "not measured"
-in the documents, never a placeholder number.
+in the documents, never a placeholder number. A non-finite figure (a diverged training) is the string ``"nan"``,
+``"inf"`` or ``"-inf"`` in the JSON (which has no such numbers) and ``nan``/``inf`` in the documents.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
 from torch import nn
@@ -201,6 +203,12 @@ def _blocks(metrics: dict) -> list[tuple]:
     settings, dataset, environment = metrics["settings"], metrics["dataset"], metrics["environment"]
     model = settings["model"]
     blocks = [("title", f"sepconv compare: {model}, standard vs separable, on {dataset['name']}")]
+    for twin in TWINS:
+        epoch = metrics["models"][twin].get("diverged_at_epoch")
+        if epoch is not None:
+            blocks.append(("paragraph", f"DIVERGED: the {twin} twin's loss was not finite (nan or inf) at epoch "
+                                        f"{epoch}; its training stopped there, and its checkpoint holds the last "
+                                        f"finite epoch ({epoch - 1 or 'none'}). Try a smaller learning rate."))
     if metrics["status"] != "complete":
         done = ", ".join(f"{twin} {metrics['models'][twin]['epochs_completed']}/{settings['epochs']}" for twin in TWINS)
         blocks.append(("paragraph", f"INTERRUPTED (epochs completed: {done}). The figures cover the completed "
@@ -274,6 +282,17 @@ def _html(blocks: list[tuple], out_dir: Path) -> str:
             f"<style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
+def _json_ready(value):
+    """``value`` with every non-finite float replaced by its name (``"nan"``, ``"inf"``, ``"-inf"``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
+
+
 def write_report(out_dir: Path, metrics: dict, trained_models: dict[str, nn.Module]) -> list[str]:
     """Draw the plots, then write ``metrics.json``, ``report.md`` and ``report.html`` into ``out_dir``.
 
@@ -294,7 +313,7 @@ def write_report(out_dir: Path, metrics: dict, trained_models: dict[str, nn.Modu
                   for plot in plot_learned_filters(model, out_dir, prefix=twin)]
     metrics["plots"] = plots
     blocks = _blocks(metrics)
-    atomic_write_text(json.dumps(metrics, indent=2) + "\n", out_dir / "metrics.json")
+    atomic_write_text(json.dumps(_json_ready(metrics), indent=2, allow_nan=False) + "\n", out_dir / "metrics.json")
     atomic_write_text(_markdown(blocks), out_dir / "report.md")
     atomic_write_text(_html(blocks, out_dir), out_dir / "report.html")
     return ["metrics.json", "report.md", "report.html", *(plot["file"] for plot in plots)]

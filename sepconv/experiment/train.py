@@ -5,7 +5,11 @@ with ``seed`` and ``e`` (its own generator, not the global one), and the global 
 training from ``seed``; a checkpoint stores the model, the optimizer, the history and every process' RNG
 state, so a resumed run continues exactly where the last completed epoch left off and ends with the same
 metrics as an uninterrupted one (on a GPU only as far as its kernels are deterministic). An interrupted epoch
-is simply run again.
+is simply run again. A checkpoint carries a digest of its content (:func:`sepconv._io.save_checkpoint`), so a
+damaged one is refused rather than resumed.
+
+Divergence: an epoch whose training or validation loss is not finite (nan or inf) stops the training there;
+:attr:`Trainer.diverged_at` records the epoch, and the checkpoint keeps the last finite one.
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains a
 :class:`~torch.nn.parallel.DistributedDataParallel` replica on its shard of every epoch (``--batch-size`` is
@@ -14,6 +18,7 @@ per process), validation is sharded and summed, and only rank 0 writes.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from .._extras import require
-from .._io import atomic_save
+from .._io import CheckpointError, load_checkpoint, save_checkpoint
 from ..constraints import apply_constraints
 from .data import Dataset
 
@@ -157,6 +162,7 @@ class Trainer:
             ``validation_accuracy`` (the whole validation set in eval mode after the epoch), ``seconds`` (wall
             time of the epoch: training and validation). Losses are mean cross-entropies, accuracies fractions.
         run: what identifies the run (model, data, settings); a checkpoint of another run is refused.
+        diverged_at: the epoch (1-based) whose loss was not finite, where training stopped; ``None`` if none.
     """
 
     def __init__(self, model: nn.Module, dataset: Dataset, settings: TrainingSettings, checkpoint, *, label: str,
@@ -172,6 +178,7 @@ class Trainer:
         self.validation_inputs = dataset.validation_inputs.to(device)
         self.validation_labels = dataset.validation_labels.to(device)
         self.history: list[dict] = []
+        self.diverged_at: int | None = None
         self._resumed_rng: dict | None = None
 
     @property
@@ -182,16 +189,20 @@ class Trainer:
     def finished(self) -> bool:
         return self.epochs_done >= self.settings.epochs
 
+    @property
+    def stopped(self) -> bool:
+        """Trained all its epochs, or diverged."""
+        return self.finished or self.diverged_at is not None
+
     def resume(self) -> bool:
         """Load the checkpoint if there is one (else ``False``); :class:`CheckpointMismatch` if it is another run's."""
         if not self.checkpoint.exists():
             return False
         try:
-            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)  # RNG states stay on the CPU
-        except Exception as error:
-            raise CheckpointMismatch(f"{self.checkpoint} is not a readable checkpoint ({type(error).__name__}: "
-                                     f"{' '.join(str(error).split())[:200]})") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            state = load_checkpoint(self.checkpoint)  # on the CPU: RNG states stay there
+        except CheckpointError as error:
+            raise CheckpointMismatch(str(error)) from None
+        if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointMismatch(f"{self.checkpoint} is not a sepconv compare checkpoint")
         differences = [f"{key}={state['run'].get(key)!r} there, {value!r} here" for key, value in self.run.items()
                        if state["run"].get(key) != value]
@@ -227,6 +238,9 @@ class Trainer:
                 self.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
                                      "validation_loss": validation_loss, "validation_accuracy": validation_accuracy,
                                      "seconds": time.perf_counter() - start})
+                if not (math.isfinite(train_loss) and math.isfinite(validation_loss)):  # summed: every rank agrees
+                    self.diverged_at = epoch + 1  # stop; the checkpoint keeps the last finite epoch
+                    break
                 self._save_checkpoint()
                 epochs_bar.update()
                 epochs_bar.set_postfix(train_acc=f"{train_accuracy:.3f}", val_acc=f"{validation_accuracy:.3f}")
@@ -266,6 +280,7 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         rng = self.distributed.gather(_rng_state(self.distributed.device))  # every process takes part
         if self.distributed.is_main:
-            atomic_save({"format": CHECKPOINT_FORMAT, "run": self.run, "label": self.label, "epoch": self.epochs_done,
-                         "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng,
-                         "history": self.history}, self.checkpoint)
+            save_checkpoint({"format": CHECKPOINT_FORMAT, "run": self.run, "label": self.label,
+                             "epoch": self.epochs_done, "model": self.model.state_dict(),
+                             "optimizer": self.optimizer.state_dict(), "rng": rng, "history": self.history},
+                            self.checkpoint)

@@ -30,6 +30,32 @@ def check_channels(value, name: str) -> int:
     return int(value)
 
 
+def factory_kwargs(device, dtype) -> dict:
+    """``device`` and ``dtype`` for a layer's parameters; the dtype must be floating point (or None)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating-point torch.dtype; got {dtype!r}")
+    return {"device": device, "dtype": dtype}
+
+
+def _built(factory, argument: str, what: str, *args) -> nn.Module:
+    """``factory(*args)``, which must build an ``nn.Module``; a TypeError naming ``argument`` otherwise."""
+    try:
+        module = factory(*args)
+    except TypeError as error:
+        raise TypeError(f"{argument} must be {what}; got {factory!r}, and calling it failed ({error})") from None
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{argument} must be {what}; got {factory!r}, which returned a {type(module).__name__}")
+    return module
+
+
+def check_input_channels(x, in_channels: int, rank: int) -> None:
+    """The layer's own check of its input's channels: the depthwise ops infer the depth multiplier (and the
+    spatial ones the groups) from them, so an input with a divisor of ``in_channels`` would run, wrongly."""
+    if isinstance(x, torch.Tensor) and x.ndim in (rank + 1, rank + 2) and x.shape[-rank - 1] != in_channels:
+        raise ValueError(f"x has {x.shape[-rank - 1]} channels but the layer has in_channels = {in_channels}; got "
+                         f"shape {tuple(x.shape)}")
+
+
 def check_init(init: str) -> str:
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}; got {init!r}")
@@ -64,7 +90,7 @@ def make_norm(norm, channels: int, rank: int) -> nn.Module | None:
                              f"got {norm!r}")
         return _NORMS[norm][rank](channels)
     if callable(norm):
-        return norm(channels)
+        return _built(norm, "norm", "a factory taking the channel count and returning an nn.Module", channels)
     raise TypeError(f"norm must be None, a str or a callable taking the channel count; got {norm!r}")
 
 
@@ -77,8 +103,8 @@ def make_activation(activation) -> nn.Module | None:
             raise ValueError(f"activation must be None, one of {tuple(_ACTIVATIONS)}, an nn.Module or a factory; "
                              f"got {activation!r}")
         return _ACTIVATIONS[activation]()
-    if callable(activation):
-        return activation()
+    if callable(activation):  # a factory such as nn.ReLU; a function such as torch.relu is not one
+        return _built(activation, "activation", "an nn.Module or a factory called with no arguments")
     raise TypeError(f"activation must be None, a str, an nn.Module or a factory; got {activation!r}")
 
 

@@ -14,7 +14,7 @@ from .. import functional as F
 from ..geometry import check_padding_mode, is_static, normalize_padding, resolve_padding, to_tuple
 from ..interop import keras as keras_io
 from ..weights import ungroup
-from ._common import check_channels, check_init, compact_padding, reset_keras_, reset_torch_
+from ._common import check_channels, check_init, compact_padding, factory_kwargs, reset_keras_, reset_torch_
 
 _TORCH_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -29,7 +29,8 @@ class _ConvNd:
         rank = self._rank
         check_channels(in_channels, "in_channels")
         check_channels(out_channels, "out_channels")
-        check_channels(groups, "groups")
+        groups = check_channels(groups, "groups")
+        factory = factory_kwargs(device, dtype)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels (={in_channels}) and out_channels (={out_channels}) must be divisible "
                              f"by groups (={groups})")
@@ -38,7 +39,7 @@ class _ConvNd:
         self.init = check_init(init)
         _TORCH_CONV[rank].__init__(self, in_channels, out_channels, to_tuple(kernel_size, rank, "kernel_size"),
                                    to_tuple(stride, rank, "stride"), 0, to_tuple(dilation, rank, "dilation"),
-                                   groups, bias, padding_mode, device, dtype)
+                                   groups, bias, padding_mode, **factory)
         self.padding = canonical
 
     def reset_parameters(self) -> None:

@@ -9,7 +9,8 @@ from .. import functional as F
 from ..constraints import check_max_norm, max_norm_
 from ..interop import keras as keras_io
 from ..weights import depthwise_dense_weight
-from ._common import check_channels, check_init, reset_keras_, reset_torch_, settings_repr, spatial_args, spatial_repr
+from ._common import (check_channels, check_init, check_input_channels, factory_kwargs, reset_keras_, reset_torch_, settings_repr,
+                      spatial_args, spatial_repr)
 from .conv import dense_conv
 
 
@@ -56,7 +57,7 @@ class _DepthwiseConvNd(nn.Module):
         self.init = check_init(init)
         self.max_norm = check_max_norm(max_norm)
         self.out_channels = in_channels * depth_multiplier
-        factory = {"device": device, "dtype": dtype}
+        factory = factory_kwargs(device, dtype)
         self.weight = nn.Parameter(torch.empty(self.out_channels, 1, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(self.out_channels, **factory)) if bias else None
         self.reset_parameters()
@@ -69,6 +70,7 @@ class _DepthwiseConvNd(nn.Module):
             reset_torch_(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_channels(x, self.in_channels, len(self.kernel_size))
         return F.depthwise_conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.padding_mode)
 
     def constrain_(self) -> None:

@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import functional as F
 from ..interop import keras as keras_io
-from ._common import check_channels, check_init, reset_keras_, reset_torch_, settings_repr
+from ._common import check_channels, check_init, factory_kwargs, reset_keras_, reset_torch_, settings_repr
 from .conv import dense_conv
 
 
@@ -33,7 +33,7 @@ class _PointwiseConvNd(nn.Module):
         self.in_channels = check_channels(in_channels, "in_channels")
         self.out_channels = check_channels(out_channels, "out_channels")
         self.init = check_init(init)
-        factory = {"device": device, "dtype": dtype}
+        factory = factory_kwargs(device, dtype)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *(1,) * self._rank, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.reset_parameters()

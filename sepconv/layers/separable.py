@@ -8,8 +8,8 @@ from torch import nn
 from .. import functional as F
 from ..interop import keras as keras_io
 from ..weights import separable_dense_bias, separable_dense_weight
-from ._common import (check_channels, check_init, make_activation, make_norm, reset_keras_, reset_torch_,
-                      settings_repr, spatial_args, spatial_repr)
+from ._common import (check_channels, check_init, check_input_channels, factory_kwargs, make_activation, make_norm,
+                      reset_keras_, reset_torch_, settings_repr, spatial_args, spatial_repr)
 from .conv import dense_conv
 
 
@@ -56,7 +56,7 @@ class _SeparableConvNd(nn.Module):
             self._rank, kernel_size, stride, padding, dilation, padding_mode)
         self.init = check_init(init)
         hidden = in_channels * depth_multiplier
-        factory = {"device": device, "dtype": dtype}
+        factory = factory_kwargs(device, dtype)
         self.depthwise_weight = nn.Parameter(torch.empty(hidden, 1, *self.kernel_size, **factory))
         self.pointwise_weight = nn.Parameter(torch.empty(out_channels, hidden, *(1,) * self._rank, **factory))
         self.depthwise_bias = nn.Parameter(torch.empty(hidden, **factory)) if depthwise_bias else None
@@ -78,6 +78,7 @@ class _SeparableConvNd(nn.Module):
             reset_torch_(self.pointwise_weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_channels(x, self.in_channels, len(self.kernel_size))
         if self.norm is None and self.activation is None:
             return F.separable_conv(x, self.depthwise_weight, self.pointwise_weight, self.bias, self.depthwise_bias,
                                     self.stride, self.padding, self.dilation, self.padding_mode)

@@ -7,8 +7,8 @@ from torch import nn
 
 from .. import functional as F
 from ..weights import spatial_dense_weight
-from ._common import (check_channels, check_init, make_activation, make_norm, reset_keras_, reset_torch_,
-                      settings_repr, spatial_args, spatial_repr)
+from ._common import (check_channels, check_init, check_input_channels, factory_kwargs, make_activation, make_norm,
+                      reset_keras_, reset_torch_, settings_repr, spatial_args, spatial_repr)
 from .conv import dense_conv
 
 
@@ -70,7 +70,7 @@ class _SpatialSeparableConvNd(nn.Module):
             widths = [mid_channels] * (self._rank - 1) + [out_channels]
             per_group = [in_channels] + widths[:-1]
         self.mid_channels = mid_channels
-        factory = {"device": device, "dtype": dtype}
+        factory = factory_kwargs(device, dtype)
         self.factors = nn.ParameterList(
             nn.Parameter(torch.empty(width, group, k, **factory))
             for width, group, k in zip(widths, per_group, self.kernel_size))
@@ -94,6 +94,7 @@ class _SpatialSeparableConvNd(nn.Module):
                 reset_torch_(factor, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_channels(x, self.in_channels, len(self.factors))
         if not len(self.norms) and self.activation is None:
             return F.spatial_separable_conv(x, list(self.factors), self.bias, self.stride, self.padding, self.dilation,
                                             self.padding_mode)
