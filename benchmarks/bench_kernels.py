@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""Benchmark sepconv's Numba depthwise kernels against every PyTorch path (not a test).
+"""Benchmark sepconv's C++ depthwise kernels against every PyTorch path (not a test).
 
 Each row times, interleaved in one loop (every round runs a block of calls of each candidate, the
 order shuffled from round to round, so drift on a shared machine hits all alike and no candidate always
-follows the same one: a PyTorch call right after Numba's threads ran, or the reverse, can pay for the other
+follows the same one: a PyTorch call right after C++'s threads ran, or the reverse, can pay for the other
 pool's threads going to sleep or still spinning):
 
-* ``numba_cl``   sepconv's depthwise op forced to the Numba kernels, channels_last input (their layout; with
+* ``cpu_cl``   sepconv's depthwise op forced to the C++ kernels, channels_last input (their layout; with
   at most 8 channels, as in the EEGNet rows, transposed to the planar kernels and back);
-* ``numba_nchw`` the same on a contiguous NCHW input (the planar kernels, :mod:`sepconv.kernels.numba_planar`:
+* ``cpu_nchw`` the same on a contiguous NCHW input (the planar kernels, :mod:`sepconv.kernels.cpu_planar`:
   no layout conversion);
 * ``torch_nchw`` ``F.conv2d(..., groups=C)`` (``F.conv1d`` for 1-D) on a contiguous input;
 * ``torch_cl``   the same with a channels_last input and weight (1-D: an ``(N, L, C)`` tensor viewed as
@@ -43,14 +43,14 @@ and in the full suite MobileNetV1's 56x56 layer at the largest batch) time whole
 layers, depthwise k x k ("same" padding) then 1x1, forward and fwd+bwd (gradients w.r.t. input and
 both weights), with these candidates, each on NCHW and channels_last input (``_nchw`` / ``_cl``):
 
-* ``numba_*``, ``auto_*``: ``sepconv.functional.separable_conv`` with the kernels forced to Numba / auto;
+* ``cpu_*``, ``auto_*``: ``sepconv.functional.separable_conv`` with the kernels forced to C++ / auto;
 * ``torch_*``: PyTorch eager ``F.conv2d(F.conv2d(x, dw, groups=C), pw)``;
 * ``std_*``: the standard dense k x k ``F.conv2d`` the layer replaces, with the composed kernel
   ``pw[o, c] * dw[c]`` as its weight so that it computes the same function and is checked like the
   others (output and input gradient; its weight gradient has another shape).
 
 Per row: ``mac_ratio`` = standard MACs / separable MACs (``sepconv.cost.separable_reduction``),
-``realised_{torch,numba,auto}`` = best standard time (of NCHW and channels_last) / that path's best
+``realised_{torch,cpu,auto}`` = best standard time (of NCHW and channels_last) / that path's best
 separable time, and ``efficiency_*`` = realised / mac_ratio (issue 7's target: >= 0.8 on MobileNet
 shapes). The summary gives their geometric means per pass and how many MobileNet rows meet 0.8.
 
@@ -91,12 +91,14 @@ from _common import geomean, loadavg, measure, print_table  # benchmarks/ is on 
 
 import sepconv
 import sepconv.functional as SF
-from sepconv import cost
+from sepconv import cost, geometry
 from sepconv._io import atomic_write_text
-from sepconv.kernels import dispatch, numba_depthwise
+from sepconv import kernels
+from sepconv.profiling.timing import measure_machine
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_kernels.json")
-CANDIDATES = ("numba_cl", "numba_nchw", "auto_cl", "auto_nchw", "torch_nchw", "torch_cl", "copy")
+CANDIDATES = ("cpu_cl", "cpu_nchw", "auto_cl", "auto_nchw", "torch_nchw", "torch_cl", "compile", "compile_sepconv",
+              "copy")
 COMPILE_FORMAT = "nchw"  # the layout the torch.compile candidate gets by default (--compile-format)
 
 
@@ -173,7 +175,7 @@ def _torch_op(shape: Shape):
 
 def _sepconv_op(shape: Shape, mode: str):
     def op(x, w):
-        with dispatch.use_kernels(mode):
+        with kernels.use_kernels(mode):
             return SF.depthwise_conv(x, w, None, shape.stride, shape.padding)
     return op
 
@@ -207,13 +209,14 @@ def _grad_like(grad: torch.Tensor, fmt: str) -> torch.Tensor:
 def make_callables(shape: Shape, pass_: str, compile_format: str | None):
     """name -> zero-argument callable, whether the candidates agree, and the torch.compile record
     (``compile_format``: the compiled candidate's input layout, None for none)."""
-    specs = {"numba_cl": (_sepconv_op(shape, "numba"), "cl"), "numba_nchw": (_sepconv_op(shape, "numba"), "nchw"),
+    specs = {"cpu_cl": (_sepconv_op(shape, "cpu"), "cl"), "cpu_nchw": (_sepconv_op(shape, "cpu"), "nchw"),
              "auto_cl": (_sepconv_op(shape, "auto"), "cl"), "auto_nchw": (_sepconv_op(shape, "auto"), "nchw"),
              "torch_nchw": (_torch_op(shape), "nchw"), "torch_cl": (_torch_op(shape), "cl")}
     compiled = None
-    if compile_format:  # last, so that its first (compiling) call is the one timed below
+    if compile_format:  # last, so that their first (compiling) call is the one timed below
         specs["compile"] = (_compiled(_torch_op(shape)), compile_format)
-        compiled = {"format": compile_format, "compile_s": None, "error": None}
+        specs["compile_sepconv"] = (_compiled(_sepconv_op(shape, "cpu")), compile_format)
+        compiled = {"format": compile_format, "compile_s": None, "error": None, "sepconv_error": None}
     fns, results = {}, {}
     grad = None
     for name, (op, fmt) in specs.items():
@@ -240,10 +243,11 @@ def make_callables(shape: Shape, pass_: str, compile_format: str | None):
                 fns[name] = (lambda op=op, x=x, w=w, leaves=leaves, g=g: torch.autograd.grad(op(x, w), leaves, g))
             results[name] = (out.detach(), *torch.autograd.grad(out, leaves, g, retain_graph=pass_ == "wgrad"))
         except Exception as error:  # only torch.compile may fail here; its row shows n/a
-            if name != "compile":
+            if not name.startswith("compile"):
                 raise
             fns.pop(name, None)
-            compiled["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            compiled["error" if name == "compile" else "sepconv_error"] = \
+                f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         finally:
             if name == "compile" and compiled["error"] is None:
                 compiled["compile_s"] = time.perf_counter() - start  # the first call (forward and backward)
@@ -308,7 +312,7 @@ def make_sep_callables(shape: SepShape, pass_: str):
 
     def sepconv_op(mode):
         def op(x, dw, pw, dense):
-            with dispatch.use_kernels(mode):
+            with kernels.use_kernels(mode):
                 return SF.separable_conv(x, dw, pw, padding=pad)
         return op
 
@@ -318,7 +322,7 @@ def make_sep_callables(shape: SepShape, pass_: str):
     def standard(x, dw, pw, dense):
         return F.conv2d(x, dense, None, 1, pad)
 
-    specs = {"numba_cl": (sepconv_op("numba"), "cl"), "numba_nchw": (sepconv_op("numba"), "nchw"),
+    specs = {"cpu_cl": (sepconv_op("cpu"), "cl"), "cpu_nchw": (sepconv_op("cpu"), "nchw"),
              "auto_cl": (sepconv_op("auto"), "cl"), "auto_nchw": (sepconv_op("auto"), "nchw"),
              "torch_nchw": (torch_sep, "nchw"), "torch_cl": (torch_sep, "cl"),
              "std_nchw": (standard, "nchw"), "std_cl": (standard, "cl")}
@@ -345,22 +349,37 @@ def make_sep_callables(shape: SepShape, pass_: str):
 
 # --- report ----------------------------------------------------------------------------------------
 
+def roofline_seconds(shape: Shape, pass_: str, machine) -> float:
+    """The row's floor: max(bytes / copy bandwidth, FLOPs / matmul peak), counting each pass's depthwise ops
+    (forward 1, weight gradient 1, fwd+wgrad 2, fwd+bwd 3), each reading and writing at least x and y once."""
+    rank = len(shape.spatial)
+    out = geometry.output_shape(shape.spatial, shape.kernel, (shape.stride,) * rank, shape.padding, (1,) * rank)
+    x_elems = shape.n * shape.c * math.prod(shape.spatial)
+    y_elems = shape.n * shape.c * shape.multiplier * math.prod(out)
+    ops = {"forward": 1, "wgrad": 1, "fwd+wgrad": 2, "fwd+bwd": 3}[pass_]
+    return max(4 * ops * (x_elems + y_elems) / machine.memory_bandwidth,
+               2 * ops * y_elems * math.prod(shape.kernel) / machine.peak_flops)
+
+
 def ratios(row: dict) -> dict:
     t = {name: stats["median_s"] for name, stats in row["times"].items()}
     best_torch = min(t["torch_nchw"], t["torch_cl"])
-    out = {"speedup_vs_nchw": t["torch_nchw"] / t["numba_nchw"],  # same (NCHW) input on both sides
-           "speedup_vs_cl": t["torch_cl"] / t["numba_cl"],        # same (channels_last) input on both sides
-           "speedup_vs_best": best_torch / min(t["numba_cl"], t["numba_nchw"]),
-           "cl_speedup_vs_nchw": t["torch_nchw"] / t["numba_cl"],  # a channels_last model vs PyTorch's default
+    out = {"speedup_vs_nchw": t["torch_nchw"] / t["cpu_nchw"],  # same (NCHW) input on both sides
+           "speedup_vs_cl": t["torch_cl"] / t["cpu_cl"],        # same (channels_last) input on both sides
+           "speedup_vs_best": best_torch / min(t["cpu_cl"], t["cpu_nchw"]),
+           "cl_speedup_vs_nchw": t["torch_nchw"] / t["cpu_cl"],  # a channels_last model vs PyTorch's default
            "auto_vs_nchw": t["torch_nchw"] / t["auto_nchw"],       # the dispatcher, same input as PyTorch
            "auto_vs_cl": t["torch_cl"] / t["auto_cl"],
            "auto_vs_best": best_torch / min(t["auto_cl"], t["auto_nchw"])}
     if "copy" in t:
-        out["numba_cl_over_copy"] = t["numba_cl"] / t["copy"]
+        out["cpu_cl_over_copy"] = t["cpu_cl"] / t["copy"]
         out["torch_best_over_copy"] = best_torch / t["copy"]
+    out["auto_share_of_roofline"] = row["roofline_s"] / min(t["auto_cl"], t["auto_nchw"])
+    if "compile_sepconv" in t:
+        out["compile_sepconv_vs_compile"] = t.get("compile", float("nan")) / t["compile_sepconv"]
     if "compile" in t:  # "best" above stays eager-only, so runs with and without --compile compare
         out["compile_vs_eager"] = best_torch / t["compile"]
-        out["speedup_vs_compile"] = t["compile"] / min(t["numba_cl"], t["numba_nchw"])
+        out["speedup_vs_compile"] = t["compile"] / min(t["cpu_cl"], t["cpu_nchw"])
         out["auto_vs_compile"] = t["compile"] / min(t["auto_cl"], t["auto_nchw"])
     return out
 
@@ -370,7 +389,7 @@ def sep_ratios(row: dict, mac_ratio: float) -> dict:
     t = {name: stats["median_s"] for name, stats in row["times"].items()}
     standard = min(t["std_nchw"], t["std_cl"])
     out = {"mac_ratio": mac_ratio}
-    for path in ("torch", "numba", "auto"):
+    for path in ("torch", "cpu", "auto"):
         out[f"realised_{path}"] = standard / min(t[f"{path}_nchw"], t[f"{path}_cl"])
         out[f"efficiency_{path}"] = out[f"realised_{path}"] / mac_ratio
     return out
@@ -391,6 +410,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         entry["worst_row"] = f"{worst['name']} {worst['shape']}"
         entry["rows_more_than_10pct_slower"] = sum(r["ratios"]["speedup_vs_best"] < 1 / 1.1 for r in members)
         entry["auto_worst_vs_best"] = min(r["ratios"]["auto_vs_best"] for r in members)
+        long_rows = [r for r in members if min(r["times"]["auto_cl"]["median_s"], r["times"]["auto_nchw"]["median_s"]) >= 1e-3]
+        entry["rows_over_1ms"] = len(long_rows)
+        entry["rows_over_1ms_at_60pct_roofline"] = sum(r["ratios"]["auto_share_of_roofline"] >= 0.6 for r in long_rows)
         entry["auto_rows_more_than_10pct_slower"] = sum(r["ratios"]["auto_vs_best"] < 1 / 1.1 for r in members)
         compiled = [r for r in members if "compile_vs_eager" in r["ratios"]]
         if any(r.get("compile") for r in rows if r["pass"] == pass_):
@@ -413,7 +435,7 @@ def sep_summarize(rows: list[dict]) -> list[dict]:
         entry = {"pass": pass_, "rows": len(members),
                  "geomean_mac_ratio": geomean(r["ratios"]["mac_ratio"] for r in members)}
         mobilenet = [r for r in members if r["name"].startswith("sep.mnv1")]  # where the issue sets the 0.8 target
-        for path in ("torch", "numba", "auto"):
+        for path in ("torch", "cpu", "auto"):
             entry[f"geomean_realised_{path}"] = geomean(r["ratios"][f"realised_{path}"] for r in members)
             entry[f"geomean_efficiency_{path}"] = geomean(r["ratios"][f"efficiency_{path}"] for r in members)
             entry[f"min_efficiency_{path}"] = min(r["ratios"][f"efficiency_{path}"] for r in members)
@@ -433,65 +455,71 @@ def _ms(t: dict, name: str, width: int) -> str:
 def _row_line(r: dict, with_compile: bool) -> str:
     t = {k: v["median_s"] * 1e3 for k, v in r["times"].items()}
     q = r["ratios"]
-    over_copy = f"{q['numba_cl_over_copy']:6.1f}" if "numba_cl_over_copy" in q else " " * 6
+    over_copy = f"{q['cpu_cl_over_copy']:6.1f}" if "cpu_cl_over_copy" in q else " " * 6
     flag = "" if r["check"] == "ok" else "  " + r["check"]
     compiled = ""
     if with_compile:
         t.setdefault("compile", None)  # compiling failed: n/a
         vs = f"{q['speedup_vs_compile']:6.2f} {q['auto_vs_compile']:5.2f}" if "speedup_vs_compile" in q else \
             f"{'n/a':>6} {'n/a':>5}"
-        compiled = f" {_ms(t, 'compile', 9)} {vs}"
-    return (f"{r['name']:<13} {r['shape']:<34} {r['pass']:<9} {t['numba_cl']:9.3f} {t['numba_nchw']:10.3f} "
+        t.setdefault("compile_sepconv", None)
+        sep = f"{q['compile_sepconv_vs_compile']:6.2f}" if "compile_sepconv_vs_compile" in q else f"{'n/a':>6}"
+        compiled = f" {_ms(t, 'compile', 9)} {vs} {_ms(t, 'compile_sepconv', 9)} {sep}"
+    return (f"{r['name']:<13} {r['shape']:<34} {r['pass']:<9} {t['cpu_cl']:9.3f} {t['cpu_nchw']:10.3f} "
             f"{t['torch_nchw']:10.3f} {t['torch_cl']:9.3f} {_ms(t, 'copy', 8)} {q['speedup_vs_nchw']:7.2f} "
             f"{q['speedup_vs_cl']:6.2f} {q['speedup_vs_best']:7.2f} {over_copy} {q['auto_vs_nchw']:9.2f} "
-            f"{q['auto_vs_cl']:5.2f} {q['auto_vs_best']:5.2f}{compiled}{flag}")
+            f"{q['auto_vs_cl']:5.2f} {q['auto_vs_best']:5.2f} {r['roofline_s'] * 1e3:8.3f} "
+            f"{q['auto_share_of_roofline']:5.2f}{compiled}{flag}")
 
 
 def _sep_line(r: dict) -> str:
     t = {k: v["median_s"] * 1e3 for k, v in r["times"].items()}
-    best = {path: min(t[f"{path}_nchw"], t[f"{path}_cl"]) for path in ("std", "torch", "numba", "auto")}
+    best = {path: min(t[f"{path}_nchw"], t[f"{path}_cl"]) for path in ("std", "torch", "cpu", "auto")}
     q = r["ratios"]
     flag = "" if r["check"] == "ok" else "  " + r["check"]
     return (f"{r['name']:<16} {r['shape']:<26} {r['pass']:<8} {best['std']:9.3f} {best['torch']:9.3f} "
-            f"{best['numba']:9.3f} {best['auto']:9.3f} {q['mac_ratio']:6.2f} {q['realised_torch']:7.2f} "
-            f"{q['realised_numba']:6.2f} {q['realised_auto']:5.2f} {q['efficiency_torch']:7.2f} "
-            f"{q['efficiency_numba']:6.2f} {q['efficiency_auto']:5.2f}{flag}")
+            f"{best['cpu']:9.3f} {best['auto']:9.3f} {q['mac_ratio']:6.2f} {q['realised_torch']:7.2f} "
+            f"{q['realised_cpu']:6.2f} {q['realised_auto']:5.2f} {q['efficiency_torch']:7.2f} "
+            f"{q['efficiency_cpu']:6.2f} {q['efficiency_auto']:5.2f}{flag}")
 
 
 def print_report(meta: dict, rows: list[dict], summary: list[dict], sep_rows: list[dict], sep_summary: list[dict],
                  out_path: str) -> None:
-    print(f"sepconv {meta['sepconv']} Numba depthwise kernels vs PyTorch {meta['torch']} eager -- "
-          f"{meta['threads']} threads (torch.set_num_threads; Numba follows it), {meta['cpu_count']} CPUs")
+    print(f"sepconv {meta['sepconv']} C++ depthwise kernels vs PyTorch {meta['torch']} eager -- "
+          f"{meta['threads']} threads (torch.set_num_threads; C++ follows it), {meta['cpu_count']} CPUs")
     print(f"load average at start / end: {meta['loadavg_start']} / {meta['loadavg_end']}")
     with_compile = meta["compile"]
     if rows:
         print("times: median ms per call over interleaved rounds; speed-ups are PyTorch time / sepconv time "
               "(> 1: sepconv faster) from medians of the same run:\n"
-              "  vs_nchw = torch_nchw / numba_nchw (both given NCHW input); vs_cl = torch_cl / numba_cl (both "
-              "channels_last);\n  vs_best = min(torch_nchw, torch_cl) / min(numba_cl, numba_nchw); /copy = numba_cl "
+              "  vs_nchw = torch_nchw / cpu_nchw (both given NCHW input); vs_cl = torch_cl / cpu_cl (both "
+              "channels_last);\n  vs_best = min(torch_nchw, torch_cl) / min(cpu_cl, cpu_nchw); /copy = cpu_cl "
               "time / copy_ time of the input's bytes;\n  auto: the same speed-ups for the op in 'auto' mode (the "
               "dispatcher's choice)" + (f";\n  compile: PyTorch's op under torch.compile on {meta['compile_format']} "
-              "input; vs_cmp = compile / min(numba_*), auto = compile / min(auto_*) (n/a: it did not compile)"
+              "input; vs_cmp = compile / min(cpu_*), auto = compile / min(auto_*) (n/a: it did not compile)"
               if with_compile else "") + "\n")
-        header = (f"{'layer':<13} {'shape':<34} {'pass':<9} {'numba_cl':>9} {'numba_nchw':>10} {'torch_nchw':>10} "
+        header = (f"{'layer':<13} {'shape':<34} {'pass':<9} {'cpu_cl':>9} {'cpu_nchw':>10} {'torch_nchw':>10} "
                   f"{'torch_cl':>9} {'copy':>8} {'vs_nchw':>7} {'vs_cl':>6} {'vs_best':>7} {'/copy':>6} "
-                  f"{'auto:nchw':>9} {'cl':>5} {'best':>5}"
-                  + (f" {'compile':>9} {'vs_cmp':>6} {'auto':>5}" if with_compile else ""))
+                  f"{'auto:nchw':>9} {'cl':>5} {'best':>5} {'roof':>8} {'share':>5}"
+                  + (f" {'compile':>9} {'vs_cmp':>6} {'auto':>5} {'cmp_sep':>9} {'vs_cmp':>6}" if with_compile else ""))
         print_table(header, (_row_line(r, with_compile) for r in rows))
+        print(f"\nroof: max(bytes / {meta['copy_bandwidth_GBps']:.1f} GB/s copy, FLOPs / {meta['matmul_peak_GFLOPs']:.0f} "
+              "GFLOP/s matmul peak), measured on this machine at the start; share = roof / best auto time")
         print("\nsummary (geometric means of the speed-ups over the rows of each pass; worst = lowest vs_best)")
         header = (f"{'pass':<9} {'rows':>4} {'vs_nchw':>8} {'vs_cl':>7} {'vs_best':>8} {'worst':>7} "
-                  f"{'>10% slower':>11} {'auto:nchw':>9} {'cl':>5} {'best':>5} {'worst':>5} {'>10%':>4}  "
-                  "worst row (numba)")
+                  f"{'>10% slower':>11} {'auto:nchw':>9} {'cl':>5} {'best':>5} {'worst':>5} {'>10%':>4} "
+                  f"{'>=60% roof':>7}  worst row (cpu)")
         print_table(header, (
             f"{s['pass']:<9} {s['rows']:>4} {s['geomean_speedup_vs_nchw']:8.2f} {s['geomean_speedup_vs_cl']:7.2f} "
             f"{s['geomean_speedup_vs_best']:8.2f} {s['worst_vs_best']:7.2f} {s['rows_more_than_10pct_slower']:>11} "
             f"{s['geomean_auto_vs_nchw']:9.2f} {s['geomean_auto_vs_cl']:5.2f} {s['geomean_auto_vs_best']:5.2f} "
-            f"{s['auto_worst_vs_best']:5.2f} {s['auto_rows_more_than_10pct_slower']:>4}  {s['worst_row']}"
+            f"{s['auto_worst_vs_best']:5.2f} {s['auto_rows_more_than_10pct_slower']:>4} "
+            f"{s['rows_over_1ms_at_60pct_roofline']:>3}/{s['rows_over_1ms']:<3}  {s['worst_row']}"
             for s in summary))
     if any("compile" in s for s in summary):
         print(f"\ntorch.compile ({meta['compile_format']} input; geometric means over the rows where it compiled): "
-              "eager = best eager / compile; numba, auto = compile / best sepconv")
-        header = f"{'pass':<9} {'rows':>4} {'failed':>6} {'compile s':>9} {'eager':>6} {'numba':>6} {'auto':>6}"
+              "eager = best eager / compile; cpu, auto = compile / best sepconv")
+        header = f"{'pass':<9} {'rows':>4} {'failed':>6} {'compile s':>9} {'eager':>6} {'cpu':>6} {'auto':>6}"
         print_table(header, (
             f"{s['pass']:<9} {c['rows']:>4} {c['failed']:>6} {c['compile_s_total']:9.1f} " + " ".join(
                 "   n/a" if c[key] is None else f"{c[key]:6.2f}" for key in
@@ -501,15 +529,15 @@ def print_report(meta: dict, rows: list[dict], summary: list[dict], sep_rows: li
         print("\nseparable blocks (depthwise k x k + 1x1) vs the standard k x k conv they replace: times are the "
               "best of NCHW and channels_last (ms);\n  MACx = standard MACs / separable MACs (sepconv.cost); "
               "realised = std time / separable time; /MAC = realised / MACx (issue 7 target >= 0.8 on MobileNet)\n")
-        header = (f"{'layer':<16} {'shape':<26} {'pass':<8} {'std':>9} {'torch_sep':>9} {'numba':>9} {'auto':>9} "
-                  f"{'MACx':>6} {'r:torch':>7} {'numba':>6} {'auto':>5} {'/MAC:t':>7} {'numba':>6} {'auto':>5}")
+        header = (f"{'layer':<16} {'shape':<26} {'pass':<8} {'std':>9} {'torch_sep':>9} {'cpu':>9} {'auto':>9} "
+                  f"{'MACx':>6} {'r:torch':>7} {'cpu':>6} {'auto':>5} {'/MAC:t':>7} {'cpu':>6} {'auto':>5}")
         print_table(header, map(_sep_line, sep_rows))
         print("\nseparable summary (geometric means; >=0.8: MobileNet rows meeting the target, of all MobileNet rows)")
         groups = (("r:torch", "geomean_realised", "{:.2f}"), ("/MAC:t", "geomean_efficiency", "{:.2f}"),
                   ("min/MAC:t", "min_efficiency", "{:.2f}"), (">=0.8:t", "mobilenet_rows_efficiency_ge_0.8", "{}"))
-        widths = {"torch": 9, "numba": 6, "auto": 5}  # a group's first column carries its label
+        widths = {"torch": 9, "cpu": 6, "auto": 5}  # a group's first column carries its label
         header = f"{'pass':<8} {'rows':>4} {'MACx':>6} " + " ".join(
-            f"{label:>9} {'numba':>6} {'auto':>5}" for label, _, _ in groups)
+            f"{label:>9} {'cpu':>6} {'auto':>5}" for label, _, _ in groups)
         print_table(header, (
             f"{s['pass']:<8} {s['rows']:>4} {s['geomean_mac_ratio']:6.2f} " + " ".join(
                 (fmt.format(s[f"{key}_{path}"]) + (f"/{s['mobilenet_rows']}" if fmt == "{}" else "")).rjust(width)
@@ -543,7 +571,10 @@ def main(argv=None) -> int:
     batches = [int(b) for b in (args.batches or ("1" if args.quick else "1,32")).split(",")]
     min_run_time = args.min_run_time or (0.1 if args.quick else 0.3)
     passes = args.passes.split(",")
-    compile_s = numba_depthwise.compile_all()
+    start = time.perf_counter()
+    kernels.cpu.load()  # builds the extension, or loads it from the cache
+    compile_s = time.perf_counter() - start
+    machine = measure_machine()
     plan = [(shape, p) for shape in suite(batches) for p in passes
             if p not in ("fwd+wgrad", "wgrad") or max(shape.kernel) >= 5]
     plan += [(shape, p) for shape in sep_suite(batches) for p in passes if p in ("forward", "fwd+bwd")]
@@ -551,18 +582,19 @@ def main(argv=None) -> int:
         plan = [(s, p) for s, p in plan if args.filter in f"{s.name} {s.describe()} {p}"]
     meta = {"sepconv": getattr(sepconv, "__version__", "?"), "torch": torch.__version__, "threads": threads,
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "min_run_time": min_run_time, "argv": sys.argv[1:], "numba_compile_or_cache_load_s": compile_s,
+            "min_run_time": min_run_time, "argv": sys.argv[1:], "cpu_build_or_cache_load_s": compile_s,
+            "copy_bandwidth_GBps": machine.memory_bandwidth / 1e9, "matmul_peak_GFLOPs": machine.peak_flops / 1e9,
             "compile": args.compile, "compile_format": args.compile_format,
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "loadavg_start": loadavg()}
-    print(f"bench_kernels: {len(plan)} rows, {threads} threads; Numba compile/cache load {compile_s:.1f} s",
+    print(f"bench_kernels: {len(plan)} rows, {threads} threads; C++ compile/cache load {compile_s:.1f} s",
           file=sys.stderr)
     rows, sep_rows = [], []
     t0 = time.perf_counter()
     for i, (shape, pass_) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {shape.name} {shape.describe()} {pass_} ...", end="", file=sys.stderr, flush=True)
         separable = isinstance(shape, SepShape)
-        dispatch.clear_choices()  # so that the row records the choices auto made for its own calls
+        kernels.clear_choices()  # so that the row records the choices auto made for its own calls
         if separable:
             fns, check = make_sep_callables(shape, pass_)
             compiled = None
@@ -574,16 +606,16 @@ def main(argv=None) -> int:
         else:
             times = measure(fns, min_run_time, 5, args.max_row_time)
         row = {"name": shape.name, "shape": shape.describe(), "pass": pass_, "check": check, "times": times,
-               "spec": asdict(shape),
+               "spec": asdict(shape), "roofline_s": None if separable else roofline_seconds(shape, pass_, machine),
                # auto's measured choice per signature, by input layout (channels_last: x's channel stride is 1)
                "auto_choices": sorted({("cl" if key[1][1] == 1 and key[0][1] > 1 else "nchw") + ": " + choice
-                                       for key, choice in dispatch.choices().items()})}
+                                       for key, choice in kernels.choices().items()})}
         if separable:
             row["ratios"] = sep_ratios(row, shape.mac_ratio())
             sep_rows.append(row)
             q = row["ratios"]
-            print(f" MACx {q['mac_ratio']:.2f} realised torch {q['realised_torch']:.2f} numba "
-                  f"{q['realised_numba']:.2f} auto {q['realised_auto']:.2f}{'' if check == 'ok' else ' ' + check}",
+            print(f" MACx {q['mac_ratio']:.2f} realised torch {q['realised_torch']:.2f} cpu "
+                  f"{q['realised_cpu']:.2f} auto {q['realised_auto']:.2f}{'' if check == 'ok' else ' ' + check}",
                   file=sys.stderr, flush=True)
             continue
         if compiled is not None:

@@ -12,8 +12,9 @@ once on first use):
   (shapes, strides, dtype, geometry, padding mode, whether gradients are wanted, thread count) times the
   eligible backends against the reference, interleaved, forward and backward alike when gradients are wanted,
   and every later call with that signature takes the fastest. A fast backend must beat the reference by
-  :data:`MARGIN`, so noise does not flip a tie. Under ``torch.compile``/``torch.export``, where nothing can be
-  timed, a signature measured before keeps its choice and a new one takes the first fast backend that covers it;
+  :data:`MARGIN`, so noise does not flip a tie. Under ``torch.compile``/``torch.export`` and
+  :func:`measuring_suspended`, where nothing may be timed, calls take the first fast backend that covers them
+  (outside compiled graphs, a choice measured before);
 * a backend's name (``"cpu"``): that backend wherever it covers the call, the reference elsewhere.
 """
 
@@ -55,6 +56,7 @@ _backends: dict[str, Backend] = {}
 _lock = threading.Lock()
 _choices: dict[tuple, str] = {}
 _mode: str | None = None  # None: not read yet
+_suspended = 0  # measuring_suspended() depth
 
 
 def register_backend(backend: Backend) -> None:
@@ -141,18 +143,31 @@ def select(x, weight, bias, geometry, padding_mode):
         wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
         key = _signature(x, weight, bias, geometry, padding_mode, wants_grad)
         choice = _choices.get(key)
-        if choice is None:
+        if choice is None and not _suspended:
             eligible = [name for name in names if _covers(_backends[name], x, weight, bias)]
             with _lock:
                 choice = _choices.get(key)
                 if choice is None:
                     choice = _choices[key] = _measure(eligible, x, weight, bias, geometry, padding_mode, wants_grad) \
                         if eligible else "reference"
-        return _backends.get(choice, reference)
+        if choice is not None:
+            return _backends.get(choice, reference)
     for name in names:
         if _covers(_backends[name], x, weight, bias):
             return _backends[name]
     return reference
+
+
+@contextlib.contextmanager
+def measuring_suspended():
+    """Inside, ``"auto"`` times nothing and takes a measured choice or the first backend that covers the call:
+    a dispatch mode such as the profiler's counter would otherwise see every timing call."""
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
 
 
 def _covers(backend, x, weight, bias) -> bool:

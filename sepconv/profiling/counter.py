@@ -35,6 +35,7 @@ from torch.autograd.graph import register_multi_grad_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .. import kernels
 from ..cost import FULLY_CONNECTED, MATMUL, conv_kind, conv_mult_adds
 
 __all__ = ["OpCounter", "OpRecord"]
@@ -106,6 +107,20 @@ def _convolution(func, named, output):
             kernel_size, groups, macs)
 
 
+def _sepconv_depthwise(func, named, output):
+    """sepconv's own depthwise ops (the C++ backend's ``torch.ops.sepconv.*``), counted like ``convolution``."""
+    name = func.overloadpacket.__name__
+    if name == "depthwise_conv":
+        x, weight, result = named["x"], named["weight"], output
+    elif name == "depthwise_conv_input_grad":
+        x, weight, result = output, named["weight"], named["grad_out"]
+    else:  # depthwise_conv_weight_grad
+        x, weight, result = named["x"], output, named["grad_out"]
+    kernel_size, channels = tuple(weight.shape[2:]), x.shape[1]
+    return (conv_kind(channels, channels, kernel_size, False), tuple(x.shape), tuple(result.shape), kernel_size,
+            channels, conv_mult_adds(weight.shape, result.shape))
+
+
 def _matrix_product(left_operand: str):
     def count(func, named, output):
         left = named[left_operand]
@@ -119,6 +134,8 @@ _FORMULAS = {
                                    aten.conv2d, aten.conv3d, *_TRANSPOSED)},
     aten.mm: _matrix_product("self"), aten.matmul: _matrix_product("self"), aten.bmm: _matrix_product("self"),
     aten.addmm: _matrix_product("mat1"), aten.baddbmm: _matrix_product("batch1"), aten.linear: _matrix_product("input"),
+    **{op: _sepconv_depthwise for op in (torch.ops.sepconv.depthwise_conv, torch.ops.sepconv.depthwise_conv_input_grad,
+                                         torch.ops.sepconv.depthwise_conv_weight_grad)},
 }
 
 
@@ -202,12 +219,15 @@ class OpCounter(TorchDispatchMode):
 
     def __enter__(self):
         self._modules = _ModuleStack(self.model)
+        self._no_timing = kernels.registry.measuring_suspended()  # kernels="auto" would time calls this mode sees
+        self._no_timing.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc_info):
         try:
             return super().__exit__(*exc_info)
         finally:
+            self._no_timing.__exit__(*exc_info)
             self._modules.close()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

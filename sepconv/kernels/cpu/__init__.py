@@ -91,9 +91,11 @@ def depthwise_conv(x, weight, bias, geometry, padding_mode):
     if padding_mode != "zeros" and not geometry.zero_padded:
         x, geometry = reference.pad(x, geometry.padding, padding_mode), geometry.without_padding()
     args = (x, weight, bias, geometry.stride, geometry.flat_padding, geometry.dilation)
-    # compiled graphs record the op itself (its registered autograd); eager calls go through the autograd.Function,
-    # which torch.func transforms accept as well
-    return ops.depthwise_conv(*args) if torch.compiler.is_compiling() else ops.DepthwiseConv.apply(*args)
+    if torch.compiler.is_compiling():
+        return ops.depthwise_conv(*args)  # compiled graphs record the op itself, with its registered autograd
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return ops.DepthwiseConv.apply(*args)  # an autograd.Function, which torch.func transforms accept as well
+    return ops.depthwise_conv(*args)  # nothing to differentiate: no autograd.Function (vmap still applies)
 
 
 # --- the CPU implementations of the ops -----------------------------------------------------------------------
