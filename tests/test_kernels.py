@@ -98,6 +98,7 @@ def test_cpu_backend_equals_reference(case, channels, multiplier, batch, bias, d
     (16, (13, 30), (3, 3), (1, 3), "same", (2, 2), 1),       # dilated and stride 3: the generic loops
     (3, (10, 50), (1, 9), (1, 1), "same", (1, 1), 4),        # depth multiplier on the planar kernels
     (64, (3, 70), (1, 31), (1, 1), "same", (1, 1), 1),       # a wide kernel, padded rows
+    (32, (300, 300), (3, 3), (1, 1), "same", (1, 1), 1),     # an output past the caches: non-temporal stores
 ])
 def test_cpu_backend_equals_reference_wide(dtype, channels_last, channels, size, kernel, stride, padding, dilation,
                                            multiplier):

@@ -198,7 +198,7 @@ class OpCounter(TorchDispatchMode):
 
     >>> import torch, sepconv
     >>> layer = sepconv.SeparableConv2d(8, 16, 3, padding=1, bias=False)
-    >>> with OpCounter(layer) as counter:
+    >>> with sepconv.kernels.use_kernels("reference"), OpCounter(layer) as counter:
     ...     layer(torch.randn(2, 8, 5, 5)).sum().backward()
     >>> for record in counter.records:
     ...     print(record.op, record.kind, record.macs, "backward" if record.backward else "forward")
@@ -207,7 +207,8 @@ class OpCounter(TorchDispatchMode):
     convolution_backward pointwise conv 12800 backward
     convolution_backward depthwise conv 3600 backward
 
-    The last backward step needs no input gradient (the input does not require one): one product.
+    The last backward step needs no input gradient (the input does not require one): one product. On the C++
+    backend the depthwise steps are ``depthwise_conv`` and ``depthwise_conv_weight_grad``, with the same counts.
     """
 
     def __init__(self, model: nn.Module):

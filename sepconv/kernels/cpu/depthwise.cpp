@@ -28,6 +28,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -36,6 +38,7 @@ using at::vec::Vectorized;
 
 struct Geometry {
   int64_t kh, kw, oh, ow, sh, sw, pt, pl, dh, dw, flip_pt, flip_pl;
+  bool stream = false;  // outputs far larger than the caches: store around them (see store_output)
 };
 
 Geometry read_geometry(at::IntArrayRef g) {
@@ -86,23 +89,36 @@ void correlate_row(T* out, int64_t len, const T* const* src, const T* w, int64_t
 }
 
 // acc[t] (one vector per tap) += d[j] * src[t][j] over j < len, NT taps at a time so d is loaded once per NT.
+// Each tap's sum is a chain of dependent FMAs: with few taps, U vectors of columns go to separate accumulators
+// so that enough chains are in flight to keep the FMA units busy.
 template <typename T, int NT>
 void dot_taps_block(const T* d, int64_t len, const T* const* src, Vectorized<T>* acc) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  V a[NT];
-  for (int i = 0; i < NT; ++i) a[i] = acc[i];
+  constexpr int U = NT >= 6 ? 1 : (NT >= 3 ? 2 : 4);
+  V a[U][NT];
+  for (int i = 0; i < NT; ++i) {
+    a[0][i] = acc[i];
+    for (int u = 1; u < U; ++u) a[u][i] = V(T(0));
+  }
   int64_t j = 0;
-  for (; j + L <= len; j += L) {
-    const V dv = V::loadu(d + j);
-    for (int i = 0; i < NT; ++i) a[i] = at::vec::fmadd(dv, V::loadu(src[i] + j), a[i]);
+  for (; j + U * L <= len; j += U * L) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const V dv = V::loadu(d + j + u * L);
+#pragma GCC unroll 8
+      for (int i = 0; i < NT; ++i) a[u][i] = at::vec::fmadd(dv, V::loadu(src[i] + j + u * L), a[u][i]);
+    }
   }
-  if (j < len) {
-    const int64_t n = len - j;
+  for (; j < len; j += L) {
+    const int64_t n = std::min<int64_t>(L, len - j);
     const V dv = V::loadu(d + j, n);  // the lanes past n load as zeros
-    for (int i = 0; i < NT; ++i) a[i] = at::vec::fmadd(dv, V::loadu(src[i] + j, n), a[i]);
+    for (int i = 0; i < NT; ++i) a[0][i] = at::vec::fmadd(dv, V::loadu(src[i] + j, n), a[0][i]);
   }
-  for (int i = 0; i < NT; ++i) acc[i] = a[i];
+  for (int i = 0; i < NT; ++i) {
+    for (int u = 1; u < U; ++u) a[0][i] = a[0][i] + a[u][i];
+    acc[i] = a[0][i];
+  }
 }
 
 template <typename T>
@@ -346,6 +362,21 @@ inline void store(const Vectorized<T>& v, T* p, int64_t n) {
   else v.store(p, n);
 }
 
+// A large output written with ordinary stores is first read into the cache (read for ownership): a third of
+// the memory traffic of a bandwidth-bound layer. Non-temporal stores skip that where the vector is aligned.
+template <typename T, bool FULL>
+inline void store_output(const Vectorized<T>& v, T* p, int64_t n, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (FULL && std::is_same_v<T, float>) {
+    if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+      _mm512_stream_ps(p, static_cast<__m512>(v));
+      return;
+    }
+  }
+#endif
+  store<T, FULL>(v, p, n);
+}
+
 // P output pixels of one row, channels [c, c + n) (a full vector when FULL): acc[p] = bias + sum over taps.
 // `rows[i]` is the input row of kernel row i (nullptr in the padding); pixel p reads column
 // (ow + p) * sw - pl + k * dw, checked against the row's ends only when CLIP.
@@ -409,7 +440,7 @@ void nhwc_block_fixed(const T* const* rows, const T* const* wrows, int64_t taps_
   const int64_t col0 = (ow * SW - g.pl) * C + c;
   for (int64_t r = 0; r < taps_rows; ++r) nhwc_taps<T, P, SW, KW, FULL>(rows[r] + col0, wrows[r] + c, C, n, acc);
 #pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) store<T, FULL>(acc[p], out + (ow + p) * C + c, n);
+  for (int p = 0; p < P; ++p) store_output<T, FULL>(acc[p], out + (ow + p) * C + c, n, g.stream);
 }
 
 // Any width: chunks of up to 8 taps, accumulating in the output.
@@ -437,7 +468,7 @@ void nhwc_block_chunked(const T* const* rows, const T* const* wrows, int64_t tap
       default: break;
     }
   }
-  for (int p = 0; p < P; ++p) store<T, FULL>(acc[p], out + (ow + p) * C + c, n);
+  for (int p = 0; p < P; ++p) store_output<T, FULL>(acc[p], out + (ow + p) * C + c, n, g.stream);
 }
 
 template <typename T, int P, bool FULL>
@@ -463,26 +494,55 @@ BlockKernel<T, P, FULL> pick_block(const Geometry& g) {
   return nullptr;
 }
 
-template <typename T, bool FULL>
-void nhwc_row(const T* const* rows, const T* const* taps_x, const T* const* taps_w, int64_t taps_rows,
-              const T* wt, const T* bias, T* out, int64_t c, int64_t n, int64_t C, int64_t W, int64_t lo, int64_t hi,
-              const Geometry& g) {
-  constexpr int P = 8;
-  const auto block = pick_block<T, P, FULL>(g);
+// Channels [0, C) of pixels [ow, ow + P): full vectors, then the partial one.
+template <typename T, int P>
+inline void nhwc_block_all_channels(BlockKernel<T, P, true> full, BlockKernel<T, P, false> partial,
+                                    const T* const* taps_x, const T* const* taps_w, int64_t taps_rows, const T* bias,
+                                    T* out, int64_t ow, int64_t C, const Geometry& g) {
+  constexpr int64_t L = Vectorized<T>::size();
+  int64_t c = 0;
+  for (; c + L <= C; c += L) full(taps_x, taps_w, taps_rows, bias, out, ow, c, L, C, g);
+  if (c < C) partial(taps_x, taps_w, taps_rows, bias, out, ow, c, C - c, C, g);
+}
+
+template <typename T, int P, bool CLIP>
+inline void nhwc_pixels_all_channels(const T* const* rows, const T* wt, const T* bias, T* out, int64_t ow, int64_t C,
+                                     int64_t W, const Geometry& g) {
+  constexpr int64_t L = Vectorized<T>::size();
+  int64_t c = 0;
+  for (; c + L <= C; c += L) nhwc_pixels<T, P, CLIP, true>(rows, wt, bias, out, ow, c, L, C, W, g);
+  if (c < C) nhwc_pixels<T, P, CLIP, false>(rows, wt, bias, out, ow, c, C - c, C, W, g);
+}
+
+// One output row, pixel blocks outermost so a block's input columns stay in L1 across the channel vectors.
+// The interior goes through the register-blocked kernels in blocks of 8, then 4, 2 and 1 pixels.
+template <typename T>
+void nhwc_row(const T* const* rows, const T* const* taps_x, const T* const* taps_w, int64_t taps_rows, const T* wt,
+              const T* bias, T* out, int64_t C, int64_t W, int64_t lo, int64_t hi, const Geometry& g) {
   int64_t ow = 0;
-  for (; ow < lo; ++ow) nhwc_pixels<T, 1, true, FULL>(rows, wt, bias, out, ow, c, n, C, W, g);
-  if (block)
-    for (; ow + P <= hi; ow += P) block(taps_x, taps_w, taps_rows, bias, out, ow, c, n, C, g);
-  else
-    for (; ow + P <= hi; ow += P) nhwc_pixels<T, P, false, FULL>(rows, wt, bias, out, ow, c, n, C, W, g);
-  for (; ow < hi; ++ow) nhwc_pixels<T, 1, false, FULL>(rows, wt, bias, out, ow, c, n, C, W, g);
-  for (; ow < g.ow; ++ow) nhwc_pixels<T, 1, true, FULL>(rows, wt, bias, out, ow, c, n, C, W, g);
+  for (; ow < lo; ++ow) nhwc_pixels_all_channels<T, 1, true>(rows, wt, bias, out, ow, C, W, g);
+  if (const auto block8 = pick_block<T, 8, true>(g)) {
+    const auto block8_partial = pick_block<T, 8, false>(g);
+    for (; ow + 8 <= hi; ow += 8)
+      nhwc_block_all_channels<T, 8>(block8, block8_partial, taps_x, taps_w, taps_rows, bias, out, ow, C, g);
+    const auto block4 = pick_block<T, 4, true>(g);
+    const auto block4_partial = pick_block<T, 4, false>(g);
+    for (; ow + 4 <= hi; ow += 4)
+      nhwc_block_all_channels<T, 4>(block4, block4_partial, taps_x, taps_w, taps_rows, bias, out, ow, C, g);
+    const auto block1 = pick_block<T, 1, true>(g);
+    const auto block1_partial = pick_block<T, 1, false>(g);
+    for (; ow < hi; ++ow)
+      nhwc_block_all_channels<T, 1>(block1, block1_partial, taps_x, taps_w, taps_rows, bias, out, ow, C, g);
+  } else {
+    for (; ow + 8 <= hi; ow += 8) nhwc_pixels_all_channels<T, 8, false>(rows, wt, bias, out, ow, C, W, g);
+    for (; ow < hi; ++ow) nhwc_pixels_all_channels<T, 1, false>(rows, wt, bias, out, ow, C, W, g);
+  }
+  for (; ow < g.ow; ++ow) nhwc_pixels_all_channels<T, 1, true>(rows, wt, bias, out, ow, C, W, g);
 }
 
 template <typename T>
 void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64_t C, int64_t H, int64_t W,
                   const Geometry& g) {
-  constexpr int64_t L = Vectorized<T>::size();
   const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
   at::parallel_for(0, N * g.oh, 1, [&](int64_t begin, int64_t end) {
     std::vector<const T*> rows(g.kh), taps_x(g.kh), taps_w(g.kh);
@@ -497,15 +557,30 @@ void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64
           taps_w[taps_rows++] = wt + i * g.kw * C;
         }
       }
-      T* out = y + task * g.ow * C;
-      int64_t c = 0;
-      for (; c + L <= C; c += L)
-        nhwc_row<T, true>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, out, c, L, C, W, lo, hi, g);
-      if (c < C)
-        nhwc_row<T, false>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, out, c, C - c, C, W, lo,
-                           hi, g);
+      nhwc_row<T>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, y + task * g.ow * C, C, W, lo, hi, g);
+    }
+#if defined(CPU_CAPABILITY_AVX512)
+    if (g.stream) _mm_sfence();  // each thread completes its weakly ordered non-temporal stores
+#endif
+  });
+}
+
+// x (N, C, H, W channels-last) copied into a zero-filled (N, C, H, left + W + right) channels-last tensor.
+at::Tensor pad_columns(const at::Tensor& x, int64_t left, int64_t right) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), padded = left + W + right;
+  auto out = at::empty({N, C, H, padded}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t bytes = x.element_size();
+  const char* src = static_cast<const char*>(x.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      char* d = dst + row * padded * C * bytes;
+      std::memset(d, 0, left * C * bytes);
+      std::memcpy(d + left * C * bytes, src + row * W * C * bytes, W * C * bytes);
+      std::memset(d + (left + W) * C * bytes, 0, right * C * bytes);
     }
   });
+  return out;
 }
 
 // Input gradient for any stride: each input pixel gathers the (kernel tap, output pixel) pairs that reach it.
@@ -551,16 +626,29 @@ template <typename T, int NT, bool FULL>
 void nhwc_wgrad_taps(const T* xrow, const T* dyrow, T* partial, int64_t k0, int64_t c, int64_t n, int64_t C,
                      int64_t W, const Geometry& g) {
   using V = Vectorized<T>;
-  V acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = V(T(0));
+  // U pixels in flight, each with its own accumulators: a tap's sum over pixels is a chain of dependent FMAs
+  constexpr int U = NT >= 6 ? 2 : (NT >= 3 ? 3 : 6);
+  V acc[U][NT];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < NT; ++t) acc[u][t] = V(T(0));
   // pixels for which all NT taps fall inside the row
   const int64_t pad = g.pl - k0 * g.dw, tap_step = g.dw * C, step = g.sw * C;
   const auto [lo, hi] = interior(W, g.ow, NT, g.sw, pad, g.dw);
   const T* d = dyrow + lo * C + c;
   const T* xp = xrow + (lo * g.sw - pad) * C + c;
-  for (int64_t ow = lo; ow < hi; ++ow, d += C, xp += step) {
+  int64_t ow = lo;
+  for (; ow + U <= hi; ow += U, d += U * C, xp += U * step) {
+#pragma GCC unroll 6
+    for (int u = 0; u < U; ++u) {
+      const V dv = load<T, FULL>(d + u * C, n);
+#pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t)
+        acc[u][t] = at::vec::fmadd(dv, load<T, FULL>(xp + u * step + t * tap_step, n), acc[u][t]);
+    }
+  }
+  for (; ow < hi; ++ow, d += C, xp += step) {
     const V dv = load<T, FULL>(d, n);
-    for (int t = 0; t < NT; ++t) acc[t] = at::vec::fmadd(dv, load<T, FULL>(xp + t * tap_step, n), acc[t]);
+    for (int t = 0; t < NT; ++t) acc[0][t] = at::vec::fmadd(dv, load<T, FULL>(xp + t * tap_step, n), acc[0][t]);
   }
   for (int64_t ow = 0; ow < g.ow; ++ow) {
     if (ow == lo) ow = hi;
@@ -568,12 +656,13 @@ void nhwc_wgrad_taps(const T* xrow, const T* dyrow, T* partial, int64_t k0, int6
     const V dv = load<T, FULL>(dyrow + ow * C + c, n);
     for (int t = 0; t < NT; ++t) {
       const int64_t col = ow * g.sw - pad + t * g.dw;
-      if (col >= 0 && col < W) acc[t] = at::vec::fmadd(dv, load<T, FULL>(xrow + col * C + c, n), acc[t]);
+      if (col >= 0 && col < W) acc[0][t] = at::vec::fmadd(dv, load<T, FULL>(xrow + col * C + c, n), acc[0][t]);
     }
   }
   for (int t = 0; t < NT; ++t) {
+    for (int u = 1; u < U; ++u) acc[0][t] = acc[0][t] + acc[u][t];
     T* p = partial + (k0 + t) * C + c;
-    store<T, FULL>(load<T, FULL>(p, n) + acc[t], p, n);
+    store<T, FULL>(load<T, FULL>(p, n) + acc[0][t], p, n);
   }
 }
 
@@ -653,15 +742,16 @@ void run_nhwc_forward(const at::Tensor& x, const at::Tensor& wt, const at::Tenso
   const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
   if (g.pl >= 0 && g.kw > 3 && 4 * (hi - lo) < 3 * g.ow) {
     const int64_t right = std::max<int64_t>(0, (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1 - g.pl - W);
-    input = at::empty({N, C, H, W + g.pl + right}, x.options().memory_format(at::MemoryFormat::ChannelsLast)).zero_();
-    input.narrow(3, g.pl, W).copy_(x);
+    input = pad_columns(x, g.pl, right);
     W += g.pl + right;
     g.pl = 0;
   }
+  g.stream = y.nbytes() > (8 << 20);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_nhwc", [&] {
     nhwc_forward<scalar_t>(input.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
                            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, H, W, g);
   });
+
 }
 
 // PyTorch's convolutions answer a channels-last input or weight with a channels-last output.
