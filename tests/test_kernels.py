@@ -63,7 +63,10 @@ def compare_backends(x, w, b, case, seed=0):
         got = torch.autograd.grad(out, leaves, grad)
     want = torch.autograd.grad(ref, leaves, grad)
     for name, a, e in zip(("x", "weight", "bias"), got, want):
-        torch.testing.assert_close(a, e, **tolerance, msg=lambda m, name=name: f"grad of {name}: {m}")
+        allowed = dict(tolerance)
+        if name != "x" and x.dtype == torch.float32:  # a sum over every output pixel, in another order than PyTorch's
+            allowed["atol"] = max(allowed["atol"], 1e-7 * ref[:, :1].numel())
+        torch.testing.assert_close(a, e, **allowed, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 def make(shape, dtype, channels_last=False, seed=0):
