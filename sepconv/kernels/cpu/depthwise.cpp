@@ -88,6 +88,44 @@ void correlate_row(T* out, int64_t len, const T* const* src, const T* w, int64_t
   }
 }
 
+// The MB outputs of one input plane (a depth multiplier) at once: out[m][j] = init[m] + sum_t w[m][t] * src[t][j].
+// Each input vector is loaded once for all MB weights, so the loads no longer bound the FMAs.
+template <typename T, int MB>
+void correlate_row_multi(T* const* out, int64_t len, const T* const* src, const T* w, int64_t taps, const T* init) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  constexpr int NV = MB > 4 ? 2 : 4;  // vectors of columns per block: MB x NV accumulators
+  int64_t j = 0;
+  for (; j + NV * L <= len; j += NV * L) {
+    V a[MB][NV];
+    for (int m = 0; m < MB; ++m)
+      for (int v = 0; v < NV; ++v) a[m][v] = V(init[m]);
+    for (int64_t t = 0; t < taps; ++t) {
+      V xv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) xv[v] = V::loadu(src[t] + j + v * L);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        const V wm(w[m * taps + t]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) a[m][v] = at::vec::fmadd(wm, xv[v], a[m][v]);
+      }
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int v = 0; v < NV; ++v) a[m][v].store(out[m] + j + v * L);
+  }
+  for (; j < len; j += L) {
+    const int64_t n = std::min<int64_t>(L, len - j);
+    V a[MB];
+    for (int m = 0; m < MB; ++m) a[m] = V(init[m]);
+    for (int64_t t = 0; t < taps; ++t) {
+      const V xv = V::loadu(src[t] + j, n);
+      for (int m = 0; m < MB; ++m) a[m] = at::vec::fmadd(V(w[m * taps + t]), xv, a[m]);
+    }
+    for (int m = 0; m < MB; ++m) a[m].store(out[m] + j, n);
+  }
+}
+
 // acc[t] (one vector per tap) += d[j] * src[t][j] over j < len, NT taps at a time so d is loaded once per NT.
 // Each tap's sum is a chain of dependent FMAs: with few taps, U vectors of columns go to separate accumulators
 // so that enough chains are in flight to keep the FMA units busy.
@@ -133,6 +171,52 @@ void dot_taps(const T* d, int64_t len, const T* const* src, int64_t taps, Vector
     case 3: dot_taps_block<T, 3>(d, len, src + t, acc + t); break;
     case 2: dot_taps_block<T, 2>(d, len, src + t, acc + t); break;
     case 1: dot_taps_block<T, 1>(d, len, src + t, acc + t); break;
+    default: break;
+  }
+}
+
+// The weight gradient's dots for MB output channels of one input plane (a depth multiplier) and NT taps:
+// acc[m * stride + t] += sum_j d[m][j] * src[t][j]; each vector of src and of d is loaded once for the block.
+template <typename T, int MB, int NT>
+void dot_multi_block(const T* const* d, int64_t len, const T* const* src, Vectorized<T>* acc, int64_t stride) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V a[MB][NT];
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < NT; ++t) a[m][t] = acc[m * stride + t];
+  int64_t j = 0;
+  for (; j + L <= len; j += L) {
+    V xv[NT];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) xv[t] = V::loadu(src[t] + j);
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      const V dv = V::loadu(d[m] + j);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) a[m][t] = at::vec::fmadd(dv, xv[t], a[m][t]);
+    }
+  }
+  if (j < len) {  // the lanes past the row's end load as zeros
+    const int64_t n = len - j;
+    V xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = V::loadu(src[t] + j, n);
+    for (int m = 0; m < MB; ++m) {
+      const V dv = V::loadu(d[m] + j, n);
+      for (int t = 0; t < NT; ++t) a[m][t] = at::vec::fmadd(dv, xv[t], a[m][t]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < NT; ++t) acc[m * stride + t] = a[m][t];
+}
+
+template <typename T, int MB>
+void dot_multi(const T* const* d, int64_t len, const T* const* src, int64_t taps, Vectorized<T>* acc, int64_t stride) {
+  int64_t t = 0;
+  for (; t + 4 <= taps; t += 4) dot_multi_block<T, MB, 4>(d, len, src + t, acc + t, stride);
+  switch (taps - t) {
+    case 3: dot_multi_block<T, MB, 3>(d, len, src + t, acc + t, stride); break;
+    case 2: dot_multi_block<T, MB, 2>(d, len, src + t, acc + t, stride); break;
+    case 1: dot_multi_block<T, MB, 1>(d, len, src + t, acc + t, stride); break;
     default: break;
   }
 }
@@ -208,6 +292,22 @@ struct PhaseGrid {
   }
 };
 
+// Rows of mb (<= 8) output channels of one input plane; weights hold mb rows of `taps` values.
+template <typename T>
+void correlate_outputs(T* const* out, int64_t mb, int64_t len, const T* const* src, const T* w, int64_t taps,
+                       const T* init) {
+  switch (mb) {
+    case 8: correlate_row_multi<T, 8>(out, len, src, w, taps, init); break;
+    case 7: correlate_row_multi<T, 7>(out, len, src, w, taps, init); break;
+    case 6: correlate_row_multi<T, 6>(out, len, src, w, taps, init); break;
+    case 5: correlate_row_multi<T, 5>(out, len, src, w, taps, init); break;
+    case 4: correlate_row_multi<T, 4>(out, len, src, w, taps, init); break;
+    case 3: correlate_row_multi<T, 3>(out, len, src, w, taps, init); break;
+    case 2: correlate_row_multi<T, 2>(out, len, src, w, taps, init); break;
+    default: correlate_row(out[0], len, src, w, taps, init[0]); break;
+  }
+}
+
 template <typename T>
 void planar_forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t C, int64_t M, int64_t H,
                     int64_t W, const Geometry& g) {
@@ -215,17 +315,27 @@ void planar_forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int6
   const int64_t K = g.kh * g.kw, out_plane = g.oh * g.ow;
   const auto columns = grid_shape.tap_columns(g);
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> grid(grid_shape.size(g)), weights(K);
+    std::vector<T> grid(grid_shape.size(g)), weights(8 * K), inits(8);
     std::vector<const T*> src(K);
+    std::vector<T*> outs(8);
     for (int64_t task = begin; task < end; ++task) {
       grid_shape.fill(x + task * H * W, H, W, g, grid.data());
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t co = (task % C) * M + m;
-        T* out = y + ((task / C) * C * M + co) * out_plane;
-        const T init = bias ? bias[co] : T(0);
+      const int64_t c0 = (task % C) * M;  // the plane's first output channel
+      T* planes = y + ((task / C) * C * M + c0) * out_plane;
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const int64_t mb = std::min<int64_t>(8, M - m0);
         for (int64_t oh = 0; oh < g.oh; ++oh) {
-          const int64_t n = grid_shape.taps(grid.data(), oh, H, g, columns.data(), w + co * K, src.data(), weights.data());
-          correlate_row(out + oh * g.ow, g.ow, src.data(), weights.data(), n, init);
+          // the taps' weights of each output channel of the block, in rows of n
+          int64_t n = 0;
+          for (int64_t m = 0; m < mb; ++m)
+            n = grid_shape.taps(grid.data(), oh, H, g, columns.data(), w + (c0 + m0 + m) * K, src.data(),
+                                weights.data() + m * K);
+          for (int64_t m = 0; m < mb; ++m) {
+            outs[m] = planes + (m0 + m) * out_plane + oh * g.ow;
+            inits[m] = bias ? bias[c0 + m0 + m] : T(0);
+            if (n < K) std::copy(weights.data() + m * K, weights.data() + m * K + n, weights.data() + m * n);
+          }
+          correlate_outputs(outs.data(), mb, g.ow, src.data(), weights.data(), n, inits.data());
         }
       }
     }
@@ -319,8 +429,24 @@ void planar_weight_grad(const T* x, const T* dy, T* dw, int64_t N, int64_t C, in
           for (int64_t i = 0; i < g.kh; ++i) used += grid_shape.row_inside(oh * g.sh + i * g.dh, H, g);
           if (used == 0) continue;
           const int64_t taps = grid_shape.taps(grid.data(), oh, H, g, columns.data(), (const T*)nullptr, src.data(), (T*)nullptr);
+          const T* d0 = dy + (n * C * M + c * M) * out_plane + oh * g.ow;
+          if (taps == K && M > 1) {  // the output channels of this plane in blocks of up to 4
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+              const T* d[4];
+              const int64_t mb = std::min<int64_t>(4, M - m0);
+              for (int64_t m = 0; m < mb; ++m) d[m] = d0 + (m0 + m) * out_plane;
+              V* a = acc.data() + m0 * K;
+              switch (mb) {
+                case 4: dot_multi<T, 4>(d, g.ow, src.data(), K, a, K); break;
+                case 3: dot_multi<T, 3>(d, g.ow, src.data(), K, a, K); break;
+                case 2: dot_multi<T, 2>(d, g.ow, src.data(), K, a, K); break;
+                default: dot_taps(d[0], g.ow, src.data(), K, a); break;
+              }
+            }
+            continue;
+          }
           for (int64_t m = 0; m < M; ++m) {
-            const T* d = dy + (n * C * M + c * M + m) * out_plane + oh * g.ow;
+            const T* d = d0 + m * out_plane;
             if (taps == K) {
               dot_taps(d, g.ow, src.data(), K, acc.data() + m * K);
             } else {  // some kernel rows fall in the padding: accumulate the others in place
