@@ -77,71 +77,81 @@ def channels_last_like(t: torch.Tensor) -> bool:
 
 
 # --- gradients: each op is linear in each input, so the adjoints are the other two ops -----------------------
-# The backward formulas call the ops through autograd.Functions (below), which torch.func transforms accept
-# (``grad``, and ``vmap`` of it), so gradients of any order work under them too.
 
-def _save(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:2])
-    ctx.args = inputs[2:]
+class Gradients:
+    """The three ops over given implementations, as autograd.Functions whose backward formulas are the same three
+    Functions (so gradients of any order stay on them) and which torch.func transforms accept (``grad``; ``vmap``
+    runs one call per batch entry).
+
+    ``Gradients(depthwise_conv, depthwise_conv_input_grad, depthwise_conv_weight_grad)`` over the ops is what the
+    ops register as their autograd; a backend's eager path builds one over its kernels, skipping the dispatcher's
+    round trips, which cost as much as a small layer's kernel.
+    """
+
+    def __init__(self, forward, input_grad, weight_grad):
+        self.conv = self._function("depthwise_conv", forward, self.conv_backward)
+        self.input_grad = self._function("depthwise_conv_input_grad", input_grad, self.input_grad_backward)
+        self.weight_grad = self._function("depthwise_conv_weight_grad", weight_grad, self.weight_grad_backward)
+        self._kernels = (forward, input_grad, weight_grad)
+
+    def _call(self, index: int, *args):
+        """An op inside a backward formula: through its Function where the result may be differentiated again."""
+        function = (self.conv, self.input_grad, self.weight_grad)[index]
+        return function.apply(*args) if torch.is_grad_enabled() else self._kernels[index](*args)
+
+    def conv_backward(self, ctx, grad):
+        x, weight = ctx.saved_tensors
+        bias, stride, padding, dilation = ctx.args
+        dx = self._call(1, grad, weight, x.shape, stride, padding, dilation) if ctx.needs_input_grad[0] else None
+        dw = self._call(2, x, grad, weight.shape, stride, padding, dilation) if ctx.needs_input_grad[1] else None
+        db = grad.sum(dim=[0, *range(2, grad.ndim)]) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None
+
+    def input_grad_backward(self, ctx, grad):
+        grad_out, weight = ctx.saved_tensors
+        _, stride, padding, dilation = ctx.args
+        d_grad_out = self._call(0, grad, weight, None, stride, padding, dilation) if ctx.needs_input_grad[0] else None
+        dw = self._call(2, grad, grad_out, weight.shape, stride, padding, dilation) if ctx.needs_input_grad[1] else None
+        return d_grad_out, dw, None, None, None, None
+
+    def weight_grad_backward(self, ctx, grad):
+        x, grad_out = ctx.saved_tensors
+        _, stride, padding, dilation = ctx.args
+        dx = self._call(1, grad_out, grad, x.shape, stride, padding, dilation) if ctx.needs_input_grad[0] else None
+        d_grad_out = self._call(0, x, grad, None, stride, padding, dilation) if ctx.needs_input_grad[1] else None
+        return dx, d_grad_out, None, None, None, None
+
+    @staticmethod
+    def save(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.args = inputs[2:]
+
+    @classmethod
+    def _function(cls, name, kernel, backward):
+        def forward(*args):
+            return kernel(*args)
+
+        def vmap(info, in_dims, *args):
+            return _loop(function.apply, info.batch_size, in_dims, args), 0
+
+        function = type(name, (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "setup_context": staticmethod(cls.save),
+            "backward": staticmethod(lambda ctx, grad: backward(ctx, grad)), "vmap": staticmethod(vmap)})
+        return function
 
 
-def _depthwise_conv_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    bias, stride, padding, dilation = ctx.args
-    dx = InputGrad.apply(grad, weight, x.shape, stride, padding, dilation) if ctx.needs_input_grad[0] else None
-    dw = WeightGrad.apply(x, grad, weight.shape, stride, padding, dilation) if ctx.needs_input_grad[1] else None
-    db = grad.sum(dim=[0, *range(2, grad.ndim)]) if bias is not None and ctx.needs_input_grad[2] else None
-    return dx, dw, db, None, None, None
+def _loop(call, batch_size, in_dims, args):
+    """``call`` once per entry of the vmapped dims, stacked."""
+    outputs = []
+    for i in range(batch_size):
+        outputs.append(call(*[a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                              for a, d in zip(args, in_dims)]))
+    return torch.stack(outputs)
 
 
-def _input_grad_backward(ctx, grad):
-    grad_out, weight = ctx.saved_tensors
-    _, stride, padding, dilation = ctx.args
-    d_grad_out = DepthwiseConv.apply(grad, weight, None, stride, padding, dilation) if ctx.needs_input_grad[0] else None
-    dw = WeightGrad.apply(grad, grad_out, weight.shape, stride, padding, dilation) if ctx.needs_input_grad[1] else None
-    return d_grad_out, dw, None, None, None, None
-
-
-def _weight_grad_backward(ctx, grad):
-    x, grad_out = ctx.saved_tensors
-    _, stride, padding, dilation = ctx.args
-    dx = InputGrad.apply(grad_out, grad, x.shape, stride, padding, dilation) if ctx.needs_input_grad[0] else None
-    d_grad_out = DepthwiseConv.apply(x, grad, None, stride, padding, dilation) if ctx.needs_input_grad[1] else None
-    return dx, d_grad_out, None, None, None, None
-
-
-def _function(op, backward):
-    """``op`` with ``backward`` as an autograd.Function (vmap through the op's own rule)."""
-    def forward(*args):
-        return op(*args)
-
-    return type(op.name().split("::")[1], (torch.autograd.Function,), {
-        "generate_vmap_rule": True,
-        "forward": staticmethod(forward),
-        "setup_context": staticmethod(_save),
-        "backward": staticmethod(backward)})
-
-
-DepthwiseConv = _function(depthwise_conv, _depthwise_conv_backward)
-InputGrad = _function(depthwise_conv_input_grad, _input_grad_backward)
-WeightGrad = _function(depthwise_conv_weight_grad, _weight_grad_backward)
-
-torch.library.register_autograd("sepconv::depthwise_conv", _depthwise_conv_backward, setup_context=_save)
-torch.library.register_autograd("sepconv::depthwise_conv_input_grad", _input_grad_backward, setup_context=_save)
-torch.library.register_autograd("sepconv::depthwise_conv_weight_grad", _weight_grad_backward, setup_context=_save)
-
-
-# --- vmap: one call per batch entry (the kernels take a batch dimension of their own) -------------------------
-
-def _vmap_by_loop(op):
-    def rule(info, in_dims, *args):
-        outputs = []
-        for i in range(info.batch_size):
-            call = [a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a for a, d in zip(args, in_dims)]
-            outputs.append(op(*call))
-        return torch.stack(outputs), 0
-    return rule
-
+_OPS = Gradients(depthwise_conv, depthwise_conv_input_grad, depthwise_conv_weight_grad)
+for _name, _backward in zip(NAMES, (_OPS.conv_backward, _OPS.input_grad_backward, _OPS.weight_grad_backward)):
+    torch.library.register_autograd(_name, _backward, setup_context=Gradients.save)
 
 for _name, _op in zip(NAMES, (depthwise_conv, depthwise_conv_input_grad, depthwise_conv_weight_grad)):
-    torch.library.register_vmap(_name, _vmap_by_loop(_op))
+    torch.library.register_vmap(_name, lambda info, in_dims, *args, op=_op: (_loop(op, info.batch_size, in_dims, args), 0))

@@ -158,6 +158,12 @@ def select(x, weight, bias, geometry, padding_mode):
     return reference
 
 
+def dispatch_visible() -> bool:
+    """Whether backends must run their kernels through the ``torch.ops.sepconv`` operators (inside
+    :func:`measuring_suspended`, where a dispatch mode is watching) rather than call them directly."""
+    return _suspended > 0
+
+
 @contextlib.contextmanager
 def measuring_suspended():
     """Inside, ``"auto"`` times nothing and takes a measured choice or the first backend that covers the call:

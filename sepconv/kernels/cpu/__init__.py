@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from ..._memo import memoised
-from .. import ops, reference
+from .. import ops, reference, registry
 
 NAME = "cpu"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "depthwise.cpp")
@@ -87,15 +87,26 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def depthwise_conv(x, weight, bias, geometry, padding_mode):
-    """The depthwise convolution on ``torch.ops.sepconv.depthwise_conv``; other padding modes pad first."""
+    """The depthwise convolution on the kernels; other padding modes pad first."""
     if padding_mode != "zeros" and not geometry.zero_padded:
         x, geometry = reference.pad(x, geometry.padding, padding_mode), geometry.without_padding()
     args = (x, weight, bias, geometry.stride, geometry.flat_padding, geometry.dilation)
-    if torch.compiler.is_compiling():
-        return ops.depthwise_conv(*args)  # compiled graphs record the op itself, with its registered autograd
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return ops.DepthwiseConv.apply(*args)  # an autograd.Function, which torch.func transforms accept as well
-    return ops.depthwise_conv(*args)  # nothing to differentiate: no autograd.Function (vmap still applies)
+    if torch.compiler.is_compiling() or registry.dispatch_visible():
+        return ops.depthwise_conv(*args)  # the op itself: one node in compiled graphs, seen by dispatch modes
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)) \
+            or not (_has_storage(x) and _has_storage(weight)):
+        # the kernels with their gradients, without the dispatcher's round trips; functorch's wrappers (which
+        # have no storage of their own) go this way too, since the Functions are what its transforms accept
+        return _eager.conv.apply(*args)
+    return _forward(*args)
+
+
+def _has_storage(t: torch.Tensor) -> bool:
+    try:
+        t.data_ptr()
+    except RuntimeError:
+        return False
+    return True
 
 
 # --- the CPU implementations of the ops -----------------------------------------------------------------------
@@ -144,3 +155,6 @@ def _weight_grad(x, grad_out, weight_size, stride, padding, dilation):
 def _register(module) -> None:
     for name, function in zip(ops.NAMES, (_forward, _input_grad, _weight_grad)):
         torch.library.impl(name, "CPU", func=function)
+
+
+_eager = ops.Gradients(_forward, _input_grad, _weight_grad)
