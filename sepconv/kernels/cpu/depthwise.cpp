@@ -655,6 +655,10 @@ void nhwc_row(const T* const* rows, const T* const* taps_x, const T* const* taps
     const auto block4_partial = pick_block<T, 4, false>(g);
     for (; ow + 4 <= hi; ow += 4)
       nhwc_block_all_channels<T, 4>(block4, block4_partial, taps_x, taps_w, taps_rows, bias, out, ow, C, g);
+    const auto block2 = pick_block<T, 2, true>(g);
+    const auto block2_partial = pick_block<T, 2, false>(g);
+    for (; ow + 2 <= hi; ow += 2)
+      nhwc_block_all_channels<T, 2>(block2, block2_partial, taps_x, taps_w, taps_rows, bias, out, ow, C, g);
     const auto block1 = pick_block<T, 1, true>(g);
     const auto block1_partial = pick_block<T, 1, false>(g);
     for (; ow < hi; ++ow)
