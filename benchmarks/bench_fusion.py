@@ -3,7 +3,7 @@
 
 A fused forward computes the depthwise result one tile (a band of output rows, all channels) at a time and
 feeds it to the pointwise GEMM while it is still in cache, so the intermediate never travels through
-memory. Here the tile loop is in Python: the depthwise step of a band through sepconv's op (Numba kernels
+memory. Here the tile loop is in Python: the depthwise step of a band through sepconv's op (its C++ kernels
 or PyTorch, ``--depthwise``), then ``torch.mm`` of the band's ``(rows*W, C)`` values with the pointwise
 weight, written in place into the channels_last output (a contiguous block of rows). Against:
 
@@ -18,7 +18,7 @@ Only "same" stride-1 layers (MobileNetV1's separable layers, batch 1 and ``--bat
 
 Measured on the 2-core machine (Zen 4, float32, 2 threads, no page faults in any candidate; one run each):
 every fused variant was slower than ``unfused``. With one tile per image, 1.07-1.37x at batch 1 and
-1.19-1.67x at batch 8 (Numba depthwise), 1.12-1.33x and 1.27-1.49x with PyTorch's depthwise in the loop:
+1.19-1.67x at batch 8 (the Numba depthwise kernels sepconv had then), 1.12-1.33x and 1.27-1.49x with PyTorch's depthwise in the loop:
 ``torch.mm`` (MKL) is itself slower than oneDNN's 1x1 convolution on these shapes, before any tiling.
 Bands of 512 KiB and 128 KiB were slower still (1.2-3.8x): each band's GEMM is smaller and each costs a
 round trip through Python. The intermediate of a batch-1 MobileNet layer (0.4-1.6 MB) stays in L2/L3
@@ -44,7 +44,7 @@ from _common import loadavg, measure, print_table  # benchmarks/ is on sys.path 
 
 import sepconv.functional as SF
 from sepconv._io import atomic_write_text
-from sepconv.kernels import dispatch
+from sepconv import kernels
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_fusion.json")
 LAYERS = (("sep.mnv1.1", 32, 64, 112), ("sep.mnv1.3", 128, 128, 56), ("sep.mnv1.5", 256, 256, 28),
@@ -56,7 +56,7 @@ def fused(x, dw, pw_t, rows: int, mode: str):
     """Depthwise 3x3 ("same", stride 1) then pointwise, one band of ``rows`` output rows at a time."""
     n, c, h, w = x.shape
     out = x.new_empty(n, h, w, pw_t.shape[1])  # channels_last storage
-    with dispatch.use_kernels(mode):
+    with kernels.use_kernels(mode):
         for image in range(n):
             for r0 in range(0, h, rows):
                 r1 = min(h, r0 + rows)
@@ -70,7 +70,7 @@ def fused(x, dw, pw_t, rows: int, mode: str):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8, help="the second batch size (besides 1)")
-    parser.add_argument("--depthwise", choices=("numba", "reference"), default="numba",
+    parser.add_argument("--depthwise", choices=("cpu", "reference"), default="cpu",
                         help="kernels of the fused variants' depthwise step")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per candidate per row")
     parser.add_argument("--out", default=DEFAULT_OUT)

@@ -3,13 +3,12 @@
 
 Each row times, interleaved in one loop (every round runs a block of calls of each candidate, the
 order shuffled from round to round, so drift on a shared machine hits all alike and no candidate always
-follows the same one: a PyTorch call right after C++'s threads ran, or the reverse, can pay for the other
-pool's threads going to sleep or still spinning):
+follows the same one):
 
-* ``cpu_cl``   sepconv's depthwise op forced to the C++ kernels, channels_last input (their layout; with
-  at most 8 channels, as in the EEGNet rows, transposed to the planar kernels and back);
-* ``cpu_nchw`` the same on a contiguous NCHW input (the planar kernels, :mod:`sepconv.kernels.cpu_planar`:
-  no layout conversion);
+* ``cpu_cl``   sepconv's depthwise op forced to the C++ backend (``SEPCONV_KERNELS=cpu``), channels_last input
+  (the channels-last kernels; with fewer than 8 channels, as in the EEGNet rows, the planar ones);
+* ``cpu_nchw`` the same on a contiguous NCHW input (the planar kernels; small output planes of many channels
+  go to the channels-last kernels through transposed copies);
 * ``torch_nchw`` ``F.conv2d(..., groups=C)`` (``F.conv1d`` for 1-D) on a contiguous input;
 * ``torch_cl``   the same with a channels_last input and weight (1-D: an ``(N, L, C)`` tensor viewed as
   ``(N, C, L)``);
@@ -19,10 +18,17 @@ pool's threads going to sleep or still spinning):
   NCHW input by default (``--compile-format cl`` for channels_last). Each row compiles afresh before
   timing; the seconds its first call took (compiling forward, and backward where there is one) go
   to the JSON as ``compile.compile_s``. Where compiling fails, the error goes there instead and the
-  table shows n/a. Compiling costs ~1-8 s a row on 2 cores (measured: ~55 s for ``--quick``, ~2 min
-  for the full suite; inductor's on-disk cache helps little); ``--no-compile`` leaves it out. sepconv's
-  own candidates are never compiled (under ``torch.compile`` its dispatcher takes the reference anyway);
+  table shows n/a. Compiling costs ~1-8 s a row on 2 cores; ``--no-compile`` leaves it out;
+* ``compile_sepconv`` sepconv's op (C++ backend) under ``torch.compile`` the same way: the kernels run
+  inside the compiled graph as ``torch.ops.sepconv`` nodes (``cmp_sep`` in the table, ``vs_cmp`` = compile /
+  compile_sepconv);
 * ``copy``       ``dst.copy_(x)`` of the input's bytes: the memory-bound floor (forward rows only).
+
+Each depthwise row also gets its roofline, ``max(bytes / copy bandwidth, FLOPs / peak)`` with the bandwidth
+of a 64 MiB copy and the peak of a 1024x1024 float32 matmul measured at the start
+(``sepconv.profiling.timing.measure_machine``), counting per pass the depthwise ops it runs (forward 1,
+wgrad 1, fwd+wgrad 2, fwd+bwd 3), each moving at least its input and output once; ``share`` = roof / the best
+``auto`` time, and the summary counts the rows of at least 1 ms that reach 60 % of their roof.
 
 PyTorch spells padding the way plain PyTorch code does: inside the convolution when symmetric, an
 ``F.pad`` first otherwise. Passes: ``forward`` (inference mode), ``fwd+bwd`` (``autograd.grad`` of the
@@ -63,7 +69,7 @@ minutes at load ~1 before the compile and separable rows were added).
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_kernels.py                # full suite: 23 minutes on 2 busy cores
+    .venv/bin/python benchmarks/bench_kernels.py                # full suite: ~25 minutes on 2 cores
     .venv/bin/python benchmarks/bench_kernels.py --quick        # batch 1 only, shorter timing: ~4 minutes
     .venv/bin/python benchmarks/bench_kernels.py --filter k31 --threads 1 --out /tmp/k31.json
     .venv/bin/python benchmarks/bench_kernels.py --quick --filter sep.   # separable rows only: ~1.5 minutes
