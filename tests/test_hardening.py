@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_cli_profile import run
 
 import sepconv.models.digits_cnn  # noqa: F401  (registers "digits_cnn")
 from sepconv import cli, load_converted
@@ -32,14 +33,7 @@ TINY = ["--batch-size", "64", "--threads", "1"]  # digits: 23 batches per epoch
 BATCHES_PER_EPOCH = 23
 
 
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of ``sepconv ARGV`` (a parser error is SystemExit(2))."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run_cli = run  # exit code, stdout and stderr of ``sepconv ARGV`` (a parser error is SystemExit(2))
 
 
 def assert_one_line_error(err: str, message: str) -> None:

@@ -57,12 +57,20 @@ def load():
                 _module = _build()
                 _register(_module)
             except Exception as error:  # a compiler error, no ninja, no headers: all end on the reference
-                _failure = " ".join(str(error).split())[:300] or type(error).__name__
+                _failure = _cause(error)
                 warnings.warn(f"sepconv: the C++ CPU kernels could not be built ({_failure}); depthwise "
                               "convolutions run on PyTorch's own kernels. Install a C++ compiler (g++ or clang) and "
                               "ninja (`pip install ninja`), or set SEPCONV_KERNELS=reference to silence this.",
                               RuntimeWarning, stacklevel=3)
     return _module
+
+
+def _cause(error: Exception) -> str:
+    """The line of a build failure that says what went wrong (a compiler's first error), shortened to one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    compiler = [line for line in lines if ": error" in line or ": fatal error" in line]
+    text = (compiler or lines or [type(error).__name__])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def available() -> bool:

@@ -28,7 +28,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -670,24 +672,59 @@ void nhwc_row(const T* const* rows, const T* const* taps_x, const T* const* taps
   for (; ow < g.ow; ++ow) nhwc_pixels_all_channels<T, 1, true>(rows, wt, bias, out, ow, C, W, g);
 }
 
+// Wide kernels on narrow rows would spend most pixels in the clipped border loop. Then each thread copies the
+// input rows it needs once into a small ring of zero-padded rows (`right` zero columns after each row, `g.pl`
+// before), so that every pixel is interior, without a padded copy of the whole input.
+template <typename T>
+struct PaddedRows {
+  int64_t width, C, slots;
+  std::vector<T> buffer;
+  std::vector<int64_t> held;  // which (image, row) each slot holds, -1 for none
+
+  PaddedRows(int64_t W, int64_t left, int64_t right, int64_t C, const Geometry& g)
+      : width(left + W + right), C(C), slots((g.kh - 1) * g.dh + g.sh), buffer(slots * width * C, T(0)),
+        held(slots, -1) {}
+
+  // The padded copy of input row `index` (image * H + ih); the padding columns are never written.
+  const T* row(const T* x, int64_t index, int64_t W, int64_t left) {
+    const int64_t slot = index % slots;
+    T* dst = buffer.data() + slot * width * C;
+    if (held[slot] != index) {
+      std::memcpy(dst + left * C, x + index * W * C, W * C * sizeof(T));
+      held[slot] = index;
+    }
+    return dst;
+  }
+};
+
 template <typename T>
 void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64_t C, int64_t H, int64_t W,
-                  const Geometry& g) {
-  const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
+                  const Geometry& g, int64_t right = -1) {
+  // right >= 0: read the rows through PaddedRows (then the kernels see unpadded, wider rows)
+  const bool pad = right >= 0;
+  Geometry inner = g;
+  if (pad) inner.pl = 0;
+  const int64_t width = pad ? g.pl + W + right : W;
+  const auto [lo, hi] = interior(width, g.ow, g.kw, g.sw, inner.pl, g.dw);
   at::parallel_for(0, N * g.oh, 1, [&](int64_t begin, int64_t end) {
     std::vector<const T*> rows(g.kh), taps_x(g.kh), taps_w(g.kh);
+    std::optional<PaddedRows<T>> padded;
+    if (pad) padded.emplace(W, g.pl, right, C, g);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / g.oh, oh = task % g.oh;
       int64_t taps_rows = 0;  // the kernel rows inside the input, for the register-blocked kernels
       for (int64_t i = 0; i < g.kh; ++i) {
         const int64_t ih = oh * g.sh - g.pt + i * g.dh;
-        rows[i] = (ih >= 0 && ih < H) ? x + (image * H + ih) * W * C : nullptr;
-        if (rows[i]) {
-          taps_x[taps_rows] = rows[i];
-          taps_w[taps_rows++] = wt + i * g.kw * C;
+        if (ih < 0 || ih >= H) {
+          rows[i] = nullptr;
+          continue;
         }
+        rows[i] = pad ? padded->row(x, image * H + ih, W, g.pl) : x + (image * H + ih) * W * C;
+        taps_x[taps_rows] = rows[i];
+        taps_w[taps_rows++] = wt + i * g.kw * C;
       }
-      nhwc_row<T>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, y + task * g.ow * C, C, W, lo, hi, g);
+      nhwc_row<T>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, y + task * g.ow * C, C, width, lo,
+                  hi, inner);
     }
 #if defined(CPU_CAPABILITY_AVX512)
     if (g.stream) _mm_sfence();  // each thread completes its weakly ordered non-temporal stores
@@ -695,56 +732,81 @@ void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64
   });
 }
 
-// x (N, C, H, W channels-last) copied into a zero-filled (N, C, H, left + W + right) channels-last tensor.
-at::Tensor pad_columns(const at::Tensor& x, int64_t left, int64_t right) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), padded = left + W + right;
-  auto out = at::empty({N, C, H, padded}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const int64_t bytes = x.element_size();
-  const char* src = static_cast<const char*>(x.data_ptr());
-  char* dst = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      char* d = dst + row * padded * C * bytes;
-      std::memset(d, 0, left * C * bytes);
-      std::memcpy(d + left * C * bytes, src + row * W * C * bytes, W * C * bytes);
-      std::memset(d + (left + W) * C * bytes, 0, right * C * bytes);
+// Input gradient for any stride. The input pixels of one row and one column phase b (iw = b, b + sw, ...) are
+// reached by the same kernel taps, tap (i, k) reading grad_out column j + shift_k for the phase's j-th pixel:
+// a stride-1 loop over grad_out with that subset of taps, register-blocked over P pixels where every tap's
+// column is inside the row, written back every sw-th pixel.
+struct StridedTap {
+  const void* row;  // grad_out row of the tap's kernel row
+  const void* weight;  // the tap's weights, (KH, KW, C) rows
+  int64_t shift;
+};
+
+template <typename T, int P, bool CLIP, bool FULL>
+void nhwc_gather_pixels(const StridedTap* taps, int64_t count, T* out, int64_t j, int64_t c, int64_t n, int64_t C,
+                        int64_t out_step, int64_t OW) {
+  using V = Vectorized<T>;
+  V acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = V(T(0));
+  for (int64_t t = 0; t < count; ++t) {
+    const V wv = load<T, FULL>(static_cast<const T*>(taps[t].weight) + c, n);
+    const int64_t col = j + taps[t].shift;
+    const T* src = static_cast<const T*>(taps[t].row) + col * C + c;
+    for (int p = 0; p < P; ++p) {
+      if constexpr (CLIP) {
+        if (col + p < 0 || col + p >= OW) continue;
+      }
+      acc[p] = at::vec::fmadd(wv, load<T, FULL>(src + p * C, n), acc[p]);
     }
-  });
-  return out;
+  }
+  for (int p = 0; p < P; ++p) store<T, FULL>(acc[p], out + (j + p) * out_step + c, n);
 }
 
-// Input gradient for any stride: each input pixel gathers the (kernel tap, output pixel) pairs that reach it.
+template <typename T, int P, bool CLIP>
+void nhwc_gather_all_channels(const StridedTap* taps, int64_t count, T* out, int64_t j, int64_t C, int64_t out_step,
+                              int64_t OW) {
+  constexpr int64_t L = Vectorized<T>::size();
+  int64_t c = 0;
+  for (; c + L <= C; c += L) nhwc_gather_pixels<T, P, CLIP, true>(taps, count, out, j, c, L, C, out_step, OW);
+  if (c < C) nhwc_gather_pixels<T, P, CLIP, false>(taps, count, out, j, c, C - c, C, out_step, OW);
+}
+
 template <typename T>
 void nhwc_input_grad_strided(const T* dy, const T* wt, T* dx, int64_t N, int64_t C, int64_t H, int64_t W,
                              const Geometry& g) {
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
+  constexpr int P = 4;
+  // for each column phase b: the kernel columns k that reach it and their shift
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> phase_taps(g.sw);
+  for (int64_t b = 0; b < g.sw; ++b)
+    for (int64_t k = 0; k < g.kw; ++k) {
+      const int64_t u = b + g.pl - k * g.dw;
+      if (floor_div(u, g.sw) * g.sw == u) phase_taps[b].push_back({k, floor_div(u, g.sw)});
+    }
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> src;
-    std::vector<const T*> wsrc;
+    std::vector<StridedTap> taps(g.kh * g.kw);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / H, ih = task % H;
-      for (int64_t iw = 0; iw < W; ++iw) {
-        src.clear();
-        wsrc.clear();
+      for (int64_t b = 0; b < std::min(g.sw, W); ++b) {
+        int64_t count = 0, lo = 0, hi = INT64_MAX;  // pixels [lo, hi) read every tap's column inside the row
         for (int64_t i = 0; i < g.kh; ++i) {
           const int64_t t = ih + g.pt - i * g.dh;
           if (floor_div(t, g.sh) * g.sh != t || t < 0 || t / g.sh >= g.oh) continue;
-          for (int64_t k = 0; k < g.kw; ++k) {
-            const int64_t u = iw + g.pl - k * g.dw;
-            if (floor_div(u, g.sw) * g.sw != u || u < 0 || u / g.sw >= g.ow) continue;
-            src.push_back(dy + ((image * g.oh + t / g.sh) * g.ow + u / g.sw) * C);
-            wsrc.push_back(wt + (i * g.kw + k) * C);
+          const T* row = dy + (image * g.oh + t / g.sh) * g.ow * C;
+          for (const auto& [k, shift] : phase_taps[b]) {
+            taps[count++] = {row, wt + (i * g.kw + k) * C, shift};
+            lo = std::max(lo, -shift);
+            hi = std::min(hi, g.ow - shift);
           }
         }
-        T* out = dx + (task * W + iw) * C;
-        for (int64_t c = 0; c < C; c += L) {
-          const int64_t n = std::min<int64_t>(L, C - c);
-          V acc(T(0));
-          for (size_t t = 0; t < src.size(); ++t)
-            acc = at::vec::fmadd(V::loadu(wsrc[t] + c, n), V::loadu(src[t] + c, n), acc);
-          acc.store(out + c, n);
-        }
+        const int64_t pixels = (W - b + g.sw - 1) / g.sw;
+        hi = std::clamp<int64_t>(hi, 0, pixels);
+        lo = std::min(lo, hi);
+        T* out = dx + (task * W + b) * C;
+        const int64_t out_step = g.sw * C;
+        int64_t j = 0;
+        for (; j < lo; ++j) nhwc_gather_all_channels<T, 1, true>(taps.data(), count, out, j, C, out_step, g.ow);
+        for (; j + P <= hi; j += P) nhwc_gather_all_channels<T, P, false>(taps.data(), count, out, j, C, out_step, g.ow);
+        for (; j < pixels; ++j) nhwc_gather_all_channels<T, 1, true>(taps.data(), count, out, j, C, out_step, g.ow);
       }
     }
   });
@@ -863,25 +925,20 @@ at::Tensor weight_rows(const at::Tensor& weight, bool flip) {
   return w.squeeze(1).permute({1, 2, 0}).contiguous();
 }
 
-// The channels-last forward on x (N, C, H, W channels-last). Wide kernels on narrow rows would spend most
-// pixels in the clipped border loop: then the row ends are zero-padded once and every pixel is interior.
+// The channels-last forward on x (N, C, H, W channels-last); wide kernels whose rows are mostly border read
+// them through PaddedRows.
 void run_nhwc_forward(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, at::Tensor& y, Geometry g) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2);
-  int64_t W = x.size(3);
-  at::Tensor input = x;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
-  if (g.pl >= 0 && g.kw > 3 && 4 * (hi - lo) < 3 * g.ow) {
-    const int64_t right = std::max<int64_t>(0, (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1 - g.pl - W);
-    input = pad_columns(x, g.pl, right);
-    W += g.pl + right;
-    g.pl = 0;
-  }
+  int64_t right = -1;
+  if (g.pl >= 0 && g.kw > 3 && 4 * (hi - lo) < 3 * g.ow)
+    right = std::max<int64_t>(0, (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1 - g.pl - W);
   g.stream = y.nbytes() > (8 << 20);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_nhwc", [&] {
-    nhwc_forward<scalar_t>(input.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
-                           bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, H, W, g);
+    nhwc_forward<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                           bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, H, W, g,
+                           right);
   });
-
 }
 
 // PyTorch's convolutions answer a channels-last input or weight with a channels-last output.
@@ -896,6 +953,16 @@ bool channels_last_output(const at::Tensor& t, const at::Tensor& weight) {
 bool use_nhwc(bool channels_last, int64_t C, int64_t M, int64_t out_width) {
   return M == 1 && C >= std::max<int64_t>(4, Vectorized<float>::size() / 2) &&
          (channels_last || (C >= 2 * Vectorized<float>::size() && out_width < 2 * Vectorized<float>::size()));
+}
+
+// The planar kernels' output: NCHW, which for one channel already has PyTorch's channels-last strides.
+at::Tensor planar_output(at::IntArrayRef size, const at::TensorOptions& options, bool channels_last) {
+  const bool one_channel = channels_last && size[1] == 1;
+  return at::empty(size, options.memory_format(one_channel ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+}
+
+at::Tensor in_layout(const at::Tensor& t, bool channels_last) {
+  return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -915,14 +982,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   }
   const auto xc = x.contiguous();
   const auto wc = weight.contiguous();
-  // one channel: both layouts order the elements alike, so the planar kernel writes PyTorch's strides directly
-  auto y = at::empty({N, CM, g.oh, g.ow}, x.options().memory_format(cl && CM == 1 ? at::MemoryFormat::ChannelsLast
-                                                                                : at::MemoryFormat::Contiguous));
+  auto y = planar_output({N, CM, g.oh, g.ow}, x.options(), cl);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_planar", [&] {
     planar_forward<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
                              b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, M, H, W, g);
   });
-  return cl ? y.contiguous(at::MemoryFormat::ChannelsLast) : y;
+  return in_layout(y, cl);
 }
 
 at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef input_size,
@@ -952,13 +1017,12 @@ at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::
   }
   const auto dyc = grad_out.contiguous();
   const auto wc = weight.contiguous();
-  auto dx = at::empty({N, C, H, W}, grad_out.options().memory_format(cl && C == 1 ? at::MemoryFormat::ChannelsLast
-                                                                                 : at::MemoryFormat::Contiguous));
+  auto dx = planar_output({N, C, H, W}, grad_out.options(), cl);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sepconv_input_grad_planar", [&] {
     planar_input_grad<scalar_t>(dyc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), N, C, M,
                                 H, W, g);
   });
-  return cl ? dx.contiguous(at::MemoryFormat::ChannelsLast) : dx;
+  return in_layout(dx, cl);
 }
 
 at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntArrayRef weight_size,
