@@ -344,6 +344,18 @@ void planar_forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int6
   });
 }
 
+// For each input row ih: the kernel rows i and grad_out rows oh with oh * sh - pt + i * dh = ih, worked out
+// once per call (the divisibility test costs a division per kernel row and input row otherwise).
+std::vector<std::vector<std::pair<int64_t, int64_t>>> input_row_taps(int64_t H, const Geometry& g) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> taps(H);
+  for (int64_t oh = 0; oh < g.oh; ++oh)
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+      if (ih >= 0 && ih < H) taps[ih].push_back({i, oh});
+    }
+  return taps;
+}
+
 // Input gradient, per input plane: each (row, column phase) of the input gathers the taps that land on it;
 // a stride-1 correlation over a zero-padded copy of grad_out, scattered back with the column stride.
 template <typename T>
@@ -360,6 +372,7 @@ void planar_input_grad(const T* dy, const T* w, T* dx, int64_t N, int64_t C, int
       const int64_t u = b + g.pl - k * g.dw;
       if (floor_div(u, g.sw) * g.sw == u) phase_taps[b].push_back({k, floor_div(u, g.sw)});
     }
+  const auto row_taps = input_row_taps(H, g);
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> rows(M * g.oh * padded), weights(M * K), scratch(columns);
     std::vector<const T*> src(M * K);
@@ -377,11 +390,7 @@ void planar_input_grad(const T* dy, const T* w, T* dx, int64_t N, int64_t C, int
         for (int64_t b = 0; b < std::min(g.sw, W); ++b) {
           int64_t n = 0;
           for (int64_t m = 0; m < M; ++m) {
-            for (int64_t i = 0; i < g.kh; ++i) {
-              const int64_t t = ih + g.pt - i * g.dh;
-              if (floor_div(t, g.sh) * g.sh != t) continue;
-              const int64_t oh = t / g.sh;
-              if (oh < 0 || oh >= g.oh) continue;
+            for (const auto& [i, oh] : row_taps[ih]) {
               const T* row = rows.data() + (m * g.oh + oh) * padded + left;
               const T* wrow = w + (c * M + m) * K + i * g.kw;
               for (const auto& [k, shift] : phase_taps[b]) {
@@ -782,16 +791,15 @@ void nhwc_input_grad_strided(const T* dy, const T* wt, T* dx, int64_t N, int64_t
       const int64_t u = b + g.pl - k * g.dw;
       if (floor_div(u, g.sw) * g.sw == u) phase_taps[b].push_back({k, floor_div(u, g.sw)});
     }
+  const auto row_taps = input_row_taps(H, g);
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<StridedTap> taps(g.kh * g.kw);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / H, ih = task % H;
       for (int64_t b = 0; b < std::min(g.sw, W); ++b) {
         int64_t count = 0, lo = 0, hi = INT64_MAX;  // pixels [lo, hi) read every tap's column inside the row
-        for (int64_t i = 0; i < g.kh; ++i) {
-          const int64_t t = ih + g.pt - i * g.dh;
-          if (floor_div(t, g.sh) * g.sh != t || t < 0 || t / g.sh >= g.oh) continue;
-          const T* row = dy + (image * g.oh + t / g.sh) * g.ow * C;
+        for (const auto& [i, oh] : row_taps[ih]) {
+          const T* row = dy + (image * g.oh + oh) * g.ow * C;
           for (const auto& [k, shift] : phase_taps[b]) {
             taps[count++] = {row, wt + (i * g.kw + k) * C, shift};
             lo = std::max(lo, -shift);
