@@ -27,6 +27,8 @@ from sepconv.kernels import cpu, ops, reference, registry
 # float32: gradients of the weight sum up to thousands of products, summed in a different order by each side.
 TOLERANCE = {torch.float64: {"atol": 1e-10, "rtol": 1e-9}, torch.float32: {"atol": 3e-4, "rtol": 1e-3}}
 
+# torch's own helpers (opcheck, torch.func) script functions internally; the deprecation is theirs
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 requires_cpu_backend = pytest.mark.skipif(not cpu.available(), reason=f"C++ backend not built: {cpu.failure()}")
 
 
