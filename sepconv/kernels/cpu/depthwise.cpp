@@ -51,6 +51,8 @@ Geometry read_geometry(at::IntArrayRef g) {
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 
+using Bounds = std::pair<int64_t, int64_t>;
+
 // Output pixels [lo, hi) of a row for which every tap column ow * s - pad + kw * d (kw < k) lies in [0, n).
 std::pair<int64_t, int64_t> interior(int64_t n, int64_t out, int64_t k, int64_t s, int64_t pad, int64_t d) {
   int64_t lo = std::max<int64_t>(0, ceil_div(pad, s));
@@ -824,16 +826,15 @@ void nhwc_input_grad_strided(const T* dy, const T* wt, T* dx, int64_t N, int64_t
 // channels, up to 8 taps of that row accumulate in registers while grad_out is loaded once per pixel.
 template <typename T, int NT, bool FULL>
 void nhwc_wgrad_taps(const T* xrow, const T* dyrow, T* partial, int64_t k0, int64_t c, int64_t n, int64_t C,
-                     int64_t W, const Geometry& g) {
+                     int64_t W, const Geometry& g, const Bounds* bounds) {
   using V = Vectorized<T>;
   // U pixels in flight, each with its own accumulators: a tap's sum over pixels is a chain of dependent FMAs
   constexpr int U = NT >= 6 ? 2 : (NT >= 3 ? 3 : 6);
   V acc[U][NT];
   for (int u = 0; u < U; ++u)
     for (int t = 0; t < NT; ++t) acc[u][t] = V(T(0));
-  // pixels for which all NT taps fall inside the row
   const int64_t pad = g.pl - k0 * g.dw, tap_step = g.dw * C, step = g.sw * C;
-  const auto [lo, hi] = interior(W, g.ow, NT, g.sw, pad, g.dw);
+  const auto [lo, hi] = bounds[k0];  // pixels for which all NT taps fall inside the row
   const T* d = dyrow + lo * C + c;
   const T* xp = xrow + (lo * g.sw - pad) * C + c;
   int64_t ow = lo;
@@ -868,17 +869,17 @@ void nhwc_wgrad_taps(const T* xrow, const T* dyrow, T* partial, int64_t k0, int6
 
 template <typename T, bool FULL>
 void nhwc_wgrad_row(const T* xrow, const T* dyrow, T* partial, int64_t c, int64_t n, int64_t C, int64_t W,
-                    const Geometry& g) {
+                    const Geometry& g, const Bounds* bounds) {
   int64_t k = 0;
-  for (; k + 8 <= g.kw; k += 8) nhwc_wgrad_taps<T, 8, FULL>(xrow, dyrow, partial, k, c, n, C, W, g);
+  for (; k + 8 <= g.kw; k += 8) nhwc_wgrad_taps<T, 8, FULL>(xrow, dyrow, partial, k, c, n, C, W, g, bounds);
   switch (g.kw - k) {
-    case 7: nhwc_wgrad_taps<T, 7, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
-    case 6: nhwc_wgrad_taps<T, 6, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
-    case 5: nhwc_wgrad_taps<T, 5, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
-    case 4: nhwc_wgrad_taps<T, 4, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
-    case 3: nhwc_wgrad_taps<T, 3, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
-    case 2: nhwc_wgrad_taps<T, 2, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
-    case 1: nhwc_wgrad_taps<T, 1, FULL>(xrow, dyrow, partial, k, c, n, C, W, g); break;
+    case 7: nhwc_wgrad_taps<T, 7, FULL>(xrow, dyrow, partial, k, c, n, C, W, g, bounds); break;
+    case 6: nhwc_wgrad_taps<T, 6, FULL>(xrow, dyrow, partial, k, c, n, C, W, g, bounds); break;
+    case 5: nhwc_wgrad_taps<T, 5, FULL>(xrow, dyrow, partial, k, c, n, C, W, g, bounds); break;
+    case 4: nhwc_wgrad_taps<T, 4, FULL>(xrow, dyrow, partial, k, c, n, C, W, g, bounds); break;
+    case 3: nhwc_wgrad_taps<T, 3, FULL>(xrow, dyrow, partial, k, c, n, C, W, g, bounds); break;
+    case 2: nhwc_wgrad_taps<T, 2, FULL>(xrow, dyrow, partial, k, c, n, C, W, g, bounds); break;
+    case 1: nhwc_wgrad_taps<T, 1, FULL>(xrow, dyrow, partial, k, c, n, C, W, g, bounds); break;
     default: break;
   }
 }
@@ -890,6 +891,10 @@ void nhwc_weight_grad(const T* x, const T* dy, T* dwt, int64_t N, int64_t C, int
   const int64_t K = g.kh * g.kw;
   const int64_t threads = at::get_num_threads();
   std::vector<T> partial(threads * K * C, T(0));
+  // the interior of each chunk of 8 taps (at its first tap k0), worked out once rather than per row and channel
+  std::vector<Bounds> bounds(g.kw);
+  for (int64_t k0 = 0; k0 < g.kw; k0 += 8)
+    bounds[k0] = interior(W, g.ow, std::min<int64_t>(8, g.kw - k0), g.sw, g.pl - k0 * g.dw, g.dw);
   at::parallel_for(0, N * g.oh, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = at::get_thread_num();
     T* mine = partial.data() + thread * K * C;
@@ -902,8 +907,8 @@ void nhwc_weight_grad(const T* x, const T* dy, T* dwt, int64_t N, int64_t C, int
         const T* xrow = x + (image * H + ih) * W * C;
         T* row_partial = mine + i * g.kw * C;
         int64_t c = 0;
-        for (; c + L <= C; c += L) nhwc_wgrad_row<T, true>(xrow, dyrow, row_partial, c, L, C, W, g);
-        if (c < C) nhwc_wgrad_row<T, false>(xrow, dyrow, row_partial, c, C - c, C, W, g);
+        for (; c + L <= C; c += L) nhwc_wgrad_row<T, true>(xrow, dyrow, row_partial, c, L, C, W, g, bounds.data());
+        if (c < C) nhwc_wgrad_row<T, false>(xrow, dyrow, row_partial, c, C - c, C, W, g, bounds.data());
       }
     }
   });
