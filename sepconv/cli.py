@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from . import kernels
 from .commands import compare, decompose, example, profile
 from .commands._args import OneLineParser
 
@@ -32,6 +33,10 @@ def main(argv=None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = [DEFAULT_COMMAND, *argv]
     args = parser.parse_args(argv)
+    try:  # the environment's kernels mode, checked before any work rather than at the first convolution
+        kernels.get_kernels()
+    except ValueError as error:
+        parser.error(str(error))
     return args.handler(args)
 
 

@@ -345,3 +345,15 @@ def test_registering_a_backend():
             kernels.register_backend(type("Bad", (), {"NAME": "auto"}))
     finally:
         registry._backends.pop("doubling")
+
+
+def test_cli_names_a_bad_kernels_mode_before_any_work(monkeypatch, tmp_path, capsys):
+    from sepconv import cli
+    monkeypatch.setenv("SEPCONV_KERNELS", "bogus")
+    kernels.set_kernels(None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SEPCONV_KERNELS must be one of 'reference', 'auto', 'cpu'; got 'bogus'" in err[0]
+    assert "does not fit" not in err[0] and not (tmp_path / "run").exists()
