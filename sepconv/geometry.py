@@ -245,8 +245,9 @@ class ConvGeometry(NamedTuple):
         return tuple(amount for pair in self.padding for amount in pair)
 
     @property
-    def zero_padded(self) -> bool:
-        return not any(before or after for before, after in self.padding)
+    def padded(self) -> bool:
+        """Whether any axis has padding on either side."""
+        return any(before or after for before, after in self.padding)
 
     def without_padding(self) -> "ConvGeometry":
         """The same convolution on an input already padded by ``padding``."""

@@ -136,7 +136,7 @@ class Gradients:
 
         function = type(name, (torch.autograd.Function,), {
             "forward": staticmethod(forward), "setup_context": staticmethod(cls.save),
-            "backward": staticmethod(lambda ctx, grad: backward(ctx, grad)), "vmap": staticmethod(vmap)})
+            "backward": staticmethod(backward), "vmap": staticmethod(vmap)})
         return function
 
 

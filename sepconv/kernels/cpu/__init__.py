@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import threading
 import warnings
 
@@ -55,7 +54,7 @@ def load():
         if _module is None and _failure is None:
             try:
                 _module = _build()
-                _register(_module)
+                _register()
             except Exception as error:  # a compiler error, no ninja, no headers: all end on the reference
                 _failure = _cause(error)
                 warnings.warn(f"sepconv: the C++ CPU kernels could not be built ({_failure}); depthwise "
@@ -96,7 +95,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 def depthwise_conv(x, weight, bias, geometry, padding_mode):
     """The depthwise convolution on the kernels; other padding modes pad first."""
-    if padding_mode != "zeros" and not geometry.zero_padded:
+    if padding_mode != "zeros" and geometry.padded:
         x, geometry = reference.pad(x, geometry.padding, padding_mode), geometry.without_padding()
     args = (x, weight, bias, geometry.stride, geometry.flat_padding, geometry.dilation)
     if torch.compiler.is_compiling() or registry.dispatch_visible():
@@ -160,7 +159,7 @@ def _weight_grad(x, grad_out, weight_size, stride, padding, dilation):
     return _module.weight_grad(_planes(x), _planes(grad_out), size, args).reshape(weight_size)
 
 
-def _register(module) -> None:
+def _register() -> None:
     for name, function in zip(ops.NAMES, (_forward, _input_grad, _weight_grad)):
         torch.library.impl(name, "CPU", func=function)
 

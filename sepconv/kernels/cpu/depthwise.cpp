@@ -358,6 +358,18 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> input_row_taps(int64_t H, 
   return taps;
 }
 
+// For each column phase b of the input (columns b, b + sw, ...): the kernel columns k that reach it, and the shift
+// of their grad_out column (the phase's j-th column reads grad_out column j + shift).
+std::vector<std::vector<std::pair<int64_t, int64_t>>> input_column_taps(const Geometry& g) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> taps(g.sw);
+  for (int64_t b = 0; b < g.sw; ++b)
+    for (int64_t k = 0; k < g.kw; ++k) {
+      const int64_t u = b + g.pl - k * g.dw;
+      if (floor_div(u, g.sw) * g.sw == u) taps[b].push_back({k, floor_div(u, g.sw)});
+    }
+  return taps;
+}
+
 // Input gradient, per input plane: each (row, column phase) of the input gathers the taps that land on it;
 // a stride-1 correlation over a zero-padded copy of grad_out, scattered back with the column stride.
 template <typename T>
@@ -367,13 +379,7 @@ void planar_input_grad(const T* dy, const T* w, T* dx, int64_t N, int64_t C, int
   const int64_t left = ((g.kw - 1) * g.dw) / g.sw + 1;  // columns of zeros before each grad_out row
   const int64_t padded = left + std::max(g.ow, (g.pl + W) / g.sw + 1) + 1;
   const int64_t columns = (W + g.sw - 1) / g.sw;
-  // for each column phase b: the kernel columns k that reach it, and where their grad_out columns start
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> phase_taps(g.sw);
-  for (int64_t b = 0; b < g.sw; ++b)
-    for (int64_t k = 0; k < g.kw; ++k) {
-      const int64_t u = b + g.pl - k * g.dw;
-      if (floor_div(u, g.sw) * g.sw == u) phase_taps[b].push_back({k, floor_div(u, g.sw)});
-    }
+  const auto phase_taps = input_column_taps(g);
   const auto row_taps = input_row_taps(H, g);
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> rows(M * g.oh * padded), weights(M * K), scratch(columns);
@@ -786,13 +792,7 @@ template <typename T>
 void nhwc_input_grad_strided(const T* dy, const T* wt, T* dx, int64_t N, int64_t C, int64_t H, int64_t W,
                              const Geometry& g) {
   constexpr int P = 4;
-  // for each column phase b: the kernel columns k that reach it and their shift
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> phase_taps(g.sw);
-  for (int64_t b = 0; b < g.sw; ++b)
-    for (int64_t k = 0; k < g.kw; ++k) {
-      const int64_t u = b + g.pl - k * g.dw;
-      if (floor_div(u, g.sw) * g.sw == u) phase_taps[b].push_back({k, floor_div(u, g.sw)});
-    }
+  const auto phase_taps = input_column_taps(g);
   const auto row_taps = input_row_taps(H, g);
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<StridedTap> taps(g.kh * g.kw);

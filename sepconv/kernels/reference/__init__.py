@@ -1,6 +1,7 @@
 """The reference backend: PyTorch's own convolutions, with padding applied the cheapest correct way.
 
-It covers everything (any rank, dtype, device, padding mode) and is the tested twin of every fast backend.
+It covers everything (any rank, dtype, device, padding mode) and is the tested twin of every fast backend; the
+registry falls back to it rather than registering it, so it needs no ``available``/``supports``.
 """
 
 from __future__ import annotations
@@ -52,11 +53,3 @@ def depthwise_conv(x, weight, bias, geometry, padding_mode):
 
 def pointwise_conv(x, weight, bias):
     return _CONV[weight.ndim - 2](x, weight, bias)
-
-
-def supports(x, weight, bias) -> bool:
-    return True
-
-
-def available() -> bool:
-    return True
