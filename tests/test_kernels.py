@@ -149,10 +149,11 @@ def test_standard_conv_with_one_input_channel_runs_the_depthwise_kernels():
 def _op_samples():
     """(op, args) for each operator, 1-D and 2-D, contiguous and channels-last, with and without gradients."""
     samples = []
-    for channels_last, rank in ((False, 2), (True, 2), (False, 1)):
+    for channels_last, rank in ((False, 2), (True, 2), (False, 1), (True, 1)):
         size, kernel, stride, padding, dilation = ((9, 11), (3, 2), [2, 1], [1, 0, 0, 1], [1, 2]) if rank == 2 else \
             ((13,), (4,), [2], [3, 0], [1])
-        x = make((2, 4, *size), torch.float64, channels_last)
+        channels = 8 if channels_last and rank == 1 else 4  # enough channels for the channels-last kernels
+        x = make((2, channels, *size), torch.float64, channels_last)
         w = make((8, 1, *kernel), torch.float64, seed=1)
         b = make((8,), torch.float64, seed=2)
         out = ops.depthwise_conv(x.detach(), w.detach(), None, stride, padding, dilation)
@@ -165,7 +166,7 @@ def _op_samples():
 
 
 @requires_cpu_backend
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(16))
 def test_opcheck(index):
     op, args = _op_samples()[index]
     torch.library.opcheck(op, args)

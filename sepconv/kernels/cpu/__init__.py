@@ -138,13 +138,14 @@ def _planes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _back(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.squeeze(2) if like.ndim == 3 else t
+    """A kernel's 4-D result in ``like``'s rank: 1-D results are contiguous, as the ops' fake implementations say."""
+    return t.squeeze(2).contiguous() if like.ndim == 3 else t
 
 
 def _forward(x, weight, bias, stride, padding, dilation):
     args = _kernel_args(x.shape[2:], weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
     out = _module.forward(_planes(x), _planes(weight), bias, args)
-    return _back(out, x).contiguous() if x.ndim == 3 else out
+    return _back(out, x)
 
 
 def _input_grad(grad_out, weight, input_size, stride, padding, dilation):
