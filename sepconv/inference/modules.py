@@ -32,7 +32,11 @@ class FusedConv(nn.Module):
         if activation not in reference.ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(reference.ACTIVATIONS)}; got {activation!r}")
         self.kind = kind
-        self.register_buffer("weight", weight.detach().clone())
+        weight = weight.detach().clone()
+        if kind == "pointwise":  # the kernel reads W^T's rows (C_out contiguous): stored so, as a view of them
+            out_channels, in_channels = weight.shape[:2]
+            weight = weight.reshape(out_channels, in_channels).t().contiguous().t().reshape(weight.shape)
+        self.register_buffer("weight", weight)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.kernel_size = tuple(weight.shape[2:])
         self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)

@@ -54,35 +54,37 @@ inline Vectorized<T> activate(const Vectorized<T>& x, Act kind, T alpha) {
   }
 }
 
-// p[0, n) = act(p[0, n) + bias[0, n)) in place (bias may be null), while the values are still in cache.
-template <typename T>
-void activate_inplace(T* p, int64_t n, const T* bias, const Activation& a) {
+// p[0, n) = act(p[0, n) + bias[0, n)) in place (bias may be null), while the values are still in cache. The
+// activation is chosen once per call, outside the loop.
+template <typename T, Act KIND>
+void activate_loop(T* p, int64_t n, const T* bias, T b, T alpha) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  const T alpha = static_cast<T>(a.alpha);
+  const V bv(b);
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    V v = V::loadu(p + i);
-    if (bias) v = v + V::loadu(bias + i);
-    activate(v, a.kind, alpha).store(p + i);
+    const V v = V::loadu(p + i) + (bias ? V::loadu(bias + i) : bv);
+    activate(v, KIND, alpha).store(p + i);
   }
   if (i < n) {
-    V v = V::loadu(p + i, n - i);
-    if (bias) v = v + V::loadu(bias + i, n - i);
-    activate(v, a.kind, alpha).store(p + i, n - i);
+    const V v = V::loadu(p + i, n - i) + (bias ? V::loadu(bias + i, n - i) : bv);
+    activate(v, KIND, alpha).store(p + i, n - i);
   }
 }
 
-// p[0, n) = act(p[0, n) + b) for one scalar bias b (a planar row of one channel).
 template <typename T>
-void activate_inplace(T* p, int64_t n, T b, const Activation& a) {
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
+void activate_inplace(T* p, int64_t n, const T* bias, const Activation& a, T b = T(0)) {
   const T alpha = static_cast<T>(a.alpha);
-  const V bv(b);
-  int64_t i = 0;
-  for (; i + L <= n; i += L) activate(V::loadu(p + i) + bv, a.kind, alpha).store(p + i);
-  if (i < n) activate(V::loadu(p + i, n - i) + bv, a.kind, alpha).store(p + i, n - i);
+  switch (a.kind) {
+    case Act::ReLU: return activate_loop<T, Act::ReLU>(p, n, bias, b, alpha);
+    case Act::ReLU6: return activate_loop<T, Act::ReLU6>(p, n, bias, b, alpha);
+    case Act::ELU: return activate_loop<T, Act::ELU>(p, n, bias, b, alpha);
+    case Act::SiLU: return activate_loop<T, Act::SiLU>(p, n, bias, b, alpha);
+    case Act::Hardswish: return activate_loop<T, Act::Hardswish>(p, n, bias, b, alpha);
+    case Act::GELU: return activate_loop<T, Act::GELU>(p, n, bias, b, alpha);
+    case Act::LeakyReLU: return activate_loop<T, Act::LeakyReLU>(p, n, bias, b, alpha);
+    default: return activate_loop<T, Act::None>(p, n, bias, b, alpha);
+  }
 }
 
 // Pointwise (1x1) convolution with its bias and activation in the epilogue (pointwise.cpp).

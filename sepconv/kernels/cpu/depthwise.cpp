@@ -31,6 +31,8 @@ using sepconv_cpu::Vectorized;
 struct Geometry {
   int64_t kh, kw, oh, ow, sh, sw, pt, pl, dh, dw, flip_pt, flip_pl;
   bool stream = false;  // outputs far larger than the caches: store around them (see store_output)
+  sepconv_cpu::Act act = sepconv_cpu::Act::None;  // the forward's epilogue, applied in registers before the store
+  double alpha = 1.0;
 };
 
 Geometry read_geometry(at::IntArrayRef g) {
@@ -514,6 +516,12 @@ inline void store_output(const Vectorized<T>& v, T* p, int64_t n, bool stream) {
   store<T, FULL>(v, p, n);
 }
 
+// The forward's activation on a finished vector of outputs.
+template <typename T>
+inline Vectorized<T> finish(const Vectorized<T>& v, const Geometry& g) {
+  return g.act == sepconv_cpu::Act::None ? v : sepconv_cpu::activate(v, g.act, static_cast<T>(g.alpha));
+}
+
 // P output pixels of one row, channels [c, c + n) (a full vector when FULL): acc[p] = bias + sum over taps.
 // `rows[i]` is the input row of kernel row i (nullptr in the padding); pixel p reads column
 // (ow + p) * sw - pl + k * dw, checked against the row's ends only when CLIP.
@@ -541,7 +549,7 @@ void nhwc_pixels(const T* const* rows, const T* wt, const T* bias, T* out, int64
       }
     }
   }
-  for (int p = 0; p < P; ++p) store<T, FULL>(acc[p], out + (ow + p) * C + c, n);
+  for (int p = 0; p < P; ++p) store<T, FULL>(finish(acc[p], g), out + (ow + p) * C + c, n);
 }
 
 // Register-blocked interior: P pixels of one row at unit dilation and column stride SW, where neighbouring
@@ -577,7 +585,7 @@ void nhwc_block_fixed(const T* const* rows, const T* const* wrows, int64_t taps_
   const int64_t col0 = (ow * SW - g.pl) * C + c;
   for (int64_t r = 0; r < taps_rows; ++r) nhwc_taps<T, P, SW, KW, FULL>(rows[r] + col0, wrows[r] + c, C, n, acc);
 #pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) store_output<T, FULL>(acc[p], out + (ow + p) * C + c, n, g.stream);
+  for (int p = 0; p < P; ++p) store_output<T, FULL>(finish(acc[p], g), out + (ow + p) * C + c, n, g.stream);
 }
 
 // Any width: chunks of up to 8 taps, accumulating in the output.
@@ -605,7 +613,7 @@ void nhwc_block_chunked(const T* const* rows, const T* const* wrows, int64_t tap
       default: break;
     }
   }
-  for (int p = 0; p < P; ++p) store_output<T, FULL>(acc[p], out + (ow + p) * C + c, n, g.stream);
+  for (int p = 0; p < P; ++p) store_output<T, FULL>(finish(acc[p], g), out + (ow + p) * C + c, n, g.stream);
 }
 
 template <typename T, int P, bool FULL>
@@ -708,7 +716,7 @@ struct PaddedRows {
 
 template <typename T>
 void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64_t C, int64_t H, int64_t W,
-                  const Geometry& g, int64_t right, const Activation& act) {
+                  const Geometry& g, int64_t right) {
   // right >= 0: read the rows through PaddedRows (then the kernels see unpadded, wider rows)
   const bool pad = right >= 0;
   Geometry inner = g;
@@ -732,9 +740,8 @@ void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64
         taps_x[taps_rows] = rows[i];
         taps_w[taps_rows++] = wt + i * g.kw * C;
       }
-      T* out = y + task * g.ow * C;
-      nhwc_row<T>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, out, C, width, lo, hi, inner);
-      if (act.any()) activate_inplace<T>(out, g.ow * C, static_cast<const T*>(nullptr), act);  // the row is in L1/L2
+      nhwc_row<T>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, y + task * g.ow * C, C, width, lo,
+                  hi, inner);
     }
 #if defined(CPU_CAPABILITY_AVX512)
     if (g.stream) _mm_sfence();  // each thread completes its weakly ordered non-temporal stores
@@ -940,11 +947,13 @@ void run_nhwc_forward(const at::Tensor& x, const at::Tensor& wt, const at::Tenso
   int64_t right = -1;
   if (g.pl >= 0 && g.kw > 3 && 4 * (hi - lo) < 3 * g.ow)
     right = std::max<int64_t>(0, (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1 - g.pl - W);
-  g.stream = y.nbytes() > (8 << 20) && !act.any();  // the epilogue reads the row back: keep it in cache
+  g.stream = y.nbytes() > (8 << 20);
+  g.act = act.kind;
+  g.alpha = act.alpha;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_nhwc", [&] {
     nhwc_forward<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
                            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, H, W, g,
-                           right, act);
+                           right);
   });
 }
 

@@ -1,9 +1,13 @@
-// Pointwise (1x1) convolution for inference: a matrix product (BLAS through ATen) whose bias and activation are
-// applied to each block of the output while it is still in cache, instead of in separate passes over memory.
+// Pointwise (1x1) convolution for inference, with its bias and activation in the epilogue.
 //
-// Channels-last, the input is a (pixels, C) matrix and the output a (pixels, C_out) one: each thread multiplies
-// blocks of rows (a single-threaded product inside the parallel region) and finishes them at once. Contiguous
-// (NCHW), each image is W (C_out, C) times its (C, pixels) matrix.
+// Channels-last, the input is a (pixels, C) matrix X and the output a (pixels, C_out) one: Y = act(X W^T + b).
+// A register-blocked product computes R = 8 pixels times up to 3 vectors of output channels at once: each step
+// over C broadcasts one input value per pixel and multiplies it with a row of W^T (C_out contiguous, which is
+// how sepconv.inference stores the weight; any other weight is transposed once per call). The accumulators
+// start at the bias and go through the activation on their way to memory, so the output is written once.
+// Tasks are blocks of pixels times blocks of output channels, so that small images with wide layers (7x7 with
+// 1280 channels) still give every thread work. Contiguous (NCHW) inputs are W times each image's (C, pixels)
+// matrix (BLAS), then one pass adds the bias and applies the activation per output plane.
 
 #include "common.h"
 
@@ -13,11 +17,86 @@ namespace sepconv_cpu {
 
 namespace {
 
-// Rows per block: enough for an efficient product, few enough that the block's output stays in L2.
-int64_t block_rows(int64_t pixels, int64_t out_channels) {
-  const int64_t rows = std::max<int64_t>(32, (256 << 10) / (4 * std::max<int64_t>(1, out_channels)));
-  const int64_t per_thread = (pixels + at::get_num_threads() - 1) / at::get_num_threads();
-  return std::max<int64_t>(1, std::min(rows, per_thread));
+constexpr int64_t kPixels = 8;  // pixels per register block
+constexpr int64_t kVectors = 3;  // output vectors per register block: 24 accumulators, 3 weight rows, 1 broadcast
+constexpr int64_t kPixelTask = 64;  // pixels per task: their input rows stay in L2 across the channel blocks
+
+// Y[r, 0:n) = act(b + sum_k X[r, k] * Wt[k, 0:n)) for R pixels and NV vectors of outputs (the last holds `tail`).
+template <typename T, int R, int NV, bool FULL>
+void pointwise_block(const T* x, int64_t ldx, const T* wt, int64_t ldw, int64_t K, const T* bias, T* y, int64_t ldy,
+                     int64_t tail, Act act, T alpha) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V acc[R][NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    const bool part = !FULL && j == NV - 1;
+    const V b = bias ? (part ? V::loadu(bias + j * L, tail) : V::loadu(bias + j * L)) : V(T(0));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][j] = b;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V w[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      w[j] = (!FULL && j == NV - 1) ? V::loadu(wt + k * ldw + j * L, tail) : V::loadu(wt + k * ldw + j * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V a(x[r * ldx + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = at::vec::fmadd(a, w[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      const V v = act == Act::None ? acc[r][j] : activate(acc[r][j], act, alpha);
+      if (!FULL && j == NV - 1) v.store(y + r * ldy + j * L, tail);
+      else v.store(y + r * ldy + j * L);
+    }
+  }
+}
+
+template <typename T, int R>
+using Block = void (*)(const T*, int64_t, const T*, int64_t, int64_t, const T*, T*, int64_t, int64_t, Act, T);
+
+template <typename T, int R>
+Block<T, R> pick(int64_t vectors, bool full) {
+  switch (vectors) {
+    case 3: return full ? pointwise_block<T, R, 3, true> : pointwise_block<T, R, 3, false>;
+    case 2: return full ? pointwise_block<T, R, 2, true> : pointwise_block<T, R, 2, false>;
+    default: return full ? pointwise_block<T, R, 1, true> : pointwise_block<T, R, 1, false>;
+  }
+}
+
+template <typename T>
+void pointwise_nhwc(const T* x, const T* wt, const T* bias, T* y, int64_t P, int64_t K, int64_t O, const Activation& a) {
+  constexpr int64_t L = Vectorized<T>::size();
+  const int64_t chunk = kVectors * L;  // output channels per register block
+  const int64_t pixel_tasks = (P + kPixelTask - 1) / kPixelTask;
+  // enough channel blocks per pixel block that every thread has a few tasks
+  const int64_t chunks = (O + chunk - 1) / chunk;
+  const int64_t want = std::max<int64_t>(1, 4 * at::get_num_threads() / pixel_tasks);
+  const int64_t chunks_per_task = std::max<int64_t>(1, chunks / std::min(chunks, want));
+  const int64_t channel_tasks = (chunks + chunks_per_task - 1) / chunks_per_task;
+  const T alpha = static_cast<T>(a.alpha);
+  at::parallel_for(0, pixel_tasks * channel_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p0 = (task / channel_tasks) * kPixelTask, p1 = std::min(P, p0 + kPixelTask);
+      const int64_t o_begin = (task % channel_tasks) * chunks_per_task * chunk;
+      const int64_t o_end = std::min(O, o_begin + chunks_per_task * chunk);
+      for (int64_t o = o_begin; o < o_end; o += chunk) {
+        const int64_t n = std::min(chunk, o_end - o), vectors = (n + L - 1) / L, tail = n - (vectors - 1) * L;
+        const auto block8 = pick<T, kPixels>(vectors, tail == L);
+        const auto block1 = pick<T, 1>(vectors, tail == L);
+        const T* b = bias ? bias + o : nullptr;
+        int64_t p = p0;
+        for (; p + kPixels <= p1; p += kPixels) block8(x + p * K, K, wt + o, O, K, b, y + p * O + o, O, tail, a.kind, alpha);
+        for (; p < p1; ++p) block1(x + p * K, K, wt + o, O, K, b, y + p * O + o, O, tail, a.kind, alpha);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -32,43 +111,30 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
               "sepconv cpu pointwise: weight must be (C_out, ", x.size(1), ", 1, 1) of x's dtype; got ", weight.sizes());
   const Activation act = read_activation(activation, alpha);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Co = weight.size(0);
-  const at::Tensor w = weight.reshape({Co, C});
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const bool channels_last = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 
-  if (channels_last) {
+  if (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
     const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+    // W^T as (C, C_out) rows: free when the weight is already a transposed view of them
+    const auto wt = weight.reshape({Co, C}).t().contiguous();
     auto y = at::empty({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    const auto rows_in = xc.permute({0, 2, 3, 1}).reshape({N * H * W, C});
-    auto rows_out = y.permute({0, 2, 3, 1}).view({N * H * W, Co});
-    const auto wt = w.t();
-    const int64_t pixels = N * H * W, step = block_rows(pixels, Co);
-    at::parallel_for(0, (pixels + step - 1) / step, 1, [&](int64_t begin, int64_t end) {
-      c10::InferenceMode guard;  // thread-local: the pool's threads may write the caller's inference tensors
-      for (int64_t block = begin; block < end; ++block) {
-        const int64_t r0 = block * step, r1 = std::min(pixels, r0 + step);
-        auto out = rows_out.narrow(0, r0, r1 - r0);
-        if (b.defined()) at::addmm_out(out, b, rows_in.narrow(0, r0, r1 - r0), wt);
-        else at::mm_out(out, rows_in.narrow(0, r0, r1 - r0), wt);
-        if (act.any()) {
-          AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "sepconv_pointwise_epilogue", [&] {
-            activate_inplace<scalar_t>(out.data_ptr<scalar_t>(), (r1 - r0) * Co, static_cast<const scalar_t*>(nullptr),
-                                       act);
-          });
-        }
-      }
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_pointwise_nhwc", [&] {
+      pointwise_nhwc<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                               b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N * H * W, C,
+                               Co, act);
     });
     return y;
   }
 
-  auto y = at::matmul(w, x.contiguous().view({N, C, H * W})).view({N, Co, H, W});
+  auto y = at::matmul(weight.reshape({Co, C}), x.contiguous().view({N, C, H * W})).view({N, Co, H, W});
   if (b.defined() || act.any()) {
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "sepconv_pointwise_epilogue_planar", [&] {
       scalar_t* data = y.data_ptr<scalar_t>();
       const scalar_t* bias_data = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, N * Co, 1, [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane)
-          activate_inplace<scalar_t>(data + plane * H * W, H * W, bias_data ? bias_data[plane % Co] : scalar_t(0), act);
+          activate_inplace<scalar_t>(data + plane * H * W, H * W, nullptr, act,
+                                     bias_data ? bias_data[plane % Co] : scalar_t(0));
       });
     });
   }

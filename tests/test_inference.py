@@ -1,0 +1,292 @@
+"""sepconv.optimize_for_inference and the fused kernels behind it.
+
+The fused ops (``sepconv::depthwise_conv_act``, ``sepconv::pointwise_conv_act``) are checked against their unfused
+twin (PyTorch's convolution, then the activation): hypothesis over geometries, layouts, multipliers, activations and
+dtypes, and ``torch.library.opcheck``. Optimised models are checked against the eval-mode originals: every reference
+model, and hypothesis over blocks (kernel sizes, strides, multipliers, activations, with and without batch norm and
+bias); compile fullgraph, ONNX export (standard nodes only, ONNX Runtime agrees) and the errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sepconv
+import sepconv.functional as F
+from sepconv import kernels
+from sepconv.inference import FusedConv
+from sepconv.kernels import cpu, ops, reference
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+requires_cpu_backend = pytest.mark.skipif(not cpu.available(), reason=f"C++ backend not built: {cpu.failure()}")
+
+# Folding batch norm reorders float32 arithmetic; outputs are compared relative to their own scale.
+RELATIVE = 1e-4
+ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "elu": lambda: nn.ELU(0.7),
+               "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU, "leaky_relu": lambda: nn.LeakyReLU(0.2)}
+
+
+@pytest.fixture(autouse=True)
+def _restore_mode():
+    yield
+    kernels.set_kernels(None)
+    kernels.clear_choices()
+
+
+def assert_close_scaled(out, ref, relative=RELATIVE):
+    scale = max(float(ref.abs().max()), 1.0)
+    torch.testing.assert_close(out, ref, atol=relative * scale, rtol=relative)
+
+
+def same_layout(a, b):
+    """Same strides wherever a dimension has more than one element (PyTorch's notion of the same layout)."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def randomise_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so that folding has something to fold."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            if module.affine:
+                module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.data.copy_(torch.randn(n, generator=generator) * 0.2)
+    return model
+
+
+# --- the fused kernels against their unfused twin ------------------------------------------------------------
+
+@requires_cpu_backend
+@settings(max_examples=60, deadline=None)
+@given(channels=st.integers(1, 20), multiplier=st.sampled_from([1, 1, 2, 3]), kernel=st.integers(1, 7),
+       stride=st.integers(1, 3), dilation=st.integers(1, 2), padding=st.sampled_from(["same", "valid", 1]),
+       activation=st.sampled_from(reference.ACTIVATIONS), channels_last=st.booleans(), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]), size=st.integers(7, 19))
+def test_depthwise_conv_act_equals_conv_then_activation(channels, multiplier, kernel, stride, dilation, padding,
+                                                        activation, channels_last, bias, dtype, size):
+    generator = torch.Generator().manual_seed(channels * 31 + kernel)
+    x = torch.randn(2, channels, size, size + 3, generator=generator, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(channels * multiplier, 1, kernel, kernel, generator=generator, dtype=dtype)
+    b = torch.randn(channels * multiplier, generator=generator, dtype=dtype) if bias else None
+    geometry = F._geometry(x, (kernel, kernel), stride, padding, dilation, "zeros")
+    calls = cpu.kernel_calls()
+    out = cpu.depthwise_conv_act(x, w, b, geometry, activation, 0.3)
+    assert cpu.kernel_calls() > calls
+    ref = reference.conv_act(x, w, b, geometry, channels, "zeros", activation, 0.3)
+    assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
+    assert_close_scaled(out, ref, 1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@requires_cpu_backend
+@settings(max_examples=60, deadline=None)
+@given(in_channels=st.integers(1, 70), out_channels=st.integers(1, 100), pixels=st.integers(1, 150),
+       activation=st.sampled_from(reference.ACTIVATIONS), channels_last=st.booleans(), bias=st.booleans(),
+       transposed_weight=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channels, pixels, activation, channels_last,
+                                                        bias, transposed_weight, dtype):
+    generator = torch.Generator().manual_seed(in_channels * 101 + out_channels)
+    x = torch.randn(2, in_channels, 1, pixels, generator=generator, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(out_channels, in_channels, 1, 1, generator=generator, dtype=dtype)
+    if transposed_weight:  # how FusedConv stores it: a view of W^T's rows
+        w = w.reshape(out_channels, in_channels).t().contiguous().t().reshape(w.shape)
+    b = torch.randn(out_channels, generator=generator, dtype=dtype) if bias else None
+    out = cpu.pointwise_conv_act(x, w, b, activation, 0.3)
+    ref = reference.activation(torch.nn.functional.conv2d(x, w, b), activation, 0.3)
+    assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
+    assert_close_scaled(out, ref, 1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def _fused_op_samples():
+    samples = []
+    for channels_last in (False, True):
+        x = torch.randn(2, 8, 9, 11, dtype=torch.float64)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(16, 1, 3, 2, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+        samples.append((ops.depthwise_conv_act, (x, w, b, [2, 1], [1, 0, 0, 1], [1, 2], "elu", 0.5)))
+        samples.append((ops.pointwise_conv_act, (x, torch.randn(5, 8, 1, 1, dtype=torch.float64), b[:5], "gelu", 1.0)))
+        samples.append((ops.pointwise_conv_act, (x[:, :, 0], torch.randn(5, 8, 1, dtype=torch.float64), None, "relu6",
+                                                 1.0)))
+    return samples
+
+
+@requires_cpu_backend
+@pytest.mark.parametrize("index", range(6))
+def test_opcheck_fused_ops(index):
+    op, args = _fused_op_samples()[index]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    ref = reference.activation(
+        torch.nn.functional.conv1d(args[0], args[1], args[2]) if args[0].ndim == 3 and op is ops.pointwise_conv_act
+        else torch.nn.functional.conv2d(args[0], args[1], args[2]) if op is ops.pointwise_conv_act
+        else reference.conv(args[0], args[1], args[2], ops.resolve(args[0].shape[2:], args[1].shape[2:], *args[3:6]),
+                            args[0].shape[1], "zeros"), args[-2], args[-1])
+    torch.testing.assert_close(op(*args), ref)
+
+
+# --- optimised models equal the originals --------------------------------------------------------------------
+
+def _model_input(name: str) -> tuple[nn.Module, torch.Tensor]:
+    model = sepconv.models.create_model(name)
+    channels, height, width = model.input_shape
+    if model.min_input_size is not None:  # the smallest input keeps the test fast
+        height, width = (max(m, min(h, 64)) for m, h in zip(model.min_input_size, (height, width)))
+    return randomise_batch_norms(model).eval(), torch.randn(1, channels, height, width)
+
+
+@pytest.mark.parametrize("name", sepconv.models.list_models())
+@pytest.mark.parametrize("separable", [True, False])
+def test_every_reference_model_and_twin_keeps_its_outputs(name, separable):
+    model, x = _model_input(name)
+    if not separable:
+        if "separable" not in type(model).__init__.__code__.co_varnames:
+            pytest.skip(f"{name} has no standard twin")
+        model = randomise_batch_norms(sepconv.models.create_model(name, separable=False)).eval()
+    before = copy.deepcopy(model.state_dict())
+    # the layout is timed on the example for the separable models; the twins take the default
+    optimised = sepconv.optimize_for_inference(model, x if separable else None)
+    with torch.inference_mode():
+        assert_close_scaled(optimised(x), model(x))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in optimised.modules() if
+                   not isinstance(m, FusedConv)) or name == "digits_cnn"
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items()), "model was changed"
+
+
+def _block(kind: str, kernel: int, stride: int, multiplier: int, norm: bool, bias: bool, activation: str):
+    act = ACTIVATIONS[activation]()
+    if kind == "depthwise":
+        conv = sepconv.DepthwiseConv2d(6, kernel, stride, "same", depth_multiplier=multiplier, bias=bias)
+    elif kind == "pointwise":
+        conv = sepconv.PointwiseConv2d(6, 6 * multiplier, bias=bias)
+    elif kind == "separable":
+        conv = sepconv.SeparableConv2d(6, 6 * multiplier, kernel, stride, "same", bias=bias,
+                                       norm="batch" if norm else None, activation=ACTIVATIONS[activation]())
+    elif kind == "conv":
+        conv = sepconv.Conv2d(6, 6 * multiplier, kernel, stride, "same", bias=bias)
+    else:  # PyTorch's own layers
+        conv = nn.Conv2d(6, 6 * multiplier, kernel, stride, kernel // 2, bias=bias,
+                         groups=6 if kind == "torch_depthwise" else 1)
+    layers = [conv] + ([nn.BatchNorm2d(6 * multiplier)] if norm else []) + [act, nn.Dropout(0.5)]
+    return nn.Sequential(*layers)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kinds=st.lists(st.sampled_from(["depthwise", "pointwise", "separable", "conv", "torch_conv",
+                                       "torch_depthwise"]), min_size=1, max_size=3),
+       kernel=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2), multiplier=st.integers(1, 2),
+       norm=st.booleans(), bias=st.booleans(), activation=st.sampled_from(list(ACTIVATIONS)),
+       layout=st.sampled_from(["auto", "channels_last", "contiguous"]))
+def test_optimised_blocks_keep_their_outputs(kinds, kernel, stride, multiplier, norm, bias, activation, layout):
+    blocks = []
+    for kind in kinds:
+        blocks.append(_block(kind, kernel, stride, multiplier, norm, bias, activation))
+        blocks.append(nn.Conv2d(6 * multiplier, 6, 1))  # back to 6 channels for the next block
+    model = randomise_batch_norms(nn.Sequential(*blocks)).eval()
+    x = torch.randn(2, 6, 13, 10)
+    optimised = sepconv.optimize_for_inference(model, x, layout=layout)
+    with torch.no_grad():
+        assert_close_scaled(optimised(x), model(x))
+        assert_close_scaled(optimised(x[0]), model(x[:1])[0])  # unbatched
+    leaves = [m for m in optimised.modules() if not isinstance(m, nn.Sequential)]
+    assert all(isinstance(m, FusedConv) for m in leaves), "every norm, activation and dropout was fused or dropped"
+
+
+def test_unsupported_patterns_stay_as_they_are():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Tanh(), nn.Conv2d(4, 4, 1), nn.Sigmoid())
+    optimised = sepconv.optimize_for_inference(model.eval())
+    kinds = [type(m).__name__ for m in optimised]
+    assert kinds == ["FusedConv", "LayerNorm", "Tanh", "FusedConv", "Sigmoid"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert_close_scaled(optimised(x), model(x))
+
+
+def test_the_copy_is_eval_only_and_the_original_keeps_its_mode():
+    model = sepconv.models.create_model("mobilenet_v2", alpha=0.35, num_classes=10, input_size=32).train()
+    optimised = sepconv.optimize_for_inference(model)
+    assert model.training and not optimised.training
+    assert not list(optimised.parameters()) or not any(p.requires_grad for p in optimised.parameters())
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    with pytest.raises(RuntimeError, match="for inference only"):
+        optimised(x)
+
+
+def test_fast_paths_run_and_the_reference_mode_does_not_touch_them():
+    model, x = _model_input("mobilenet_v2")
+    optimised = sepconv.optimize_for_inference(model, x, layout="channels_last")
+    with torch.no_grad():
+        calls = cpu.kernel_calls()
+        out = optimised(x)
+        if cpu.available():
+            assert cpu.kernel_calls() > calls
+        with kernels.use_kernels("reference"):
+            calls = cpu.kernel_calls()
+            ref = optimised(x)
+            assert cpu.kernel_calls() == calls
+    assert_close_scaled(out, ref)
+
+
+def test_a_failed_build_leaves_the_reference(monkeypatch):
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    model, x = _model_input("eegnet")
+    optimised = sepconv.optimize_for_inference(model)
+    with torch.no_grad():
+        assert_close_scaled(optimised(x), model(x))
+
+
+def test_errors_name_the_argument():
+    model = nn.Sequential(nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match=r"^model must be a torch.nn.Module; got str$"):
+        sepconv.optimize_for_inference("model")
+    with pytest.raises(TypeError, match=r"^example_input must be a torch.Tensor or None; got list$"):
+        sepconv.optimize_for_inference(model, [1])
+    with pytest.raises(ValueError, match=r"^layout must be one of auto, channels_last, contiguous; got 'nhwc'$"):
+        sepconv.optimize_for_inference(model, layout="nhwc")
+
+
+# --- compile and export --------------------------------------------------------------------------------------
+
+@requires_cpu_backend
+def test_compile_fullgraph_runs_the_fused_kernels_inside_the_graph():
+    torch._dynamo.reset()
+    model = randomise_batch_norms(sepconv.models.create_model("mobilenet_v2", alpha=0.35, num_classes=10,
+                                                              input_size=32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    optimised = sepconv.optimize_for_inference(model, layout="channels_last")
+    compiled = torch.compile(optimised, fullgraph=True)
+    with torch.no_grad():
+        calls = cpu.kernel_calls()
+        out = compiled(x)
+        assert cpu.kernel_calls() > calls, "the fused kernels ran inside the compiled graph"
+        assert_close_scaled(out, model(x))
+
+
+def test_onnx_export_holds_standard_nodes_and_onnxruntime_agrees():
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = randomise_batch_norms(sepconv.models.create_model("mobilenet_v2", alpha=0.35, num_classes=10,
+                                                              input_size=32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    optimised = sepconv.optimize_for_inference(model, layout="channels_last")
+    buffer = io.BytesIO()
+    torch.onnx.export(optimised, (x,), buffer, dynamo=False, opset_version=17)
+    graph = onnx.load_from_string(buffer.getvalue()).graph
+    assert all(node.domain in ("", "ai.onnx") for node in graph.node)
+    assert not any(node.op_type == "BatchNormalization" for node in graph.node), "batch norm was folded"
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert_close_scaled(torch.from_numpy(out), model(x))
