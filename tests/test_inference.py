@@ -21,7 +21,7 @@ from torch import nn
 import sepconv
 import sepconv.functional as F
 from sepconv import kernels
-from sepconv.inference import FusedConv
+from sepconv.inference import FusedConv, FusedSeparable
 from sepconv.kernels import cpu, ops, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -71,7 +71,7 @@ def randomise_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 @given(channels=st.integers(1, 20), multiplier=st.sampled_from([1, 1, 2, 3]), kernel=st.integers(1, 7),
        stride=st.integers(1, 3), dilation=st.integers(1, 2), padding=st.sampled_from(["same", "valid", 1]),
        activation=st.sampled_from(reference.ACTIVATIONS), channels_last=st.booleans(), bias=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float64]), size=st.integers(7, 19))
+       dtype=st.sampled_from([torch.float32, torch.float64]), size=st.integers(13, 19))
 def test_depthwise_conv_act_equals_conv_then_activation(channels, multiplier, kernel, stride, dilation, padding,
                                                         activation, channels_last, bias, dtype, size):
     generator = torch.Generator().manual_seed(channels * 31 + kernel)
@@ -110,6 +110,29 @@ def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channel
     assert_close_scaled(out, ref, 1e-5 if dtype == torch.float32 else 1e-12)
 
 
+@requires_cpu_backend
+@settings(max_examples=50, deadline=None)
+@given(channels=st.integers(4, 40), out_channels=st.integers(1, 60), kernel=st.sampled_from([1, 3, 5, 7, 9]),
+       stride=st.integers(1, 2), padding=st.sampled_from(["same", "valid"]), size=st.integers(9, 30),
+       batch=st.integers(1, 3), activations=st.tuples(st.sampled_from(reference.ACTIVATIONS),
+                                                       st.sampled_from(reference.ACTIVATIONS)),
+       bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_separable_conv_act_equals_its_two_steps(channels, out_channels, kernel, stride, padding, size, batch,
+                                                 activations, bias, dtype):
+    generator = torch.Generator().manual_seed(channels * 7 + out_channels)
+    x = torch.randn(batch, channels, size, size + 2, generator=generator, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(channels, 1, kernel, kernel, generator=generator, dtype=dtype)
+    pw = torch.randn(out_channels, channels, 1, 1, generator=generator, dtype=dtype)
+    b, pb = (torch.randn(n, generator=generator, dtype=dtype) if bias else None for n in (channels, out_channels))
+    geometry = F._geometry(x, (kernel, kernel), stride, padding, 1, "zeros")
+    out = cpu.separable_conv_act(x, w, b, geometry, activations[0], 0.3, pw, pb, activations[1], 0.2)
+    hidden = reference.conv_act(x, w, b, geometry, channels, "zeros", activations[0], 0.3)
+    ref = reference.activation(torch.nn.functional.conv2d(hidden, pw, pb), activations[1], 0.2)
+    assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
+    assert_close_scaled(out, ref, 1e-5 if dtype == torch.float32 else 1e-12)
+
+
 def _fused_op_samples():
     samples = []
     for channels_last in (False, True):
@@ -121,19 +144,25 @@ def _fused_op_samples():
         samples.append((ops.pointwise_conv_act, (x, torch.randn(5, 8, 1, 1, dtype=torch.float64), b[:5], "gelu", 1.0)))
         samples.append((ops.pointwise_conv_act, (x[:, :, 0], torch.randn(5, 8, 1, dtype=torch.float64), None, "relu6",
                                                  1.0)))
+        samples.append((ops.separable_conv_act, (x, w[:8], b[:8], [2, 1], [1, 0, 0, 1], [1, 1], "relu", 1.0,
+                                                 torch.randn(5, 8, 1, 1, dtype=torch.float64), b[:5], "silu", 1.0)))
     return samples
 
 
 @requires_cpu_backend
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(8))
 def test_opcheck_fused_ops(index):
     op, args = _fused_op_samples()[index]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
-    ref = reference.activation(
-        torch.nn.functional.conv1d(args[0], args[1], args[2]) if args[0].ndim == 3 and op is ops.pointwise_conv_act
-        else torch.nn.functional.conv2d(args[0], args[1], args[2]) if op is ops.pointwise_conv_act
-        else reference.conv(args[0], args[1], args[2], ops.resolve(args[0].shape[2:], args[1].shape[2:], *args[3:6]),
-                            args[0].shape[1], "zeros"), args[-2], args[-1])
+    x, weight, bias = args[:3]
+    if op is ops.pointwise_conv_act:
+        ref = torch.nn.functional.conv1d(x, weight, bias) if x.ndim == 3 else torch.nn.functional.conv2d(x, weight, bias)
+        ref = reference.activation(ref, *args[3:])
+    else:
+        geometry = ops.resolve(x.shape[2:], weight.shape[2:], *args[3:6])
+        ref = reference.conv_act(x, weight, bias, geometry, x.shape[1], "zeros", *args[6:8])
+        if op is ops.separable_conv_act:
+            ref = reference.activation(torch.nn.functional.conv2d(ref, args[8], args[9]), *args[10:])
     torch.testing.assert_close(op(*args), ref)
 
 
@@ -201,7 +230,7 @@ def test_optimised_blocks_keep_their_outputs(kinds, kernel, stride, multiplier, 
         assert_close_scaled(optimised(x), model(x))
         assert_close_scaled(optimised(x[0]), model(x[:1])[0])  # unbatched
     leaves = [m for m in optimised.modules() if not isinstance(m, nn.Sequential)]
-    assert all(isinstance(m, FusedConv) for m in leaves), "every norm, activation and dropout was fused or dropped"
+    assert all(isinstance(m, (FusedConv, FusedSeparable)) for m in leaves), "every norm, activation and dropout went"
 
 
 def test_unsupported_patterns_stay_as_they_are():

@@ -3,11 +3,13 @@ its bias and activation applied in the kernel's epilogue."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
 from .. import functional
-from ..kernels import cpu, reference, registry
+from ..kernels import cpu, ops, reference, registry
 
 KINDS = ("depthwise", "pointwise", "conv")
 
@@ -78,3 +80,59 @@ class FusedConv(nn.Module):
             text += f", groups={self.groups}"
         text += f", bias={self.bias is not None}, activation={self.activation!r}"
         return text + (f", alpha={self.alpha}" if self.activation in ("elu", "leaky_relu") else "")
+
+
+class FusedSeparable(nn.Module):
+    """A depthwise :class:`FusedConv` then a pointwise one, as one kernel where that is faster.
+
+    The fused kernel computes a block of depthwise output rows into a buffer that stays in cache and feeds the
+    pointwise product from there, so the hidden tensor never goes to memory (channels-last input, depth
+    multiplier 1, zero padding). Whether it pays depends on the shapes: the first call with a new input shape
+    times both ways and keeps the faster (unless the kernels mode is forced), as the kernels mode ``auto`` does.
+    """
+
+    def __init__(self, depthwise: FusedConv, pointwise: FusedConv):
+        super().__init__()
+        if depthwise.kind != "depthwise" or pointwise.kind != "pointwise":
+            raise ValueError(f"FusedSeparable needs a depthwise then a pointwise FusedConv; got {depthwise.kind} "
+                             f"then {pointwise.kind}")
+        self.depthwise, self.pointwise = depthwise, pointwise
+        self._fuse: dict[tuple, bool] = {}  # input signature -> whether the fused kernel is the faster
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable(x):
+            if torch.compiler.is_compiling() or registry.get_kernels() == "cpu":
+                return self._fused(x)
+            signature = (tuple(x.shape), x.stride(), torch.get_num_threads())
+            fuse = self._fuse.get(signature)
+            if fuse is None:
+                fuse = self._fuse[signature] = self._fused_is_faster(x)
+            if fuse:
+                return self._fused(x)
+        return self.pointwise(self.depthwise(x))
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        dw = self.depthwise
+        return (x.ndim == 4 and registry.get_kernels() != "reference" and not registry.exporting()
+                and dw.padding_mode == "zeros" and dw.weight.shape[0] == x.shape[1] and ops.channels_last_like(x)
+                and not (torch.is_grad_enabled() and x.requires_grad) and cpu.supports(x, dw.weight, dw.bias)
+                and cpu.available())
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        dw, pw = self.depthwise, self.pointwise
+        geometry = functional._geometry(x, dw.kernel_size, dw.stride, dw.padding, dw.dilation, dw.padding_mode)
+        return cpu.separable_conv_act(x, dw.weight, dw.bias, geometry, dw.activation, dw.alpha, pw.weight, pw.bias,
+                                      pw.activation, pw.alpha)
+
+    def _fused_is_faster(self, x: torch.Tensor, rounds: int = 3) -> bool:
+        paths = (self._fused, lambda t: self.pointwise(self.depthwise(t)))
+        best = [float("inf")] * 2
+        with torch.no_grad():
+            for path in paths:
+                path(x)  # warm-up (and the depthwise step's own kernels choice)
+            for _ in range(rounds):
+                for index, path in enumerate(paths):
+                    start = time.perf_counter()
+                    path(x)
+                    best[index] = min(best[index], time.perf_counter() - start)
+        return best[0] < best[1]

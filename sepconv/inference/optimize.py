@@ -14,7 +14,7 @@ from ..layers.depthwise import _DepthwiseConvNd
 from ..layers.pointwise import _PointwiseConvNd
 from ..layers.separable import _SeparableConvNd
 from ..weights import fold_batch_norm
-from .modules import FusedConv
+from .modules import FusedConv, FusedSeparable
 
 __all__ = ["optimize_for_inference", "LAYOUTS"]
 
@@ -91,9 +91,17 @@ def _fuse_sequence(sequence: nn.Sequential) -> None:
                 previous.activation, previous.alpha = activation
                 continue
         merged.append((name, child))
+    paired = []  # a depthwise step then a pointwise one, each with its norm and activation: one module
+    for name, child in merged:
+        previous = paired[-1][1] if paired else None
+        if isinstance(previous, FusedConv) and isinstance(child, FusedConv) and previous.kind == "depthwise" \
+                and child.kind == "pointwise":
+            paired[-1] = (paired[-1][0], FusedSeparable(previous, child))
+        else:
+            paired.append((name, child))
     for name in list(sequence._modules):
         del sequence._modules[name]
-    for name, child in merged:
+    for name, child in paired:
         sequence.add_module(name, child)
 
 

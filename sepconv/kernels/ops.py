@@ -12,7 +12,9 @@ Two more serve inference (:mod:`sepconv.inference`), forward only, with the bias
 ``reference.ACTIVATIONS``, ``alpha`` its parameter) applied in the kernel's epilogue:
 
 * ``depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha)``;
-* ``pointwise_conv_act(x, weight, bias, activation, alpha)`` (weight ``(C_out, C_in, 1, ...)``).
+* ``pointwise_conv_act(x, weight, bias, activation, alpha)`` (weight ``(C_out, C_in, 1, ...)``);
+* ``separable_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias,
+  pw_activation, pw_alpha)``: the two in one kernel, the depthwise output kept in cache.
 
 Their default implementation is the reference (PyTorch's convolution, then the activation).
 
@@ -42,9 +44,12 @@ NAMES = ("sepconv::depthwise_conv", "sepconv::depthwise_conv_input_grad", "sepco
 
 _LIBRARY.define(f"depthwise_conv_act(Tensor x, Tensor weight, Tensor? bias, {_ARGS}, str activation, float alpha) -> Tensor")
 _LIBRARY.define("pointwise_conv_act(Tensor x, Tensor weight, Tensor? bias, str activation, float alpha) -> Tensor")
+_LIBRARY.define(f"separable_conv_act(Tensor x, Tensor weight, Tensor? bias, {_ARGS}, str activation, float alpha, "
+                "Tensor pw_weight, Tensor? pw_bias, str pw_activation, float pw_alpha) -> Tensor")
 depthwise_conv_act = torch.ops.sepconv.depthwise_conv_act.default
 pointwise_conv_act = torch.ops.sepconv.pointwise_conv_act.default
-INFERENCE_NAMES = ("sepconv::depthwise_conv_act", "sepconv::pointwise_conv_act")
+separable_conv_act = torch.ops.sepconv.separable_conv_act.default
+INFERENCE_NAMES = ("sepconv::depthwise_conv_act", "sepconv::pointwise_conv_act", "sepconv::separable_conv_act")
 
 
 def resolve(input_size, kernel_size, stride, padding, dilation) -> geometry.ConvGeometry:
@@ -83,6 +88,20 @@ def _(x, weight, bias, stride, padding, dilation, activation, alpha):
 def _(x, weight, bias, activation, alpha):
     return torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
                        memory_format=_layout(x, x))
+
+
+@torch.library.register_fake("sepconv::separable_conv_act")
+def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
+    g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    return torch.empty((x.shape[0], pw_weight.shape[0], *g.output_size), dtype=x.dtype, device=x.device,
+                       memory_format=_layout(x, weight))
+
+
+@torch.library.impl("sepconv::separable_conv_act", "CompositeExplicitAutograd")
+def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
+    g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    hidden = reference.conv_act(x, weight, bias, g, x.shape[1], "zeros", activation, alpha)
+    return reference.activation(reference.pointwise_conv(hidden, pw_weight, pw_bias), pw_activation, pw_alpha)
 
 
 @torch.library.impl("sepconv::depthwise_conv_act", "CompositeExplicitAutograd")

@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .. import kernels
-from ..cost import FULLY_CONNECTED, MATMUL, conv_kind, conv_mult_adds
+from ..cost import FULLY_CONNECTED, MATMUL, POINTWISE, SEPARABLE, conv_kind, conv_mult_adds
 
 __all__ = ["OpCounter", "OpRecord"]
 
@@ -110,7 +110,7 @@ def _convolution(func, named, output):
 def _sepconv_depthwise(func, named, output):
     """sepconv's own depthwise ops (the C++ backend's ``torch.ops.sepconv.*``), counted like ``convolution``."""
     name = func.overloadpacket.__name__
-    if name == "depthwise_conv":
+    if name in ("depthwise_conv", "depthwise_conv_act"):
         x, weight, result = named["x"], named["weight"], output
     elif name == "depthwise_conv_input_grad":
         x, weight, result = output, named["weight"], named["grad_out"]
@@ -119,6 +119,17 @@ def _sepconv_depthwise(func, named, output):
     kernel_size, channels = tuple(weight.shape[2:]), x.shape[1]
     return (conv_kind(channels, channels, kernel_size, False), tuple(x.shape), tuple(result.shape), kernel_size,
             channels, conv_mult_adds(weight.shape, result.shape))
+
+
+def _sepconv_fused(func, named, output):
+    """sepconv's fused inference ops: a pointwise convolution, or a whole depthwise separable one."""
+    x, weight = named["x"], named["weight"]
+    if func.overloadpacket.__name__ == "pointwise_conv_act":
+        return (POINTWISE, tuple(x.shape), tuple(output.shape), tuple(weight.shape[2:]), 1,
+                conv_mult_adds(weight.shape, output.shape))
+    hidden_shape = (output.shape[0], weight.shape[0], *output.shape[2:])
+    macs = conv_mult_adds(weight.shape, hidden_shape) + conv_mult_adds(named["pw_weight"].shape, output.shape)
+    return SEPARABLE, tuple(x.shape), tuple(output.shape), tuple(weight.shape[2:]), x.shape[1], macs
 
 
 def _matrix_product(left_operand: str):
@@ -135,7 +146,9 @@ _FORMULAS = {
     aten.mm: _matrix_product("self"), aten.matmul: _matrix_product("self"), aten.bmm: _matrix_product("self"),
     aten.addmm: _matrix_product("mat1"), aten.baddbmm: _matrix_product("batch1"), aten.linear: _matrix_product("input"),
     **{op: _sepconv_depthwise for op in (torch.ops.sepconv.depthwise_conv, torch.ops.sepconv.depthwise_conv_input_grad,
-                                         torch.ops.sepconv.depthwise_conv_weight_grad)},
+                                         torch.ops.sepconv.depthwise_conv_weight_grad,
+                                         torch.ops.sepconv.depthwise_conv_act)},
+    torch.ops.sepconv.pointwise_conv_act: _sepconv_fused, torch.ops.sepconv.separable_conv_act: _sepconv_fused,
 }
 
 

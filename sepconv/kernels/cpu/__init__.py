@@ -171,9 +171,19 @@ def _pointwise_conv_act(x, weight, bias, activation, alpha):
     return _back(_module.pointwise(_planes(x), _planes(weight), bias, code, alpha), x)
 
 
+def _separable_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias,
+                        pw_activation, pw_alpha):
+    args = _kernel_args(x.shape[2:], weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
+    codes = reference.ACTIVATIONS.index(activation), reference.ACTIVATIONS.index(pw_activation)
+    out = _module.separable(_planes(x), _planes(weight), bias, args, codes[0], alpha, _planes(pw_weight), pw_bias,
+                            codes[1], pw_alpha)
+    return _back(out, x)
+
+
 def _register() -> None:
     for name, function in zip(ops.NAMES + ops.INFERENCE_NAMES,
-                              (_forward, _input_grad, _weight_grad, _depthwise_conv_act, _pointwise_conv_act)):
+                              (_forward, _input_grad, _weight_grad, _depthwise_conv_act, _pointwise_conv_act,
+                               _separable_conv_act)):
         torch.library.impl(name, "CPU", func=function)
 
 
@@ -185,6 +195,15 @@ def depthwise_conv_act(x, weight, bias, geometry, activation, alpha=1.0):
     if torch.compiler.is_compiling() or registry.dispatch_visible():
         return ops.depthwise_conv_act(*args)
     return _depthwise_conv_act(*args)
+
+
+def separable_conv_act(x, weight, bias, geometry, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
+    """``pointwise_conv_act(depthwise_conv_act(x))`` in one kernel where it runs channels-last (zero padding)."""
+    args = (x, weight, bias, geometry.stride, geometry.flat_padding, geometry.dilation, activation, alpha, pw_weight,
+            pw_bias, pw_activation, pw_alpha)
+    if torch.compiler.is_compiling() or registry.dispatch_visible():
+        return ops.separable_conv_act(*args)
+    return _separable_conv_act(*args)
 
 
 def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):

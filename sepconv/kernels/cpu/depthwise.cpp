@@ -13,6 +13,7 @@
 // Threads come from PyTorch's own pool (at::parallel_for), so there is no second OpenMP runtime.
 
 #include "common.h"
+#include "pointwise.h"
 
 #include <algorithm>
 #include <atomic>
@@ -749,6 +750,42 @@ void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64
   });
 }
 
+// Depthwise then pointwise (inference), a block of output rows at a time: the block's depthwise output, with its
+// bias and activation, stays in a per-thread buffer in cache and feeds the pointwise product, so the hidden tensor
+// never goes to memory. Rows per block: enough pixels for the product's register blocks, enough blocks for the
+// threads.
+template <typename T>
+void nhwc_separable_forward(const T* x, const T* wt, const T* bias, const T* pwt, const T* pw_bias, T* y, int64_t N,
+                            int64_t C, int64_t H, int64_t W, int64_t O, const Geometry& g, const Activation& act) {
+  const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
+  const int64_t enough_pixels = (4 * sepconv_cpu::kPixels + g.ow - 1) / g.ow;
+  const int64_t enough_tasks = std::max<int64_t>(1, N * g.oh / (4 * at::get_num_threads()));
+  const int64_t rows = std::max<int64_t>(1, std::min({enough_pixels, enough_tasks, g.oh}));
+  const int64_t blocks = (g.oh + rows - 1) / rows;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> row_ptrs(g.kh), taps_x(g.kh), taps_w(g.kh);
+    std::vector<T> hidden(rows * g.ow * C);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image = task / blocks, oh0 = (task % blocks) * rows, oh1 = std::min(g.oh, oh0 + rows);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        int64_t taps_rows = 0;
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+          row_ptrs[i] = ih < 0 || ih >= H ? nullptr : x + (image * H + ih) * W * C;
+          if (row_ptrs[i]) {
+            taps_x[taps_rows] = row_ptrs[i];
+            taps_w[taps_rows++] = wt + i * g.kw * C;
+          }
+        }
+        nhwc_row<T>(row_ptrs.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias,
+                    hidden.data() + (oh - oh0) * g.ow * C, C, W, lo, hi, g);
+      }
+      sepconv_cpu::pointwise_rows<T>(hidden.data(), pwt, pw_bias, y + (image * g.oh + oh0) * g.ow * O, 0,
+                                     (oh1 - oh0) * g.ow, 0, O, C, O, act);
+    }
+  });
+}
+
 // Input gradient for any stride. The input pixels of one row and one column phase b (iw = b, b + sw, ...) are
 // reached by the same kernel taps, tap (i, k) reading grad_out column j + shift_k for the phase's j-th pixel:
 // a stride-1 loop over grad_out with that subset of taps, register-blocked over P pixels where every tap's
@@ -1008,6 +1045,43 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   return in_layout(y, cl);
 }
 
+// Depthwise (with its activation) then pointwise (with its own), fused where the depthwise kernels run
+// channels-last with unpadded rows; otherwise the two kernels one after the other.
+at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     at::IntArrayRef geometry, int64_t dw_activation, double dw_alpha, const at::Tensor& pw_weight,
+                     const std::optional<at::Tensor>& pw_bias, int64_t activation, double alpha) {
+  check(x, "x");
+  check(weight, "weight");
+  Geometry g = read_geometry(geometry);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), M = weight.size(0) / C;
+  const int64_t O = pw_weight.size(0);
+  TORCH_CHECK(pw_weight.dim() == 4 && pw_weight.size(1) == weight.size(0) && pw_weight.scalar_type() == x.scalar_type(),
+              "sepconv cpu separable: pw_weight must be (C_out, ", weight.size(0), ", 1, 1); got ", pw_weight.sizes());
+  const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
+  const bool padded_rows = g.pl >= 0 && g.kw > 3 && 4 * (hi - lo) < 3 * g.ow;  // see run_nhwc_forward
+  if (!(use_nhwc(true, C, M, g.ow) && x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) || padded_rows)
+    return sepconv_cpu::pointwise(forward(x, weight, bias, geometry, dw_activation, dw_alpha), pw_weight, pw_bias,
+                                  activation, alpha);
+  ++kernel_calls;
+  const Activation dw_act = sepconv_cpu::read_activation(dw_activation, dw_alpha);
+  const Activation act = sepconv_cpu::read_activation(activation, alpha);
+  g.act = dw_act.kind;
+  g.alpha = dw_act.alpha;
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto wt = weight_rows(weight, false);
+  const auto pwt = pw_weight.reshape({O, C}).t().contiguous();  // free for FusedConv's stored W^T rows
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor pb = pw_bias.has_value() ? pw_bias->contiguous() : at::Tensor();
+  auto y = at::empty({N, O, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_separable_nhwc", [&] {
+    nhwc_separable_forward<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                                     b.defined() ? b.data_ptr<scalar_t>() : nullptr, pwt.data_ptr<scalar_t>(),
+                                     pb.defined() ? pb.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, H,
+                                     W, O, g, act);
+  });
+  return y;
+}
+
 at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef input_size,
                       at::IntArrayRef geometry) {
   check(grad_out, "grad_out");
@@ -1076,6 +1150,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "depthwise convolution, forward, with an activation in the epilogue", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("geometry"), py::arg("activation") = 0, py::arg("alpha") = 1.0);
   m.def("pointwise", &sepconv_cpu::pointwise, "pointwise convolution with bias and activation in the epilogue");
+  m.def("separable", &separable, "depthwise then pointwise convolution, fused, each with bias and activation");
   m.def("input_grad", &input_grad, "depthwise convolution, gradient of the input");
   m.def("weight_grad", &weight_grad, "depthwise convolution, gradient of the weight");
   m.def("kernel_calls", [] { return kernel_calls.load(); }, "how many times a kernel ran (tests read it)");

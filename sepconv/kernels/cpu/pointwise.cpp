@@ -9,66 +9,11 @@
 // 1280 channels) still give every thread work. Contiguous (NCHW) inputs are W times each image's (C, pixels)
 // matrix (BLAS), then one pass adds the bias and applies the activation per output plane.
 
-#include "common.h"
-
-#include <algorithm>
+#include "pointwise.h"
 
 namespace sepconv_cpu {
 
 namespace {
-
-constexpr int64_t kPixels = 8;  // pixels per register block
-constexpr int64_t kVectors = 3;  // output vectors per register block: 24 accumulators, 3 weight rows, 1 broadcast
-constexpr int64_t kPixelTask = 64;  // pixels per task: their input rows stay in L2 across the channel blocks
-
-// Y[r, 0:n) = act(b + sum_k X[r, k] * Wt[k, 0:n)) for R pixels and NV vectors of outputs (the last holds `tail`).
-template <typename T, int R, int NV, bool FULL>
-void pointwise_block(const T* x, int64_t ldx, const T* wt, int64_t ldw, int64_t K, const T* bias, T* y, int64_t ldy,
-                     int64_t tail, Act act, T alpha) {
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
-  V acc[R][NV];
-#pragma GCC unroll 4
-  for (int j = 0; j < NV; ++j) {
-    const bool part = !FULL && j == NV - 1;
-    const V b = bias ? (part ? V::loadu(bias + j * L, tail) : V::loadu(bias + j * L)) : V(T(0));
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r][j] = b;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    V w[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j)
-      w[j] = (!FULL && j == NV - 1) ? V::loadu(wt + k * ldw + j * L, tail) : V::loadu(wt + k * ldw + j * L);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const V a(x[r * ldx + k]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] = at::vec::fmadd(a, w[j], acc[r][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      const V v = act == Act::None ? acc[r][j] : activate(acc[r][j], act, alpha);
-      if (!FULL && j == NV - 1) v.store(y + r * ldy + j * L, tail);
-      else v.store(y + r * ldy + j * L);
-    }
-  }
-}
-
-template <typename T, int R>
-using Block = void (*)(const T*, int64_t, const T*, int64_t, int64_t, const T*, T*, int64_t, int64_t, Act, T);
-
-template <typename T, int R>
-Block<T, R> pick(int64_t vectors, bool full) {
-  switch (vectors) {
-    case 3: return full ? pointwise_block<T, R, 3, true> : pointwise_block<T, R, 3, false>;
-    case 2: return full ? pointwise_block<T, R, 2, true> : pointwise_block<T, R, 2, false>;
-    default: return full ? pointwise_block<T, R, 1, true> : pointwise_block<T, R, 1, false>;
-  }
-}
 
 template <typename T>
 void pointwise_nhwc(const T* x, const T* wt, const T* bias, T* y, int64_t P, int64_t K, int64_t O, const Activation& a) {
@@ -80,21 +25,12 @@ void pointwise_nhwc(const T* x, const T* wt, const T* bias, T* y, int64_t P, int
   const int64_t want = std::max<int64_t>(1, 4 * at::get_num_threads() / pixel_tasks);
   const int64_t chunks_per_task = std::max<int64_t>(1, chunks / std::min(chunks, want));
   const int64_t channel_tasks = (chunks + chunks_per_task - 1) / chunks_per_task;
-  const T alpha = static_cast<T>(a.alpha);
   at::parallel_for(0, pixel_tasks * channel_tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p0 = (task / channel_tasks) * kPixelTask, p1 = std::min(P, p0 + kPixelTask);
       const int64_t o_begin = (task % channel_tasks) * chunks_per_task * chunk;
       const int64_t o_end = std::min(O, o_begin + chunks_per_task * chunk);
-      for (int64_t o = o_begin; o < o_end; o += chunk) {
-        const int64_t n = std::min(chunk, o_end - o), vectors = (n + L - 1) / L, tail = n - (vectors - 1) * L;
-        const auto block8 = pick<T, kPixels>(vectors, tail == L);
-        const auto block1 = pick<T, 1>(vectors, tail == L);
-        const T* b = bias ? bias + o : nullptr;
-        int64_t p = p0;
-        for (; p + kPixels <= p1; p += kPixels) block8(x + p * K, K, wt + o, O, K, b, y + p * O + o, O, tail, a.kind, alpha);
-        for (; p < p1; ++p) block1(x + p * K, K, wt + o, O, K, b, y + p * O + o, O, tail, a.kind, alpha);
-      }
+      pointwise_rows(x, wt, bias, y, p0, p1, o_begin, o_end, K, O, a);
     }
   });
 }
