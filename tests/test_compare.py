@@ -46,8 +46,8 @@ def test_default_run_writes_the_report_with_every_figure(default_run, capsys):
     standard, separable = metrics["models"]["standard"], metrics["models"]["separable"]
     for model in (standard, separable):
         assert [record["epoch"] for record in model["epochs"]] == [1, 2]
-        for key in ("inference_ms", "train_step_ms"):
-            assert model[key]["median"] > 0 and model[key]["iqr"] >= 0 and model[key]["batch_size"] == 64
+        for key, batch in (("inference_ms", 256), ("train_step_ms", 64)):  # inference: the validation batch
+            assert model[key]["median"] > 0 and model[key]["iqr"] >= 0 and model[key]["batch_size"] == batch
         assert model["seconds_per_epoch"]["median"] > 0
         assert model["train_validation_gap"] == pytest.approx(model["final_train_accuracy"]
                                                              - model["final_validation_accuracy"])
@@ -60,7 +60,7 @@ def test_default_run_writes_the_report_with_every_figure(default_run, capsys):
     if measure.optimizer_for_inference() is not None:
         for model in (standard, separable):
             timing = model["optimized_inference_ms"]
-            assert timing["median"] > 0 and timing["iqr"] >= 0 and timing["batch_size"] == 64
+            assert timing["median"] > 0 and timing["iqr"] >= 0 and timing["batch_size"] == 256
             assert model["optimized_inference"]["method"] and model["optimized_inference"]["max_abs_difference"] >= 0
         assert comparison["optimized_inference_speedup"] == pytest.approx(
             standard["optimized_inference_ms"]["median"] / separable["optimized_inference_ms"]["median"])
@@ -75,10 +75,10 @@ def test_default_run_writes_the_report_with_every_figure(default_run, capsys):
     assert bandwidth > 0 and peak > 0 and machine["threads"] == 1
     for model in (standard, separable):
         times = model["layer_times"]
-        assert times["batch_size"] == 64 and times["model_ms"] > 0
+        assert times["batch_size"] == 256 and times["model_ms"] > 0
         assert [layer["name"] for layer in times["layers"]] == [layer["name"] for layer in model["layers"]]
         for layer in times["layers"]:
-            assert layer["macs"] == 64 * next(row["macs"] for row in model["layers"] if row["name"] == layer["name"])
+            assert layer["macs"] == 256 * next(row["macs"] for row in model["layers"] if row["name"] == layer["name"])
             assert layer["flops"] == 2 * layer["macs"] and layer["bytes"] > 0
             assert math.isfinite(layer["measured_ms"]) and layer["measured_ms"] > 0
             assert layer["roofline_ms"] == pytest.approx(1e3 * max(layer["bytes"] / bandwidth, layer["flops"] / peak))
@@ -133,7 +133,8 @@ def test_optimized_inference_is_timed_only_when_it_computes_what_the_model_does(
     models = {twin: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)) for twin in ("a", "b")}
     times = measure.measure_times(models, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]), 8, 1e-3)
     for result in times.values():
-        assert result["inference_ms"]["median"] > 0 and result["train_step_ms"]["batch_size"] == 8
+        assert result["inference_ms"]["median"] > 0 and result["inference_ms"]["batch_size"] == 256
+        assert result["train_step_ms"]["batch_size"] == 8
         if timed:
             assert result["optimized_inference_ms"]["median"] > 0
             assert result["optimized_inference"]["max_abs_difference"] == 0

@@ -28,7 +28,7 @@ from ..profiling.timing import measure_machine
 from .measure import TIMING_METHOD, count_costs, machine_metrics, measure_times, profile_layers
 from .report import (TWINS, build_metrics, markdown_table, speedup_lines, summarize_history, summary_table,
                      write_report)
-from .train import Distributed, Trainer, TrainingSettings
+from .train import Distributed, Trainer, TrainingSettings, evaluation_batch_size
 
 __all__ = ["ComparisonSettings", "ComparisonError", "run_comparison", "build_twins"]
 
@@ -130,9 +130,9 @@ def _check_out_dir(settings: ComparisonSettings) -> None:
 
 
 def _check_batch_fits(batch_size: int, dataset: Dataset) -> None:
-    """A batch of float32 inputs (the timing makes one of exactly --batch-size) must fit in memory; a lower bound
-    of what a step needs, so a refused batch clearly cannot run."""
-    needed = 4 * batch_size * math.prod(dataset.input_shape)
+    """A batch of float32 inputs (the inference timing makes one of exactly the validation batch, at least
+    --batch-size) must fit in memory; a lower bound of what a step needs, so a refused batch clearly cannot run."""
+    needed = 4 * evaluation_batch_size(batch_size) * math.prod(dataset.input_shape)
     if needed > machine_memory_bytes():
         raise ComparisonError(f"--batch-size {batch_size} of {'x'.join(map(str, dataset.input_shape))} inputs needs "
                               f"at least {needed / 2**30:,.1f} GiB of memory (float32); this machine has "

@@ -2,13 +2,13 @@
 
 Costs are counted by :func:`sepconv.profile` on one input (parameters; forward MACs per input, FLOPs = 2 x
 MACs; per counted op). Times are measured with :class:`torch.utils.benchmark.Timer` on this machine, with
-PyTorch's current number of threads: the inference time of a batch (eval mode, no gradients) of the model as
-trained (eager) and of its copy optimised for inference (:func:`sepconv.optimize_for_inference`: batch norm
-folded into the convolutions, activations fused, layout chosen once), and the time of one training step on a
-batch (forward, cross-entropy, backward, Adam step, constraints; on a copy, so the trained weights are
-untouched; sepconv's default kernels). The twins are measured in interleaved rounds, so that a change in the
-machine's load affects both alike; the median and the interquartile range are over every timed block of every
-round.
+PyTorch's current number of threads: the inference time (eval mode, no gradients) of a batch as large as the
+run's validation batches (:func:`~sepconv.experiment.train.evaluation_batch_size`), of the model as trained
+(eager) and of its copy optimised for inference (:func:`sepconv.optimize_for_inference`: batch norm folded into
+the convolutions, activations fused, layout chosen once); and the time of one training step on a training batch
+(forward, cross-entropy, backward, Adam step, constraints; on a copy, so the trained weights are untouched;
+sepconv's default kernels). The twins are measured in interleaved rounds, so that a change in the machine's load
+affects both alike; the median and the interquartile range are over every timed block of every round.
 
 :func:`profile_layers` times each counted op of each twin (eager, eval mode) with ``sepconv.profile`` and sets
 it against its roofline time on this machine's roofs (:func:`~sepconv.profiling.timing.measure_machine`,
@@ -26,7 +26,7 @@ from torch import nn
 
 from ..profiling import profile
 from ..profiling.timing import Machine, median_and_iqr
-from .train import train_step
+from .train import evaluation_batch_size, train_step
 
 __all__ = ["count_costs", "measure_times", "profile_layers", "machine_metrics", "optimizer_for_inference",
            "TIMING_METHOD", "OPTIMIZED_METHOD"]
@@ -100,11 +100,12 @@ def _optimized(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Module | None,
 
 def measure_times(models: dict[str, nn.Module], inputs: torch.Tensor, labels: torch.Tensor, batch_size: int,
                   learning_rate: float) -> dict[str, dict]:
-    """Inference and training-step times of each model on a batch of ``batch_size``, in milliseconds.
+    """Training-step times of each model on a batch of ``batch_size`` and inference times on the batch the run's
+    validation uses (:func:`~sepconv.experiment.train.evaluation_batch_size`), in milliseconds.
 
     Returns, per model label, ``{"inference_ms": timing, "optimized_inference_ms": timing or None,
     "optimized_inference": how the optimised copy was made, "train_step_ms": timing}``, each timing
-    ``{"median": ms, "iqr": ms, "calls": timed calls, "batch_size": batch_size}``. ``inference_ms`` is the
+    ``{"median": ms, "iqr": ms, "calls": timed calls, "batch_size": inputs per call}``. ``inference_ms`` is the
     model as trained, in eval mode (eager); ``optimized_inference_ms`` its copy from
     :func:`sepconv.optimize_for_inference` (``None`` where there is none, with the reason in
     ``optimized_inference``).
@@ -112,19 +113,24 @@ def measure_times(models: dict[str, nn.Module], inputs: torch.Tensor, labels: to
     from torch.utils import benchmark
 
     timers, notes = {}, {}
+    # Inference at the training batch would mostly time per-call overhead for small inputs (8x8 digits); the
+    # run's own inference, its validation, runs on larger batches.
+    sizes = {"inference_ms": evaluation_batch_size(batch_size), "optimized_inference_ms":
+             evaluation_batch_size(batch_size), "train_step_ms": batch_size}
     for label, model in models.items():
         device = next(model.parameters()).device
         batch, batch_labels = _batch(inputs, batch_size).to(device), _batch(labels, batch_size).to(device)
+        inference_batch = _batch(inputs, sizes["inference_ms"]).to(device)
         inference_model = copy.deepcopy(model).eval()
-        optimized_model, notes[label] = _optimized(inference_model, batch)
+        optimized_model, notes[label] = _optimized(inference_model, inference_batch)
         training_model = copy.deepcopy(model).train()
         optimizer = torch.optim.Adam(training_model.parameters(), lr=learning_rate)
 
-        def infer(model=inference_model, batch=batch):
+        def infer(model=inference_model, batch=inference_batch):
             with torch.no_grad():
                 model(batch)
 
-        def infer_optimized(model=optimized_model, batch=batch):
+        def infer_optimized(model=optimized_model, batch=inference_batch):
             with torch.no_grad():
                 model(batch)
 
@@ -147,7 +153,7 @@ def measure_times(models: dict[str, nn.Module], inputs: torch.Tensor, labels: to
     for (label, kind), samples in seconds.items():
         median, spread = median_and_iqr(samples)
         results[label][kind] = {"median": 1e3 * median, "iqr": 1e3 * spread, "calls": calls[label, kind],
-                                "batch_size": batch_size}
+                                "batch_size": sizes[kind]}
     return results
 
 
@@ -160,8 +166,8 @@ def machine_metrics(machine: Machine) -> dict:
 
 def profile_layers(models: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int,
                    machine: Machine) -> dict[str, dict]:
-    """Per counted op of each model (eval mode, eager, a batch of ``batch_size``): measured forward time against
-    the roofline time on ``machine``'s roofs.
+    """Per counted op of each model (eval mode, eager, on the inference batch of training batch ``batch_size``, as
+    :func:`measure_times`): measured forward time against the roofline time on ``machine``'s roofs.
 
     Returns, per model label, ``{"batch_size", "repeats", "model_ms", "model_iqr_ms", "measured_ms",
     "roofline_ms", "roofline_share", "layers": [...]}``: the whole model's time (every op, uncounted ones
@@ -173,7 +179,7 @@ def profile_layers(models: dict[str, nn.Module], inputs: torch.Tensor, batch_siz
     results = {}
     for label, model in models.items():
         device = next(model.parameters()).device
-        batch = _batch(inputs, batch_size).to(device)
+        batch = _batch(inputs, evaluation_batch_size(batch_size)).to(device)
         with _eval_mode(model):
             measured = profile(model, batch, measure=True, repeats=LAYER_REPEATS, machine=machine)
         layers = [{"name": row.name, "kind": row.kind, "macs": row.macs, "flops": row.flops, "bytes": row.bytes,
@@ -183,7 +189,7 @@ def profile_layers(models: dict[str, nn.Module], inputs: torch.Tensor, batch_siz
                   for row in measured.rows]
         measured_ms = sum(layer["measured_ms"] for layer in layers)
         roofline_ms = sum(layer["roofline_ms"] for layer in layers)
-        results[label] = {"batch_size": batch_size, "repeats": LAYER_REPEATS, "model_ms": measured.model_ms,
+        results[label] = {"batch_size": len(batch), "repeats": LAYER_REPEATS, "model_ms": measured.model_ms,
                           "model_iqr_ms": measured.model_iqr_ms, "measured_ms": measured_ms,
                           "roofline_ms": roofline_ms, "roofline_share": _share(roofline_ms, measured_ms),
                           "layers": layers}

@@ -20,6 +20,7 @@ from torch import nn
 from .._io import atomic_write_text
 from ..profiling.timing import median_and_iqr
 from .plots import plot_layer_costs, plot_layer_times, plot_learned_filters, plot_training_curves
+from .train import evaluation_batch_size
 
 __all__ = ["METRICS_FORMAT", "UNITS", "TWINS", "summarize_history", "build_metrics", "write_report", "summary_table"]
 
@@ -32,7 +33,9 @@ UNITS = {
     "macs": "forward multiply-adds (MACs) for one input, counted by sepconv.profile (bias adds, norms, activations "
             "and pooling not counted)",
     "flops": "2 x MACs",
-    "*_ms": "milliseconds for one batch of batch_size inputs; median and interquartile range (iqr)",
+    "*_ms": "milliseconds for one batch of the timing's batch_size inputs (inference: the run's validation batch, "
+            "the training batch but at least 256; training step: the training batch); median and interquartile "
+            "range (iqr)",
     "inference_ms": "the model as trained, in eval mode without gradients (eager PyTorch, sepconv's default kernels)",
     "optimized_inference_ms": "its copy from sepconv.optimize_for_inference (batch norm folded, activations fused, "
                               "layout chosen once), in the same conditions",
@@ -146,6 +149,7 @@ def summary_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     standard, separable = (metrics["models"][twin] for twin in TWINS)
     comparison = metrics["comparison"]
     batch = metrics["settings"]["batch_size"]
+    inference_batch = evaluation_batch_size(batch)
 
     def row(label, render, key, versus):
         return [label, render(standard.get(key)), render(separable.get(key)), versus]
@@ -157,9 +161,9 @@ def summary_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     rows = [
         row("parameters", _count, "params", _fewer(comparison["params_ratio"])),
         row("forward MACs per input", _count, "macs", _fewer(comparison["macs_ratio"])),
-        row(f"inference as trained (eager, eval), batch of {batch} (ms, median ± IQR)", _time, "inference_ms",
-            _speedup(comparison["inference_speedup"])),
-        row(f"inference optimised (optimize_for_inference), batch of {batch} (ms, median ± IQR)", _time,
+        row(f"inference as trained (eager, eval), batch of {inference_batch} (ms, median ± IQR)", _time,
+            "inference_ms", _speedup(comparison["inference_speedup"])),
+        row(f"inference optimised (optimize_for_inference), batch of {inference_batch} (ms, median ± IQR)", _time,
             "optimized_inference_ms", _speedup(comparison["optimized_inference_speedup"])),
         row(f"training step, batch of {batch} (ms, median ± IQR)", _time, "train_step_ms",
             _speedup(comparison["train_step_speedup"])),
