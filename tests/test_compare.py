@@ -86,6 +86,7 @@ def test_default_run_writes_the_report_with_every_figure(default_run, capsys):
             assert layer["bound"] == ("memory" if layer["bytes"] / bandwidth >= layer["flops"] / peak else "compute")
         assert times["measured_ms"] == pytest.approx(sum(layer["measured_ms"] for layer in times["layers"]))
         assert times["roofline_ms"] == pytest.approx(sum(layer["roofline_ms"] for layer in times["layers"]))
+        assert times["uncounted_ms"] == pytest.approx(times["model_ms"] - times["measured_ms"])
 
     plots = [plot["file"] for plot in metrics["plots"]]
     assert {"curves.png", "layer_costs.png", "layer_times.png"} <= set(plots)

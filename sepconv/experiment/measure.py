@@ -170,8 +170,10 @@ def profile_layers(models: dict[str, nn.Module], inputs: torch.Tensor, batch_siz
     :func:`measure_times`): measured forward time against the roofline time on ``machine``'s roofs.
 
     Returns, per model label, ``{"batch_size", "repeats", "model_ms", "model_iqr_ms", "measured_ms",
-    "roofline_ms", "roofline_share", "layers": [...]}``: the whole model's time (every op, uncounted ones
-    such as norms, activations and pooling too), the sums over the counted ops, and per op ``name``, ``kind``,
+    "roofline_ms", "roofline_share", "uncounted_ms", "layers": [...]}``: the whole model's time (every op,
+    uncounted ones such as norms, activations and pooling too), the sums over the counted ops, the difference
+    of the two (what the uncounted ops and the Python between them take; approximate, as the counted ops are
+    timed one by one), and per op ``name``, ``kind``,
     ``macs``, ``flops``, ``bytes``, ``measured_ms`` (median), ``measured_iqr_ms``, ``roofline_ms``
     (``max(bytes / bandwidth, FLOPs / peak)``), ``roofline_share`` (roofline / measured: 1 is at the roof) and
     ``bound`` (``"memory"`` or ``"compute"``: the larger of the two roofline terms).
@@ -192,7 +194,7 @@ def profile_layers(models: dict[str, nn.Module], inputs: torch.Tensor, batch_siz
         results[label] = {"batch_size": len(batch), "repeats": LAYER_REPEATS, "model_ms": measured.model_ms,
                           "model_iqr_ms": measured.model_iqr_ms, "measured_ms": measured_ms,
                           "roofline_ms": roofline_ms, "roofline_share": _share(roofline_ms, measured_ms),
-                          "layers": layers}
+                          "uncounted_ms": measured.model_ms - measured_ms, "layers": layers}
     return results
 
 

@@ -238,8 +238,10 @@ def layer_time_table(layer_times: dict, top: int = TOP_LAYERS) -> tuple[list[str
     rows.append([f"counted ops, total ({len(layers)})", "", "", _count(sum(layer["macs"] for layer in layers)),
                  _count(sum(layer["bytes"] for layer in layers)), _ms(layer_times["measured_ms"]),
                  _ms(layer_times["roofline_ms"]), _share_text(layer_times["roofline_share"])])
-    rows.append(["whole model (norms, activations, pooling, Python too)", "", "", "", "",
-                 f"{_ms(layer_times['model_ms'])} ± {_ms(layer_times['model_iqr_ms'])}", "", ""])
+    rows.append(["the rest: norms, activations, pooling, Python (whole model - counted ops)", "", "", "", "",
+                 _ms(layer_times["uncounted_ms"]), "", ""])
+    rows.append(["whole model", "", "", "", "", f"{_ms(layer_times['model_ms'])} ± {_ms(layer_times['model_iqr_ms'])}",
+                 "", ""])
     return ["op", "kind", "bound", "MACs", "bytes", "measured (ms)", "roofline (ms)", "roofline / measured"], rows
 
 
@@ -268,7 +270,8 @@ def _layer_time_blocks(metrics: dict) -> list[tuple]:
         blocks += [("paragraph", f"{twin} twin: counted ops {times['measured_ms']:.3f} ms measured, "
                                  f"{times['roofline_ms']:.4f} ms at the roofline "
                                  f"({_share_text(times['roofline_share'])}); the whole model "
-                                 f"{times['model_ms']:.3f} ms."),
+                                 f"{times['model_ms']:.3f} ms, of which {times['uncounted_ms']:.3f} ms outside the "
+                                 "counted ops."),
                    ("table", *layer_time_table(times))]
     return blocks
 
