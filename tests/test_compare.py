@@ -1,6 +1,7 @@
 """`sepconv compare`: the end-to-end run on the default dataset, resume, the datasets, DDP and user errors."""
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -14,6 +15,7 @@ import torch
 import sepconv.models.digits_cnn  # noqa: F401  (registers "digits_cnn")
 from sepconv import cli
 from sepconv.experiment import DataError, load_dataset
+from sepconv.experiment import measure
 from sepconv.experiment import train as train_module
 from sepconv.experiment.data import CIFAR_FILES, eeg_synthetic_templates, make_eeg_synthetic
 from sepconv.models import create_model
@@ -44,8 +46,8 @@ def test_default_run_writes_the_report_with_every_figure(default_run, capsys):
     standard, separable = metrics["models"]["standard"], metrics["models"]["separable"]
     for model in (standard, separable):
         assert [record["epoch"] for record in model["epochs"]] == [1, 2]
-        for key in ("inference_ms", "train_step_ms"):
-            assert model[key]["median"] > 0 and model[key]["iqr"] >= 0 and model[key]["batch_size"] == 64
+        for key, batch in (("inference_ms", 256), ("train_step_ms", 64)):  # inference: the validation batch
+            assert model[key]["median"] > 0 and model[key]["iqr"] >= 0 and model[key]["batch_size"] == batch
         assert model["seconds_per_epoch"]["median"] > 0
         assert model["train_validation_gap"] == pytest.approx(model["final_train_accuracy"]
                                                              - model["final_validation_accuracy"])
@@ -53,9 +55,41 @@ def test_default_run_writes_the_report_with_every_figure(default_run, capsys):
     assert comparison["theoretical_speedup"] == pytest.approx(standard["macs"] / separable["macs"])
     assert comparison["inference_speedup"] == pytest.approx(standard["inference_ms"]["median"]
                                                             / separable["inference_ms"]["median"])
+    assert comparison["inference_efficiency"] == pytest.approx(comparison["inference_speedup"]
+                                                               / comparison["theoretical_speedup"])
+    if measure.optimizer_for_inference() is not None:
+        for model in (standard, separable):
+            timing = model["optimized_inference_ms"]
+            assert timing["median"] > 0 and timing["iqr"] >= 0 and timing["batch_size"] == 256
+            assert model["optimized_inference"]["method"] and model["optimized_inference"]["max_abs_difference"] >= 0
+        assert comparison["optimized_inference_speedup"] == pytest.approx(
+            standard["optimized_inference_ms"]["median"] / separable["optimized_inference_ms"]["median"])
+        assert comparison["optimized_inference_efficiency"] == pytest.approx(
+            comparison["optimized_inference_speedup"] / comparison["theoretical_speedup"])
+    else:  # said, not made up
+        assert standard["optimized_inference_ms"] is None and comparison["optimized_inference_speedup"] is None
+        assert "no optimize_for_inference" in standard["optimized_inference"]["reason"]
+
+    machine = metrics["machine"]
+    bandwidth, peak = machine["memory_bandwidth_bytes_per_second"], machine["peak_flops_per_second"]
+    assert bandwidth > 0 and peak > 0 and machine["threads"] == 1
+    for model in (standard, separable):
+        times = model["layer_times"]
+        assert times["batch_size"] == 256 and times["model_ms"] > 0
+        assert [layer["name"] for layer in times["layers"]] == [layer["name"] for layer in model["layers"]]
+        for layer in times["layers"]:
+            assert layer["macs"] == 256 * next(row["macs"] for row in model["layers"] if row["name"] == layer["name"])
+            assert layer["flops"] == 2 * layer["macs"] and layer["bytes"] > 0
+            assert math.isfinite(layer["measured_ms"]) and layer["measured_ms"] > 0
+            assert layer["roofline_ms"] == pytest.approx(1e3 * max(layer["bytes"] / bandwidth, layer["flops"] / peak))
+            assert layer["roofline_share"] == pytest.approx(layer["roofline_ms"] / layer["measured_ms"])
+            assert layer["bound"] == ("memory" if layer["bytes"] / bandwidth >= layer["flops"] / peak else "compute")
+        assert times["measured_ms"] == pytest.approx(sum(layer["measured_ms"] for layer in times["layers"]))
+        assert times["roofline_ms"] == pytest.approx(sum(layer["roofline_ms"] for layer in times["layers"]))
+        assert times["uncounted_ms"] == pytest.approx(times["model_ms"] - times["measured_ms"])
 
     plots = [plot["file"] for plot in metrics["plots"]]
-    assert {"curves.png", "layer_costs.png"} <= set(plots)
+    assert {"curves.png", "layer_costs.png", "layer_times.png"} <= set(plots)
     assert "filters_separable_features_stem_conv.png" in plots  # spatially separable: 1-D kernels, surface
     assert "filters_separable_features_block1_conv_conv.png" in plots  # depthwise kernel grid
     for name in plots:
@@ -64,7 +98,10 @@ def test_default_run_writes_the_report_with_every_figure(default_run, capsys):
     for figure in (f"{standard['params']:,}", f"{separable['macs']:,}",
                    f"{100 * separable['final_validation_accuracy']:.2f}",
                    f"{standard['inference_ms']['median']:.3f} ± {standard['inference_ms']['iqr']:.3f}",
-                   f"{comparison['theoretical_speedup']:.2f}x"):
+                   f"{comparison['theoretical_speedup']:.2f}x", "Time per layer against the roofline",
+                   f"{separable['layer_times']['layers'][0]['roofline_ms']:.4f}",
+                   f"{standard['layer_times']['model_ms']:.4f} ± {standard['layer_times']['model_iqr_ms']:.4f}",
+                   f"realised, inference as trained (eager): {comparison['inference_speedup']:.2f}x"):
         assert figure in markdown and figure in page
     assert page.count('src="data:image/png;base64,') == len(plots)  # self-contained
     assert all(f"]({name})" in markdown for name in plots)
@@ -78,6 +115,33 @@ def test_separable_twin_is_cheaper_and_both_learn(default_run):
     assert separable["macs"] < standard["macs"] / 5
     for model in (standard, separable):
         assert model["final_validation_accuracy"] > 0.5  # ten classes: chance is 0.1
+
+
+@pytest.mark.parametrize("optimize, timed, reason", [
+    (None, False, "this sepconv has no optimize_for_inference"),
+    (lambda model, batch: model, True, None),
+    (lambda model, batch: torch.nn.Sequential(model, torch.nn.ReLU()), False, "outputs differ from the model's"),
+    (lambda model, batch: torch.nn.Flatten(), False, "not shaped like the model's"),
+    (lambda model, batch: (_ for _ in ()).throw(NotImplementedError("no such layer")), False,
+     "failed: NotImplementedError: no such layer"),
+])
+def test_optimized_inference_is_timed_only_when_it_computes_what_the_model_does(optimize, timed, reason,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(measure, "optimizer_for_inference", lambda: optimize)
+    monkeypatch.setattr(measure, "ROUNDS", 1)
+    monkeypatch.setattr(measure, "MIN_RUN_SECONDS", 1e-3)
+    torch.manual_seed(0)
+    models = {twin: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)) for twin in ("a", "b")}
+    times = measure.measure_times(models, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]), 8, 1e-3)
+    for result in times.values():
+        assert result["inference_ms"]["median"] > 0 and result["inference_ms"]["batch_size"] == 256
+        assert result["train_step_ms"]["batch_size"] == 8
+        if timed:
+            assert result["optimized_inference_ms"]["median"] > 0
+            assert result["optimized_inference"]["max_abs_difference"] == 0
+        else:
+            assert result["optimized_inference_ms"] is None and result["optimized_inference"]["method"] is None
+            assert reason in result["optimized_inference"]["reason"]
 
 
 def test_interrupted_run_resumes_to_the_same_final_metrics(default_run, tmp_path, monkeypatch, capsys):
@@ -98,6 +162,8 @@ def test_interrupted_run_resumes_to_the_same_final_metrics(default_run, tmp_path
     assert partial["status"] == "interrupted"
     assert [len(partial["models"][twin]["epochs"]) for twin in ("standard", "separable")] == [2, 1]
     assert partial["models"]["separable"]["inference_ms"] is None  # not measured: no number is made up
+    assert partial["models"]["standard"]["layer_times"] is None and partial["machine"] is None
+    assert "Per-layer times: not measured." in (out / "report.md").read_text()
     assert "INTERRUPTED" in (out / "report.html").read_text() and "--resume" in (out / "report.md").read_text()
     assert torch.load(out / "checkpoints" / "separable.pt", weights_only=True)["epoch"] == 1
     assert "continue with: sepconv compare" in capsys.readouterr().out

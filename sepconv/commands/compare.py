@@ -3,9 +3,10 @@
 With no options: scikit-learn's bundled 8x8 digits and the small ``digits_cnn`` (about a minute on 2 CPU
 cores). The report in --out (default runs/<timestamp>; a new or empty folder, the run to --resume, or with
 --force a folder whose other files are left alone): report.html (self-contained) and report.md with a
-side-by-side table (parameters, MACs, measured inference and training-step times, final and best validation
-accuracy, train-validation gap, wall time per epoch) and the theoretical vs realised speed-up; PNG plots
-(accuracy and loss per epoch, per-layer costs, learned filters); metrics.json with every figure; checkpoints
+side-by-side table (parameters, MACs, measured inference times as trained and optimised for inference, training-step
+times, final and best validation accuracy, train-validation gap, wall time per epoch), the theoretical vs realised
+speed-ups and each layer's measured time against its roofline; PNG plots (accuracy and loss per epoch, per-layer
+costs and times, learned filters); metrics.json with every figure; checkpoints
 of every epoch (--resume continues an interrupted run). Under ``torchrun --nproc_per_node=N`` it trains with
 DistributedDataParallel (--batch-size is per process) and only rank 0 writes. A twin whose loss becomes nan or inf
 stops at that epoch and is reported as diverged.

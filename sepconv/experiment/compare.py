@@ -24,10 +24,11 @@ from .._extras import require
 from .._io import check_writable, machine_memory_bytes
 from ..models import create_model, list_models
 from .data import Dataset, EEGOptions, default_model, load_dataset
-from .measure import TIMING_METHOD, count_costs, measure_times
+from ..profiling.timing import measure_machine
+from .measure import TIMING_METHOD, count_costs, machine_metrics, measure_times, profile_layers
 from .report import (TWINS, build_metrics, markdown_table, speedup_lines, summarize_history, summary_table,
                      write_report)
-from .train import Distributed, Trainer, TrainingSettings
+from .train import Distributed, Trainer, TrainingSettings, evaluation_batch_size
 
 __all__ = ["ComparisonSettings", "ComparisonError", "run_comparison", "build_twins"]
 
@@ -129,9 +130,9 @@ def _check_out_dir(settings: ComparisonSettings) -> None:
 
 
 def _check_batch_fits(batch_size: int, dataset: Dataset) -> None:
-    """A batch of float32 inputs (the timing makes one of exactly --batch-size) must fit in memory; a lower bound
-    of what a step needs, so a refused batch clearly cannot run."""
-    needed = 4 * batch_size * math.prod(dataset.input_shape)
+    """A batch of float32 inputs (the inference timing makes one of exactly the validation batch, at least
+    --batch-size) must fit in memory; a lower bound of what a step needs, so a refused batch clearly cannot run."""
+    needed = 4 * evaluation_batch_size(batch_size) * math.prod(dataset.input_shape)
     if needed > machine_memory_bytes():
         raise ComparisonError(f"--batch-size {batch_size} of {'x'.join(map(str, dataset.input_shape))} inputs needs "
                               f"at least {needed / 2**30:,.1f} GiB of memory (float32); this machine has "
@@ -147,17 +148,23 @@ def _environment(distributed: Distributed) -> dict:
 def _report(settings: ComparisonSettings, dataset: Dataset, trainers: dict[str, Trainer], distributed: Distributed,
             complete: bool) -> dict:
     models = {twin: {"name": settings.model_name, "separable": twin == "separable",
-                     **count_costs(trainer.model, dataset.input_shape), "inference_ms": None, "train_step_ms": None,
+                     **count_costs(trainer.model, dataset.input_shape), "inference_ms": None,
+                     "optimized_inference_ms": None, "train_step_ms": None, "layer_times": None,
                      "epochs": trainer.history, "diverged_at_epoch": trainer.diverged_at}
               for twin, trainer in trainers.items()}
+    machine = None
     if complete:
-        times = measure_times({twin: trainer.model for twin, trainer in trainers.items()}, dataset.train_inputs,
-                              dataset.train_labels, settings.batch_size, settings.learning_rate)
-        for twin, timing in times.items():
-            models[twin].update(timing)
+        trained = {twin: trainer.model for twin, trainer in trainers.items()}
+        times = measure_times(trained, dataset.train_inputs, dataset.train_labels, settings.batch_size,
+                              settings.learning_rate)
+        machine = measure_machine(device=distributed.device)  # once per run: both twins' roofs
+        layer_times = profile_layers(trained, dataset.train_inputs, settings.batch_size, machine)
+        for twin in trained:
+            models[twin].update(times[twin], layer_times=layer_times[twin])
     metrics = build_metrics(status="complete" if complete else "interrupted", settings=settings.as_metrics(),
                             dataset=dataset.summary(), environment=_environment(distributed), models=models,
                             timing_method=TIMING_METHOD if complete else None,
+                            machine=None if machine is None else machine_metrics(machine),
                             resume_command=settings.command_line(resume=True))
     write_report(settings.out, metrics, {twin: trainer.model for twin, trainer in trainers.items() if trainer.stopped})
     return metrics
@@ -218,7 +225,8 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
             trained = True
             if not distributed.is_main:
                 return None
-            say("measuring inference and training-step times (torch.utils.benchmark) ...")
+            say("measuring inference (as trained and optimised) and training-step times (torch.utils.benchmark), "
+                "then each layer against the roofline ...")
             metrics = _report(settings, dataset, trainers, distributed, complete=True)
         except KeyboardInterrupt:  # Ctrl-C: the checkpoints hold the completed epochs; report them
             if distributed.is_main:

@@ -2,32 +2,46 @@
 
 Costs are counted by :func:`sepconv.profile` on one input (parameters; forward MACs per input, FLOPs = 2 x
 MACs; per counted op). Times are measured with :class:`torch.utils.benchmark.Timer` on this machine, with
-PyTorch's current number of threads: the inference time of a batch (eval mode, no gradients) and the time of
-one training step on a batch (forward, cross-entropy, backward, Adam step, constraints; on a copy, so the
-trained weights are untouched). The twins are measured in interleaved rounds, so that a change in the
-machine's load affects both alike; the median and the interquartile range are over every timed block of
-every round.
+PyTorch's current number of threads: the inference time (eval mode, no gradients) of a batch as large as the
+run's validation batches (:func:`~sepconv.experiment.train.evaluation_batch_size`), of the model as trained
+(eager) and of its copy optimised for inference (:func:`sepconv.optimize_for_inference`: batch norm folded into
+the convolutions, activations fused, layout chosen once); and the time of one training step on a training batch
+(forward, cross-entropy, backward, Adam step, constraints; on a copy, so the trained weights are untouched;
+sepconv's default kernels). The twins are measured in interleaved rounds, so that a change in the machine's load
+affects both alike; the median and the interquartile range are over every timed block of every round.
+
+:func:`profile_layers` times each counted op of each twin (eager, eval mode) with ``sepconv.profile`` and sets
+it against its roofline time on this machine's roofs (:func:`~sepconv.profiling.timing.measure_machine`,
+probed once per run): ``max(bytes / bandwidth, FLOPs / peak)``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..profiling import profile
-from ..profiling.timing import median_and_iqr
-from .train import train_step
+from ..profiling.timing import Machine, median_and_iqr
+from .train import evaluation_batch_size, train_step
 
-__all__ = ["count_costs", "measure_times", "TIMING_METHOD"]
+__all__ = ["count_costs", "measure_times", "profile_layers", "machine_metrics", "optimizer_for_inference",
+           "TIMING_METHOD", "OPTIMIZED_METHOD"]
 
 ROUNDS = 3
 MIN_RUN_SECONDS = 0.2  # per round, model and kind of measurement
 TIMING_METHOD = (f"torch.utils.benchmark.Timer.blocked_autorange (at least {MIN_RUN_SECONDS} s per block set) in "
                  f"{ROUNDS} rounds alternating the twins; median and interquartile range of the per-call times "
                  "of every block")
+OPTIMIZED_METHOD = ("sepconv.optimize_for_inference(model, batch): an eval-only copy with batch norm folded into "
+                    "the convolutions, activations fused into the kernels and the memory layout chosen once")
+LAYER_REPEATS = 10  # sepconv.profile's repeats per op for the per-layer table
+# The optimised copy must compute what the model computes; beyond float32 rounding its time would not be a
+# speed-up of the same model.
+OPTIMIZED_RTOL, OPTIMIZED_ATOL = 1e-3, 1e-4
 
 
 @contextmanager
@@ -56,31 +70,77 @@ def _batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
     return tensor.repeat(repeats, *(1,) * (tensor.ndim - 1))[:size] if repeats > 1 else tensor[:size]
 
 
+def optimizer_for_inference():
+    """:func:`sepconv.optimize_for_inference`, or ``None`` in a sepconv that has none."""
+    import sepconv
+    return getattr(sepconv, "optimize_for_inference", None)
+
+
+def _optimized(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Module | None, dict]:
+    """The optimised copy of eval-mode ``model`` and how it was made: ``{"method", "max_abs_difference"}`` from
+    the model's outputs on ``batch``, or ``{"method": None, "reason"}`` when there is no usable copy."""
+    optimize = optimizer_for_inference()
+    if optimize is None:
+        return None, {"method": None, "reason": "this sepconv has no optimize_for_inference"}
+    try:
+        optimized = optimize(copy.deepcopy(model), batch)
+        with torch.no_grad():
+            expected, got = model(batch), optimized(batch)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as error:
+        return None, {"method": None, "reason": f"optimize_for_inference failed: {type(error).__name__}: "
+                                                + " ".join(str(error).split())}
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return None, {"method": None, "reason": "the optimised copy's output is not shaped like the model's; not timed"}
+    difference = (got - expected).abs().max().item()
+    if not torch.allclose(got, expected, rtol=OPTIMIZED_RTOL, atol=OPTIMIZED_ATOL):
+        return None, {"method": None, "reason": f"the optimised copy's outputs differ from the model's (max "
+                                                f"|difference| {difference:.3g}); not timed"}
+    return optimized, {"method": OPTIMIZED_METHOD, "max_abs_difference": difference}
+
+
 def measure_times(models: dict[str, nn.Module], inputs: torch.Tensor, labels: torch.Tensor, batch_size: int,
                   learning_rate: float) -> dict[str, dict]:
-    """Inference and training-step times of each model on a batch of ``batch_size``, in milliseconds.
+    """Training-step times of each model on a batch of ``batch_size`` and inference times on the batch the run's
+    validation uses (:func:`~sepconv.experiment.train.evaluation_batch_size`), in milliseconds.
 
-    Returns, per model label, ``{"inference_ms": timing, "train_step_ms": timing}``, each timing
-    ``{"median": ms, "iqr": ms, "calls": timed calls, "batch_size": batch_size}``.
+    Returns, per model label, ``{"inference_ms": timing, "optimized_inference_ms": timing or None,
+    "optimized_inference": how the optimised copy was made, "train_step_ms": timing}``, each timing
+    ``{"median": ms, "iqr": ms, "calls": timed calls, "batch_size": inputs per call}``. ``inference_ms`` is the
+    model as trained, in eval mode (eager); ``optimized_inference_ms`` its copy from
+    :func:`sepconv.optimize_for_inference` (``None`` where there is none, with the reason in
+    ``optimized_inference``).
     """
     from torch.utils import benchmark
 
-    timers = {}
+    timers, notes = {}, {}
+    # Inference at the training batch would mostly time per-call overhead for small inputs (8x8 digits); the
+    # run's own inference, its validation, runs on larger batches.
+    sizes = {"inference_ms": evaluation_batch_size(batch_size), "optimized_inference_ms":
+             evaluation_batch_size(batch_size), "train_step_ms": batch_size}
     for label, model in models.items():
         device = next(model.parameters()).device
         batch, batch_labels = _batch(inputs, batch_size).to(device), _batch(labels, batch_size).to(device)
+        inference_batch = _batch(inputs, sizes["inference_ms"]).to(device)
         inference_model = copy.deepcopy(model).eval()
+        optimized_model, notes[label] = _optimized(inference_model, inference_batch)
         training_model = copy.deepcopy(model).train()
         optimizer = torch.optim.Adam(training_model.parameters(), lr=learning_rate)
 
-        def infer(model=inference_model, batch=batch):
+        def infer(model=inference_model, batch=inference_batch):
+            with torch.no_grad():
+                model(batch)
+
+        def infer_optimized(model=optimized_model, batch=inference_batch):
             with torch.no_grad():
                 model(batch)
 
         def step(model=training_model, optimizer=optimizer, batch=batch, batch_labels=batch_labels):
             train_step(model, optimizer, batch, batch_labels)
 
-        for kind, run in (("inference_ms", infer), ("train_step_ms", step)):
+        runs = [("inference_ms", infer), ("train_step_ms", step)]
+        if optimized_model is not None:
+            runs.insert(1, ("optimized_inference_ms", infer_optimized))
+        for kind, run in runs:
             timers[label, kind] = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
     seconds = {key: [] for key in timers}
     calls = dict.fromkeys(timers, 0)
@@ -89,9 +149,58 @@ def measure_times(models: dict[str, nn.Module], inputs: torch.Tensor, labels: to
             measurement = timer.blocked_autorange(min_run_time=MIN_RUN_SECONDS)
             seconds[key] += measurement.times
             calls[key] += len(measurement.times) * measurement.number_per_run
-    results = {label: {} for label in models}
+    results = {label: {"optimized_inference_ms": None, "optimized_inference": notes[label]} for label in models}
     for (label, kind), samples in seconds.items():
         median, spread = median_and_iqr(samples)
         results[label][kind] = {"median": 1e3 * median, "iqr": 1e3 * spread, "calls": calls[label, kind],
-                                "batch_size": batch_size}
+                                "batch_size": sizes[kind]}
     return results
+
+
+def machine_metrics(machine: Machine) -> dict:
+    """The roofs of :func:`~sepconv.profiling.timing.measure_machine` as metrics (bytes/s, FLOP/s)."""
+    return {"memory_bandwidth_bytes_per_second": machine.memory_bandwidth, "peak_flops_per_second": machine.peak_flops,
+            "ridge_flop_per_byte": machine.ridge_intensity, "threads": machine.threads,
+            "method": machine.description}
+
+
+def profile_layers(models: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int,
+                   machine: Machine) -> dict[str, dict]:
+    """Per counted op of each model (eval mode, eager, on the inference batch of training batch ``batch_size``, as
+    :func:`measure_times`): measured forward time against the roofline time on ``machine``'s roofs.
+
+    Returns, per model label, ``{"batch_size", "repeats", "model_ms", "model_iqr_ms", "measured_ms",
+    "roofline_ms", "roofline_share", "uncounted_ms", "layers": [...]}``: the whole model's time (every op,
+    uncounted ones such as norms, activations and pooling too), the sums over the counted ops, the difference
+    of the two (what the uncounted ops and the Python between them take; approximate, as the counted ops are
+    timed one by one), and per op ``name``, ``kind``,
+    ``macs``, ``flops``, ``bytes``, ``measured_ms`` (median), ``measured_iqr_ms``, ``roofline_ms``
+    (``max(bytes / bandwidth, FLOPs / peak)``), ``roofline_share`` (roofline / measured: 1 is at the roof) and
+    ``bound`` (``"memory"`` or ``"compute"``: the larger of the two roofline terms).
+    """
+    results = {}
+    for label, model in models.items():
+        device = next(model.parameters()).device
+        batch = _batch(inputs, evaluation_batch_size(batch_size)).to(device)
+        with _eval_mode(model):
+            measured = profile(model, batch, measure=True, repeats=LAYER_REPEATS, machine=machine)
+        layers = [{"name": row.name, "kind": row.kind, "macs": row.macs, "flops": row.flops, "bytes": row.bytes,
+                   "measured_ms": row.forward_ms, "measured_iqr_ms": row.forward_iqr_ms,
+                   "roofline_ms": row.predicted_ms, "roofline_share": _share(row.predicted_ms, row.forward_ms),
+                   "bound": _bound(row.flops, row.bytes, machine)}
+                  for row in measured.rows]
+        measured_ms = sum(layer["measured_ms"] for layer in layers)
+        roofline_ms = sum(layer["roofline_ms"] for layer in layers)
+        results[label] = {"batch_size": len(batch), "repeats": LAYER_REPEATS, "model_ms": measured.model_ms,
+                          "model_iqr_ms": measured.model_iqr_ms, "measured_ms": measured_ms,
+                          "roofline_ms": roofline_ms, "roofline_share": _share(roofline_ms, measured_ms),
+                          "uncounted_ms": measured.model_ms - measured_ms, "layers": layers}
+    return results
+
+
+def _share(roofline_ms: float, measured_ms: float) -> float:
+    return roofline_ms / measured_ms if measured_ms > 0 else math.nan
+
+
+def _bound(flops: int, moved_bytes: int, machine: Machine) -> str:
+    return "memory" if moved_bytes / machine.memory_bandwidth >= flops / machine.peak_flops else "compute"

@@ -1,4 +1,4 @@
-"""The PNG plots of a comparison: training curves, per-layer costs, learned filters.
+"""The PNG plots of a comparison: training curves, per-layer costs and times, learned filters.
 
 Drawn off-screen with matplotlib's Agg canvas (no display, no global pyplot state) and written atomically.
 Non-finite values (a diverged training) are left out of the drawing and counted in the titles; scales come
@@ -20,7 +20,7 @@ from .._io import atomic_path
 from ..layers import DepthwiseConv2d, SeparableConv2d, SpatialSeparableConv2d
 from ..weights import spatial_dense_weight
 
-__all__ = ["plot_training_curves", "plot_layer_costs", "plot_learned_filters"]
+__all__ = ["plot_training_curves", "plot_layer_costs", "plot_layer_times", "plot_learned_filters"]
 
 TWIN_COLORS = {"standard": "C0", "separable": "C1"}
 MAX_DEPTHWISE_KERNELS = 64
@@ -102,6 +102,33 @@ def plot_layer_costs(costs: dict[str, dict], path: Path) -> None:
     handles = [Patch(color=colors[kind], label=kind) for kind in kinds]
     figure.legend(handles=handles, loc="outside lower center", ncols=min(len(kinds), 5), fontsize="small")
     figure.suptitle("Cost per counted op (sepconv.profile; batch norm parameters count in the totals only)")
+    _save(figure, path)
+
+
+def plot_layer_times(layer_times: dict[str, dict], path: Path) -> None:
+    """Per counted op, measured forward time and roofline time as paired horizontal bars (log scale), one panel
+    per twin; ``layer_times[twin]`` as :func:`~sepconv.experiment.measure.profile_layers` returns it."""
+    counts = [max(len(times["layers"]), 1) for times in layer_times.values()]
+    figure = _figure(11, 1.8 + 0.36 * sum(counts) + 0.8 * len(counts))
+    panels = figure.subplots(len(layer_times), 1, sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": counts})[:, 0]
+    for axes, (label, times) in zip(panels, layer_times.items()):
+        layers = times["layers"][::-1]  # the first layer on top
+        positions = np.arange(len(layers))
+        names = [f"{layer['name'].removeprefix('features.')} ({layer['kind']})" for layer in layers]
+        axes.barh(positions + 0.2, [layer["measured_ms"] for layer in layers], height=0.4,
+                  color=TWIN_COLORS.get(label, "C2"), label="measured (median)")
+        axes.barh(positions - 0.2, [layer["roofline_ms"] for layer in layers], height=0.4, color="0.6",
+                  label="roofline: max(bytes / bandwidth, FLOPs / peak)")
+        axes.set_yticks(positions, names, fontsize=7)
+        axes.set_xscale("log")
+        axes.grid(axis="x", alpha=0.3)
+        axes.legend(fontsize="small", loc="lower right")
+        axes.set_title(f"{label} twin, batch of {times['batch_size']}: counted ops {times['measured_ms']:.3f} ms "
+                       f"measured, {times['roofline_ms']:.4f} ms at the roofline; whole model "
+                       f"{times['model_ms']:.3f} ms", fontsize=10)
+    panels[-1].set_xlabel("forward time per batch (ms, log scale)")
+    figure.suptitle("Time per counted op against its roofline (sepconv.profile(measure=True), eval mode, eager)")
     _save(figure, path)
 
 

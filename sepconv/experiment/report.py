@@ -19,25 +19,38 @@ from torch import nn
 
 from .._io import atomic_write_text
 from ..profiling.timing import median_and_iqr
-from .plots import plot_layer_costs, plot_learned_filters, plot_training_curves
+from .plots import plot_layer_costs, plot_layer_times, plot_learned_filters, plot_training_curves
+from .train import evaluation_batch_size
 
 __all__ = ["METRICS_FORMAT", "UNITS", "TWINS", "summarize_history", "build_metrics", "write_report", "summary_table"]
 
 METRICS_FORMAT = "sepconv.compare/1"
 TWINS = ("standard", "separable")
 NOT_MEASURED = "not measured"
+TOP_LAYERS = 8  # rows of a twin's per-layer time table before the rest is summed into one
 UNITS = {
     "params": "parameter elements (nn.Parameters, batch-norm scales and shifts included; running statistics not)",
     "macs": "forward multiply-adds (MACs) for one input, counted by sepconv.profile (bias adds, norms, activations "
             "and pooling not counted)",
     "flops": "2 x MACs",
-    "*_ms": "milliseconds for one batch of batch_size inputs; median and interquartile range (iqr)",
+    "*_ms": "milliseconds for one batch of the timing's batch_size inputs (inference: the run's validation batch, "
+            "the training batch but at least 256; training step: the training batch); median and interquartile "
+            "range (iqr)",
+    "inference_ms": "the model as trained, in eval mode without gradients (eager PyTorch, sepconv's default kernels)",
+    "optimized_inference_ms": "its copy from sepconv.optimize_for_inference (batch norm folded, activations fused, "
+                              "layout chosen once), in the same conditions",
+    "roofline_ms": "max(bytes / memory bandwidth, FLOPs / peak FLOP/s) on the machine's measured roofs",
+    "roofline_share": "roofline_ms / measured_ms: 1 means the op runs at the roof; small means overhead or a slow "
+                      "kernel, not arithmetic or memory traffic, sets its time",
+    "layer_times": "per counted op of the eval model (eager) on one batch, timed by sepconv.profile(measure=True)",
     "*_accuracy": "fraction of inputs classified correctly (0 to 1)",
     "*_loss": "cross-entropy, mean per input",
     "train_validation_gap": "final train accuracy minus final validation accuracy (fraction)",
     "seconds": "wall-clock seconds of one epoch (training and validation)",
     "*_speedup": "standard twin's cost or time divided by the separable twin's (above 1: the separable twin is "
                  "cheaper or faster)",
+    "*_efficiency": "realised speed-up divided by the theoretical one (the MAC ratio, standard MACs / separable MACs): "
+                    "1 means the separable twin is as much faster as it has fewer MACs",
 }
 
 
@@ -63,25 +76,34 @@ def _ratio(numerator, denominator):
 
 
 def build_metrics(*, status: str, settings: dict, dataset: dict, environment: dict, models: dict[str, dict],
-                  timing_method: str | None, resume_command: str) -> dict:
+                  timing_method: str | None, resume_command: str, machine: dict | None = None) -> dict:
     """``metrics.json``'s content. ``models[twin]`` holds ``name``, ``separable``, the costs of
-    :func:`~sepconv.experiment.measure.count_costs`, ``inference_ms`` and ``train_step_ms`` (or ``None``) and
-    ``epochs`` (the training history)."""
+    :func:`~sepconv.experiment.measure.count_costs`, the times of
+    :func:`~sepconv.experiment.measure.measure_times` (``inference_ms``, ``optimized_inference_ms``,
+    ``train_step_ms``) and of :func:`~sepconv.experiment.measure.profile_layers` (``layer_times``), each ``None``
+    when not measured, and ``epochs`` (the training history). ``machine``: the roofs the layers were set
+    against (:func:`~sepconv.experiment.measure.machine_metrics`)."""
     models = {twin: {**model, **summarize_history(model["epochs"])} for twin, model in models.items()}
     standard, separable = models["standard"], models["separable"]
 
     def median(model, key):
         return None if model.get(key) is None else model[key]["median"]
 
+    theoretical = standard["macs"] / separable["macs"]
+    inference = _ratio(median(standard, "inference_ms"), median(separable, "inference_ms"))
+    optimized = _ratio(median(standard, "optimized_inference_ms"), median(separable, "optimized_inference_ms"))
     return {
         "format": METRICS_FORMAT, "status": status, "resume_command": resume_command, "settings": settings,
         "dataset": dataset, "environment": environment, "units": UNITS, "timing_method": timing_method,
-        "models": models,
+        "machine": machine, "models": models,
         "comparison": {
             "params_ratio": separable["params"] / standard["params"],
             "macs_ratio": separable["macs"] / standard["macs"],
-            "theoretical_speedup": standard["macs"] / separable["macs"],
-            "inference_speedup": _ratio(median(standard, "inference_ms"), median(separable, "inference_ms")),
+            "theoretical_speedup": theoretical,
+            "inference_speedup": inference,
+            "inference_efficiency": _ratio(inference, theoretical),
+            "optimized_inference_speedup": optimized,
+            "optimized_inference_efficiency": _ratio(optimized, theoretical),
             "train_step_speedup": _ratio(median(standard, "train_step_ms"), median(separable, "train_step_ms")),
             "epoch_time_speedup": _ratio(median(standard, "seconds_per_epoch"), median(separable, "seconds_per_epoch")),
             "final_validation_accuracy_difference": _difference(separable, standard, "final_validation_accuracy"),
@@ -127,9 +149,10 @@ def summary_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     standard, separable = (metrics["models"][twin] for twin in TWINS)
     comparison = metrics["comparison"]
     batch = metrics["settings"]["batch_size"]
+    inference_batch = evaluation_batch_size(batch)
 
     def row(label, render, key, versus):
-        return [label, render(standard[key]), render(separable[key]), versus]
+        return [label, render(standard.get(key)), render(separable.get(key)), versus]
 
     def best(model):
         accuracy = model["best_validation_accuracy"]
@@ -138,8 +161,10 @@ def summary_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     rows = [
         row("parameters", _count, "params", _fewer(comparison["params_ratio"])),
         row("forward MACs per input", _count, "macs", _fewer(comparison["macs_ratio"])),
-        row(f"inference, batch of {batch} (ms, median ± IQR)", _time, "inference_ms",
-            _speedup(comparison["inference_speedup"])),
+        row(f"inference as trained (eager, eval), batch of {inference_batch} (ms, median ± IQR)", _time,
+            "inference_ms", _speedup(comparison["inference_speedup"])),
+        row(f"inference optimised (optimize_for_inference), batch of {inference_batch} (ms, median ± IQR)", _time,
+            "optimized_inference_ms", _speedup(comparison["optimized_inference_speedup"])),
         row(f"training step, batch of {batch} (ms, median ± IQR)", _time, "train_step_ms",
             _speedup(comparison["train_step_speedup"])),
         row("final validation accuracy (%)", _percent, "final_validation_accuracy",
@@ -171,12 +196,95 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([aligned(header), rule, *map(aligned, rows)])
 
 
+def _efficiency(value: float | None) -> str:
+    return "" if value is None else f" ({value:.2f} of the MAC ratio)"
+
+
 def speedup_lines(metrics: dict) -> list[str]:
     comparison = metrics["comparison"]
-    return [f"theoretical (standard MACs / separable MACs): {comparison['theoretical_speedup']:.2f}x",
-            f"realised, inference: {_speedup(comparison['inference_speedup'])}",
+    return [f"theoretical (standard MACs / separable MACs, the MAC ratio): {comparison['theoretical_speedup']:.2f}x",
+            "realised, inference optimised for inference: " + _speedup(comparison["optimized_inference_speedup"])
+            + _efficiency(comparison["optimized_inference_efficiency"]),
+            "realised, inference as trained (eager): " + _speedup(comparison["inference_speedup"])
+            + _efficiency(comparison["inference_efficiency"]),
             f"realised, training step: {_speedup(comparison['train_step_speedup'])}",
             f"realised, wall time per epoch: {_speedup(comparison['epoch_time_speedup'])}"]
+
+
+# --- time per layer against the roofline -------------------------------------------------------------
+
+def _ms(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def _share_text(value: float) -> str:
+    return f"{100 * value:.1f}%" if math.isfinite(value) else str(value)
+
+
+def layer_time_table(layer_times: dict, top: int = TOP_LAYERS) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one twin's per-layer times: the ``top`` slowest counted ops (in the model's order), the
+    others summed in one row, the total of the counted ops and the whole model."""
+    layers = layer_times["layers"]
+    slowest = sorted(sorted(range(len(layers)), key=lambda i: -layers[i]["measured_ms"])[:top])
+    rows = [[layer["name"], layer["kind"], layer["bound"], _count(layer["macs"]), _count(layer["bytes"]),
+             f"{_ms(layer['measured_ms'])} ± {_ms(layer['measured_iqr_ms'])}", _ms(layer["roofline_ms"]),
+             _share_text(layer["roofline_share"])] for layer in (layers[i] for i in slowest)]
+    rest = [layer for i, layer in enumerate(layers) if i not in slowest]
+    if rest:
+        measured, roofline = (sum(layer[key] for layer in rest) for key in ("measured_ms", "roofline_ms"))
+        rows.append([f"{len(rest)} other ops", "", "", _count(sum(layer["macs"] for layer in rest)),
+                     _count(sum(layer["bytes"] for layer in rest)), _ms(measured), _ms(roofline),
+                     _share_text(roofline / measured if measured > 0 else math.nan)])
+    rows.append([f"counted ops, total ({len(layers)})", "", "", _count(sum(layer["macs"] for layer in layers)),
+                 _count(sum(layer["bytes"] for layer in layers)), _ms(layer_times["measured_ms"]),
+                 _ms(layer_times["roofline_ms"]), _share_text(layer_times["roofline_share"])])
+    rows.append(["the rest: norms, activations, pooling, Python (whole model - counted ops)", "", "", "", "",
+                 _ms(layer_times["uncounted_ms"]), "", ""])
+    rows.append(["whole model", "", "", "", "", f"{_ms(layer_times['model_ms'])} ± {_ms(layer_times['model_iqr_ms'])}",
+                 "", ""])
+    return ["op", "kind", "bound", "MACs", "bytes", "measured (ms)", "roofline (ms)", "roofline / measured"], rows
+
+
+def _machine_line(machine: dict) -> str:
+    return (f"memory bandwidth {machine['memory_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s, peak fp32 "
+            f"{machine['peak_flops_per_second'] / 1e9:.1f} GFLOP/s (ridge {machine['ridge_flop_per_byte']:.1f} "
+            f"FLOP/byte), {machine['threads']} threads; {machine['method']}")
+
+
+def _layer_time_blocks(metrics: dict) -> list[tuple]:
+    measured = {twin: metrics["models"][twin].get("layer_times") for twin in TWINS}
+    if metrics.get("machine") is None or None in measured.values():
+        return [("paragraph", f"Per-layer times: {NOT_MEASURED}.")]
+    batch = measured["standard"]["batch_size"]
+    blocks = [("paragraph", f"Each counted op (convolutions and matrix products) of each twin as trained (eval "
+                            f"mode, eager, sepconv's default kernels) on a batch of {batch}, timed by "
+                            f"sepconv.profile(measure=True) (median ± IQR over {measured['standard']['repeats']} "
+                            "runs), against its roofline time max(bytes / bandwidth, FLOPs / peak) on this "
+                            f"machine's roofs: {_machine_line(metrics['machine'])}. MACs and bytes are per batch; "
+                            "bytes are the minimum traffic (each tensor read or written once); bound is the larger "
+                            "roofline term. A small roofline / measured share means neither arithmetic nor memory "
+                            "traffic sets the op's time, but per-call overhead or the kernel. The slowest "
+                            f"{TOP_LAYERS} ops are listed in the model's order.")]
+    for twin in TWINS:
+        times = measured[twin]
+        blocks += [("paragraph", f"{twin} twin: counted ops {times['measured_ms']:.3f} ms measured, "
+                                 f"{times['roofline_ms']:.4f} ms at the roofline "
+                                 f"({_share_text(times['roofline_share'])}); the whole model "
+                                 f"{times['model_ms']:.3f} ms, of which {times['uncounted_ms']:.3f} ms outside the "
+                                 "counted ops."),
+                   ("table", *layer_time_table(times))]
+    return blocks
+
+
+def _optimized_line(metrics: dict) -> str:
+    notes = [metrics["models"][twin].get("optimized_inference") for twin in TWINS]
+    if any(note is None for note in notes):
+        return f"optimised inference: {NOT_MEASURED}"
+    if all(note["method"] for note in notes):
+        return (f"optimised inference: {notes[0]['method']}; its outputs equal the eval model's (max |difference| "
+                + ", ".join(f"{twin} {note['max_abs_difference']:.2g}" for twin, note in zip(TWINS, notes)) + ")")
+    return "optimised inference not measured: " + "; ".join(
+        f"{twin} twin: {note['reason']}" for twin, note in zip(TWINS, notes) if not note["method"])
 
 
 # --- the documents ---------------------------------------------------------------------------------
@@ -229,12 +337,16 @@ def _blocks(metrics: dict) -> list[tuple]:
         ("table", *summary_table(metrics)),
         ("heading", "Speed-up of the separable twin"),
         ("list", speedup_lines(metrics)),
+        ("heading", "Time per layer against the roofline"),
+        *_layer_time_blocks(metrics),
         ("heading", "Plots"),
         *(("image", plot["title"], plot["file"]) for plot in metrics["plots"]),
         ("heading", "How the figures were obtained"),
         ("list", [f"parameters: {UNITS['params']}; MACs: {UNITS['macs']}",
                   f"times: {metrics['timing_method'] or NOT_MEASURED}; inference in eval mode without gradients, "
-                  "a training step is forward, cross-entropy, backward, optimizer step and constraints",
+                  "as trained (eager PyTorch with sepconv's default kernels) and optimised for inference; a "
+                  "training step is forward, cross-entropy, backward, optimizer step and constraints",
+                  _optimized_line(metrics),
                   "train accuracy: mean over each epoch's batches in training mode (dropout on, weights changing); "
                   "validation accuracy: the whole validation set in eval mode after each epoch",
                   "every figure is in metrics.json; the checkpoints of the last completed epochs are in "
@@ -308,6 +420,10 @@ def write_report(out_dir: Path, metrics: dict, trained_models: dict[str, nn.Modu
         plots.append({"title": "accuracy and loss per epoch", "file": "curves.png"})
     plot_layer_costs({twin: metrics["models"][twin] for twin in TWINS}, out_dir / "layer_costs.png")
     plots.append({"title": "parameters and MACs per layer", "file": "layer_costs.png"})
+    layer_times = {twin: metrics["models"][twin].get("layer_times") for twin in TWINS}
+    if None not in layer_times.values():
+        plot_layer_times(layer_times, out_dir / "layer_times.png")
+        plots.append({"title": "measured time against the roofline per layer", "file": "layer_times.png"})
     for twin, model in trained_models.items():
         plots += [{"title": f"{twin} twin, learned filters of {plot['title']}", "file": plot["file"]}
                   for plot in plot_learned_filters(model, out_dir, prefix=twin)]

@@ -35,10 +35,17 @@ from .._io import CheckpointError, load_checkpoint, save_checkpoint
 from ..constraints import apply_constraints
 from .data import Dataset
 
-__all__ = ["TrainingSettings", "Distributed", "Trainer", "CheckpointMismatch", "train_step"]
+__all__ = ["TrainingSettings", "Distributed", "Trainer", "CheckpointMismatch", "train_step",
+           "evaluation_batch_size"]
 
 CHECKPOINT_FORMAT = "sepconv.compare.checkpoint/1"
 MIN_EVALUATION_BATCH = 256  # validation needs no gradients: larger batches, fewer calls
+
+
+def evaluation_batch_size(batch_size: int) -> int:
+    """The batch of inference (validation, and the inference timing of ``sepconv compare``): the training batch, at
+    least ``MIN_EVALUATION_BATCH``."""
+    return max(batch_size, MIN_EVALUATION_BATCH)
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,7 @@ class Trainer:
         rank, world_size = self.distributed.rank, self.distributed.world_size
         inputs, labels = self.validation_inputs[rank::world_size], self.validation_labels[rank::world_size]
         totals = torch.zeros(3, dtype=torch.float64, device=self.distributed.device)
-        step = max(self.settings.batch_size, MIN_EVALUATION_BATCH)
+        step = evaluation_batch_size(self.settings.batch_size)
         for start in range(0, len(labels), step):
             logits = self.model(inputs[start:start + step])  # no DDP: no gradients to synchronise
             batch_labels = labels[start:start + step]
