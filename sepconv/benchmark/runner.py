@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .._extras import require
+from .._extras import MissingExtra, require
 from ..profiling import profile
 from ..profiling.timing import Machine, median_and_iqr
 from .suite import Case
@@ -52,7 +52,7 @@ def one_line(error: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message``, at most ``limit`` characters (compile errors run to pages)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else ""
-    if not isinstance(error, CandidateFailed):
+    if not isinstance(error, (CandidateFailed, MissingExtra)):  # their messages say it all
         text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
