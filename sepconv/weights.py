@@ -75,3 +75,21 @@ def spatial_dense_weight(factors: Sequence[torch.Tensor], in_channels: int,
         dense = step if dense is None else compose(dense, step)
         channels = factor.shape[0]
     return dense
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the convolution that equals ``conv`` followed by the eval-mode batch norm ``norm``.
+
+    Output channel ``o`` is scaled by ``gamma_o / sqrt(var_o + eps)`` and shifted by ``beta_o - mean_o * scale_o``.
+    ``norm`` must hold running statistics (``ValueError`` otherwise).
+    """
+    if norm.running_var is None or norm.running_mean is None:
+        raise ValueError(f"only a batch norm with running statistics can be folded; got {norm!r}")
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    weight = weight * scale.reshape(-1, *(1,) * (weight.ndim - 1))
+    return weight, (shift if bias is None else bias * scale + shift)

@@ -8,6 +8,14 @@ dims; weight ``(C * M, 1, *kernel_size)``):
 * ``depthwise_conv_input_grad(grad_out, weight, input_size, stride, padding, dilation)``;
 * ``depthwise_conv_weight_grad(x, grad_out, weight_size, stride, padding, dilation)``.
 
+Two more serve inference (:mod:`sepconv.inference`), forward only, with the bias and an activation (one of
+``reference.ACTIVATIONS``, ``alpha`` its parameter) applied in the kernel's epilogue:
+
+* ``depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha)``;
+* ``pointwise_conv_act(x, weight, bias, activation, alpha)`` (weight ``(C_out, C_in, 1, ...)``).
+
+Their default implementation is the reference (PyTorch's convolution, then the activation).
+
 Each has a fake implementation (shapes only, so ``torch.compile``/``torch.export`` trace them as one node)
 and registered autograd written with the three ops themselves, so gradients of any order stay on them. The
 backends register the device implementations (the C++ CPU backend: :mod:`sepconv.kernels.cpu`); vmap runs
@@ -19,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .. import geometry
+from . import reference
 
 _LIBRARY = torch.library.Library("sepconv", "DEF")  # noqa: the library must live as long as the ops
 _ARGS = "SymInt[] stride, SymInt[] padding, SymInt[] dilation"
@@ -30,6 +39,12 @@ depthwise_conv = torch.ops.sepconv.depthwise_conv.default
 depthwise_conv_input_grad = torch.ops.sepconv.depthwise_conv_input_grad.default
 depthwise_conv_weight_grad = torch.ops.sepconv.depthwise_conv_weight_grad.default
 NAMES = ("sepconv::depthwise_conv", "sepconv::depthwise_conv_input_grad", "sepconv::depthwise_conv_weight_grad")
+
+_LIBRARY.define(f"depthwise_conv_act(Tensor x, Tensor weight, Tensor? bias, {_ARGS}, str activation, float alpha) -> Tensor")
+_LIBRARY.define("pointwise_conv_act(Tensor x, Tensor weight, Tensor? bias, str activation, float alpha) -> Tensor")
+depthwise_conv_act = torch.ops.sepconv.depthwise_conv_act.default
+pointwise_conv_act = torch.ops.sepconv.pointwise_conv_act.default
+INFERENCE_NAMES = ("sepconv::depthwise_conv_act", "sepconv::pointwise_conv_act")
 
 
 def resolve(input_size, kernel_size, stride, padding, dilation) -> geometry.ConvGeometry:
@@ -55,6 +70,30 @@ def _(grad_out, weight, input_size, stride, padding, dilation):
 @torch.library.register_fake("sepconv::depthwise_conv_weight_grad")
 def _(x, grad_out, weight_size, stride, padding, dilation):
     return x.new_empty(weight_size)
+
+
+@torch.library.register_fake("sepconv::depthwise_conv_act")
+def _(x, weight, bias, stride, padding, dilation, activation, alpha):
+    g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    return torch.empty((x.shape[0], weight.shape[0], *g.output_size), dtype=x.dtype, device=x.device,
+                       memory_format=_layout(x, weight))
+
+
+@torch.library.register_fake("sepconv::pointwise_conv_act")
+def _(x, weight, bias, activation, alpha):
+    return torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
+                       memory_format=_layout(x, x))
+
+
+@torch.library.impl("sepconv::depthwise_conv_act", "CompositeExplicitAutograd")
+def _(x, weight, bias, stride, padding, dilation, activation, alpha):
+    g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    return reference.conv_act(x, weight, bias, g, x.shape[1], "zeros", activation, alpha)
+
+
+@torch.library.impl("sepconv::pointwise_conv_act", "CompositeExplicitAutograd")
+def _(x, weight, bias, activation, alpha):
+    return reference.activation(reference.pointwise_conv(x, weight, bias), activation, alpha)
 
 
 def _layout(t: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:

@@ -124,7 +124,7 @@ def _signature(x, weight, bias, geometry, padding_mode, wants_grad):
             geometry, padding_mode, wants_grad, torch.get_num_threads())
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     """Under ``torch.jit.trace`` or ONNX export the graph must hold standard convolutions."""
     onnx = sys.modules.get("torch.onnx")  # not imported: not exporting
     return torch.jit.is_tracing() or (onnx is not None and onnx.is_in_onnx_export())
@@ -133,7 +133,7 @@ def _exporting() -> bool:
 def select(x, weight, bias, geometry, padding_mode):
     """The backend (module) to run this depthwise convolution on."""
     mode = get_kernels()
-    if mode == "reference" or _exporting():
+    if mode == "reference" or exporting():
         return reference
     compiling = torch.compiler.is_compiling()
     if not compiling and not (_plain(x) and _plain(weight) and _plain(bias)):

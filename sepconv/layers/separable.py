@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import functional as F
 from ..interop import keras as keras_io
-from ..weights import separable_dense_bias, separable_dense_weight
+from ..weights import fold_batch_norm, separable_dense_bias, separable_dense_weight
 from ._common import (check_channels, check_init, check_input_channels, factory_kwargs, make_activation, make_norm,
                       reset_keras_, reset_torch_, settings_repr, spatial_args, spatial_repr)
 from .conv import dense_conv
@@ -102,15 +102,7 @@ class _SeparableConvNd(nn.Module):
                 or self.norm.running_var is None:
             raise ValueError(f"to_dense() can fold only an eval-mode batch norm with running statistics; got "
                              f"norm={self.norm!r} (training={self.norm.training}); call .eval() first")
-        scale = torch.rsqrt(self.norm.running_var + self.norm.eps)
-        if self.norm.weight is not None:
-            scale = scale * self.norm.weight
-        shift = -self.norm.running_mean * scale
-        if self.norm.bias is not None:
-            shift = shift + self.norm.bias
-        weight = weight * scale.reshape(-1, *(1,) * (weight.ndim - 1))
-        bias = shift if bias is None else bias * scale + shift
-        return weight, bias
+        return fold_batch_norm(weight, bias, self.norm)
 
     def to_dense(self) -> nn.Module:
         """The equivalent standard convolution (an eval-mode batch norm between the steps is folded in)."""

@@ -23,7 +23,7 @@ from ..._memo import memoised
 from .. import ops, reference, registry
 
 NAME = "cpu"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "depthwise.cpp")
+_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("depthwise.cpp", "pointwise.cpp")]
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None
@@ -41,7 +41,7 @@ def _build():
     build_dir = os.environ.get("SEPCONV_BUILD_DIR") or None
     if build_dir:
         os.makedirs(build_dir, exist_ok=True)
-    return cpp_extension.load(name="sepconv_cpu", sources=[_SOURCE], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+    return cpp_extension.load(name="sepconv_cpu", sources=_SOURCES, extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
                               build_directory=build_dir, verbose=False)
 
 
@@ -160,9 +160,38 @@ def _weight_grad(x, grad_out, weight_size, stride, padding, dilation):
     return _module.weight_grad(_planes(x), _planes(grad_out), size, args).reshape(weight_size)
 
 
+def _depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha):
+    args = _kernel_args(x.shape[2:], weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
+    code = reference.ACTIVATIONS.index(activation)
+    return _back(_module.forward(_planes(x), _planes(weight), bias, args, code, alpha), x)
+
+
+def _pointwise_conv_act(x, weight, bias, activation, alpha):
+    code = reference.ACTIVATIONS.index(activation)
+    return _back(_module.pointwise(_planes(x), _planes(weight), bias, code, alpha), x)
+
+
 def _register() -> None:
-    for name, function in zip(ops.NAMES, (_forward, _input_grad, _weight_grad)):
+    for name, function in zip(ops.NAMES + ops.INFERENCE_NAMES,
+                              (_forward, _input_grad, _weight_grad, _depthwise_conv_act, _pointwise_conv_act)):
         torch.library.impl(name, "CPU", func=function)
+
+
+# --- inference: the bias and activation in the kernels' epilogue (no gradients) --------------------------------
+
+def depthwise_conv_act(x, weight, bias, geometry, activation, alpha=1.0):
+    """``activation(depthwise_conv(x) + bias)`` in one pass (zero padding; the caller checked :func:`supports`)."""
+    args = (x, weight, bias, geometry.stride, geometry.flat_padding, geometry.dilation, activation, alpha)
+    if torch.compiler.is_compiling() or registry.dispatch_visible():
+        return ops.depthwise_conv_act(*args)
+    return _depthwise_conv_act(*args)
+
+
+def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):
+    """``activation(pointwise_conv(x) + bias)``, each block of the output finished while in cache."""
+    if torch.compiler.is_compiling() or registry.dispatch_visible():
+        return ops.pointwise_conv_act(x, weight, bias, activation, alpha)
+    return _pointwise_conv_act(x, weight, bias, activation, alpha)
 
 
 _eager = ops.Gradients(_forward, _input_grad, _weight_grad)

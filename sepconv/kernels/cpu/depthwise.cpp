@@ -12,19 +12,7 @@
 //
 // Threads come from PyTorch's own pool (at::parallel_for), so there is no second OpenMP runtime.
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY_AVX512 1
-#define CPU_CAPABILITY AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY_AVX2 1
-#define CPU_CAPABILITY AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
-
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
+#include "common.h"
 
 #include <algorithm>
 #include <atomic>
@@ -36,7 +24,9 @@
 
 namespace {
 
-using at::vec::Vectorized;
+using sepconv_cpu::Activation;
+using sepconv_cpu::activate_inplace;
+using sepconv_cpu::Vectorized;
 
 struct Geometry {
   int64_t kh, kw, oh, ow, sh, sw, pt, pl, dh, dw, flip_pt, flip_pl;
@@ -314,7 +304,7 @@ void correlate_outputs(T* const* out, int64_t mb, int64_t len, const T* const* s
 
 template <typename T>
 void planar_forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int64_t C, int64_t M, int64_t H,
-                    int64_t W, const Geometry& g) {
+                    int64_t W, const Geometry& g, const Activation& act) {
   const PhaseGrid grid_shape(g);
   const int64_t K = g.kh * g.kw, out_plane = g.oh * g.ow;
   const auto columns = grid_shape.tap_columns(g);
@@ -340,6 +330,8 @@ void planar_forward(const T* x, const T* w, const T* bias, T* y, int64_t N, int6
             if (n < K) std::copy(weights.data() + m * K, weights.data() + m * K + n, weights.data() + m * n);
           }
           correlate_outputs(outs.data(), mb, g.ow, src.data(), weights.data(), n, inits.data());
+          if (act.any())
+            for (int64_t m = 0; m < mb; ++m) activate_inplace<T>(outs[m], g.ow, static_cast<const T*>(nullptr), act);
         }
       }
     }
@@ -716,7 +708,7 @@ struct PaddedRows {
 
 template <typename T>
 void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64_t C, int64_t H, int64_t W,
-                  const Geometry& g, int64_t right = -1) {
+                  const Geometry& g, int64_t right, const Activation& act) {
   // right >= 0: read the rows through PaddedRows (then the kernels see unpadded, wider rows)
   const bool pad = right >= 0;
   Geometry inner = g;
@@ -740,8 +732,9 @@ void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64
         taps_x[taps_rows] = rows[i];
         taps_w[taps_rows++] = wt + i * g.kw * C;
       }
-      nhwc_row<T>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, y + task * g.ow * C, C, width, lo,
-                  hi, inner);
+      T* out = y + task * g.ow * C;
+      nhwc_row<T>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, out, C, width, lo, hi, inner);
+      if (act.any()) activate_inplace<T>(out, g.ow * C, static_cast<const T*>(nullptr), act);  // the row is in L1/L2
     }
 #if defined(CPU_CAPABILITY_AVX512)
     if (g.stream) _mm_sfence();  // each thread completes its weakly ordered non-temporal stores
@@ -940,17 +933,18 @@ at::Tensor weight_rows(const at::Tensor& weight, bool flip) {
 
 // The channels-last forward on x (N, C, H, W channels-last); wide kernels whose rows are mostly border read
 // them through PaddedRows.
-void run_nhwc_forward(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, at::Tensor& y, Geometry g) {
+void run_nhwc_forward(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, at::Tensor& y, Geometry g,
+                      const Activation& act = {}) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
   int64_t right = -1;
   if (g.pl >= 0 && g.kw > 3 && 4 * (hi - lo) < 3 * g.ow)
     right = std::max<int64_t>(0, (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1 - g.pl - W);
-  g.stream = y.nbytes() > (8 << 20);
+  g.stream = y.nbytes() > (8 << 20) && !act.any();  // the epilogue reads the row back: keep it in cache
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_nhwc", [&] {
     nhwc_forward<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
                            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, H, W, g,
-                           right);
+                           right, act);
   });
 }
 
@@ -979,8 +973,9 @@ at::Tensor in_layout(const at::Tensor& t, bool channels_last) {
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   at::IntArrayRef geometry) {
+                   at::IntArrayRef geometry, int64_t activation, double alpha) {
   check(x, "x");
+  const Activation act = sepconv_cpu::read_activation(activation, alpha);
   check(weight, "weight");
   ++kernel_calls;
   const Geometry g = read_geometry(geometry);
@@ -990,7 +985,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   if (use_nhwc(cl, C, M, g.ow)) {
     const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
     auto y = at::empty({N, CM, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    run_nhwc_forward(xc, weight_rows(weight, false), b, y, g);
+    run_nhwc_forward(xc, weight_rows(weight, false), b, y, g, act);
     return cl ? y : y.contiguous();
   }
   const auto xc = x.contiguous();
@@ -998,7 +993,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   auto y = planar_output({N, CM, g.oh, g.ow}, x.options(), cl);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_planar", [&] {
     planar_forward<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
-                             b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, M, H, W, g);
+                             b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, M, H, W, g,
+                             act);
   });
   return in_layout(y, cl);
 }
@@ -1068,7 +1064,9 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntA
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "depthwise convolution, forward");
+  m.def("forward", &forward, "depthwise convolution, forward, with an activation in the epilogue", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("geometry"), py::arg("activation") = 0, py::arg("alpha") = 1.0);
+  m.def("pointwise", &sepconv_cpu::pointwise, "pointwise convolution with bias and activation in the epilogue");
   m.def("input_grad", &input_grad, "depthwise convolution, gradient of the input");
   m.def("weight_grad", &weight_grad, "depthwise convolution, gradient of the weight");
   m.def("kernel_calls", [] { return kernel_calls.load(); }, "how many times a kernel ran (tests read it)");

@@ -53,3 +53,24 @@ def depthwise_conv(x, weight, bias, geometry, padding_mode):
 
 def pointwise_conv(x, weight, bias):
     return _CONV[weight.ndim - 2](x, weight, bias)
+
+
+# The activations that fused kernels apply in their epilogue (their codes in cpu/common.h follow this order);
+# ``alpha`` is ELU's alpha and LeakyReLU's negative slope.
+ACTIVATIONS = ("none", "relu", "relu6", "elu", "silu", "hardswish", "gelu", "leaky_relu")
+
+
+def activation(y, name: str, alpha: float = 1.0):
+    """``y`` through the activation ``name`` (one of :data:`ACTIVATIONS`), as PyTorch computes it."""
+    if name == "none":
+        return y
+    if name == "elu":
+        return F.elu(y, alpha)
+    if name == "leaky_relu":
+        return F.leaky_relu(y, alpha)
+    return {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu}[name](y)
+
+
+def conv_act(x, weight, bias, geometry, groups, padding_mode, name: str, alpha: float = 1.0):
+    """A convolution, then its bias and activation: the unfused twin of the fused kernels."""
+    return activation(conv(x, weight, bias, geometry, groups, padding_mode), name, alpha)

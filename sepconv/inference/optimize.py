@@ -1,0 +1,207 @@
+"""``optimize_for_inference``: an eval-only copy of a model whose convolution -> batch norm -> activation chains run
+as single fused kernels, in one memory layout chosen for the whole model."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from ..layers.conv import _ConvNd as _SepconvConv
+from ..layers.depthwise import _DepthwiseConvNd
+from ..layers.pointwise import _PointwiseConvNd
+from ..layers.separable import _SeparableConvNd
+from ..weights import fold_batch_norm
+from .modules import FusedConv
+
+__all__ = ["optimize_for_inference", "LAYOUTS"]
+
+LAYOUTS = ("auto", "channels_last", "contiguous")
+_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None = None, *,
+                           layout: str = "auto") -> nn.Module:
+    """An eval-only copy of ``model`` that computes the same outputs as ``model.eval()``, faster.
+
+    Inside every ``nn.Sequential`` (sepconv's reference models are built of them), each convolution (sepconv's
+    depthwise, pointwise, separable and standard layers, PyTorch's ``nn.ConvNd``) followed by an optional
+    batch norm and an optional activation (ReLU, ReLU6, ELU, SiLU, Hardswish, GELU, LeakyReLU) becomes one
+    :class:`~sepconv.inference.FusedConv`: the batch norm folded into the weights and bias, the activation run
+    in the kernel's epilogue. A separable layer becomes its depthwise and pointwise steps (a batch norm and
+    activation between them are folded and fused the same way). Dropout, an identity in eval mode, is dropped.
+    Anything else stays as it is, so models with other patterns work unchanged where they are not covered.
+
+    ``layout``: ``"channels_last"`` or ``"contiguous"`` for the whole model (the input is converted once, on
+    entry); ``"auto"`` times both on ``example_input`` and keeps the faster (channels-last without one).
+    Outputs equal the original's to float32 rounding (folding reorders the arithmetic: the tests hold them to
+    1e-4 relative to the output's scale). The copy composes with ``torch.compile`` and exports to ONNX as
+    standard convolutions and activations. ``model`` itself is not changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if example_input is not None and not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor or None; got {type(example_input).__name__}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    optimised = copy.deepcopy(model).eval()
+    optimised.requires_grad_(False)
+    _rewrite(optimised)
+    if layout == "auto":
+        layout = _fastest_layout(optimised, example_input) if example_input is not None else "channels_last"
+    _set_layout(optimised, layout)
+    return optimised
+
+
+# --- rewriting ---------------------------------------------------------------------------------------------
+
+def _rewrite(module: nn.Module) -> None:
+    """Fuse inside every ``nn.Sequential``, innermost first; a sequence left with one module becomes that module."""
+    for name, child in module.named_children():
+        _rewrite(child)
+        if isinstance(child, nn.Sequential) and len(child) == 1:
+            setattr(module, name, child[0])
+    if isinstance(module, nn.Sequential):
+        _fuse_sequence(module)
+
+
+def _fuse_sequence(sequence: nn.Sequential) -> None:
+    items = []
+    for name, child in sequence.named_children():
+        if isinstance(child, _DROPOUT):
+            continue
+        if isinstance(child, _SeparableConvNd):
+            items.extend((f"{name}_{step}", fused) for step, fused in zip(("depthwise", "pointwise"),
+                                                                           _separable_steps(child)))
+            continue
+        fused = _as_fused(child)
+        items.append((name, fused if fused is not None else child))
+    merged = []
+    for name, child in items:
+        previous = merged[-1][1] if merged else None
+        if isinstance(previous, FusedConv) and previous.activation == "none":
+            if _foldable_norm(child, previous.weight.shape[0]):
+                previous.weight, previous.bias = fold_batch_norm(previous.weight, previous.bias, child)
+                continue
+            activation = _activation(child)
+            if activation is not None:
+                previous.activation, previous.alpha = activation
+                continue
+        merged.append((name, child))
+    for name in list(sequence._modules):
+        del sequence._modules[name]
+    for name, child in merged:
+        sequence.add_module(name, child)
+
+
+def _as_fused(module: nn.Module) -> FusedConv | None:
+    """The :class:`FusedConv` of a convolution layer (no norm, no activation yet), or None for anything else."""
+    if isinstance(module, _DepthwiseConvNd):
+        return FusedConv("depthwise", module.weight, module.bias, module.stride, module.padding, module.dilation,
+                         module.in_channels, module.padding_mode)
+    if isinstance(module, _PointwiseConvNd):
+        rank = module.weight.ndim - 2
+        return FusedConv("pointwise", module.weight, module.bias, (1,) * rank, 0, (1,) * rank, 1)
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        padding = module.padding if isinstance(module, _SepconvConv) or isinstance(module.padding, str) \
+            else tuple(module.padding)
+        rank = module.weight.ndim - 2
+        if module.groups == module.in_channels and module.weight.shape[1] == 1:
+            kind = "depthwise"
+        elif module.kernel_size == (1,) * rank and module.stride == (1,) * rank and module.groups == 1 \
+                and padding in (0, "valid", (0,) * rank, "same") and module.dilation == (1,) * rank:
+            kind = "pointwise"
+        else:
+            kind = "conv"
+        return FusedConv(kind, module.weight, module.bias, module.stride, padding, module.dilation, module.groups,
+                         module.padding_mode)
+    return None
+
+
+def _separable_steps(layer: _SeparableConvNd) -> tuple[FusedConv, FusedConv]:
+    weight, bias = layer.depthwise_weight, layer.depthwise_bias
+    if layer.norm is not None:
+        if not _foldable_norm(layer.norm, weight.shape[0]):
+            raise ValueError(f"optimize_for_inference folds only batch norms between a separable layer's steps; "
+                             f"got norm={layer.norm!r}")
+        weight, bias = fold_batch_norm(weight, bias, layer.norm)
+    activation = ("none", 1.0) if layer.activation is None else _activation(layer.activation)
+    if activation is None:
+        raise ValueError(f"optimize_for_inference cannot fuse the activation {layer.activation!r} of a separable "
+                         "layer")
+    rank = weight.ndim - 2
+    depthwise = FusedConv("depthwise", weight, bias, layer.stride, layer.padding, layer.dilation, layer.in_channels,
+                          layer.padding_mode, *activation)
+    pointwise = FusedConv("pointwise", layer.pointwise_weight, layer.bias, (1,) * rank, 0, (1,) * rank, 1)
+    return depthwise, pointwise
+
+
+def _foldable_norm(module: nn.Module, channels: int) -> bool:
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+            and module.num_features == channels)
+
+
+def _activation(module: nn.Module) -> tuple[str, float] | None:
+    """``(name, alpha)`` of an activation the kernels apply in their epilogue, or None."""
+    if isinstance(module, nn.ReLU):
+        return "relu", 1.0
+    if isinstance(module, nn.ReLU6) or (isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0, 6)):
+        return "relu6", 1.0
+    if isinstance(module, nn.ELU):
+        return "elu", float(module.alpha)
+    if isinstance(module, nn.LeakyReLU):
+        return "leaky_relu", float(module.negative_slope)
+    if isinstance(module, nn.GELU) and module.approximate == "none":
+        return "gelu", 1.0
+    if isinstance(module, nn.Identity):
+        return "none", 1.0
+    for kind, name in ((nn.SiLU, "silu"), (nn.Hardswish, "hardswish")):
+        if isinstance(module, kind):
+            return name, 1.0
+    return None
+
+
+# --- layout --------------------------------------------------------------------------------------------------
+
+class _ToLayout:
+    """A forward pre-hook converting 4-D inputs to one memory format (a class, so the model still pickles)."""
+
+    def __init__(self, layout: str):
+        self.layout = layout
+
+    def __call__(self, module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
+            return (args[0].contiguous(memory_format=_FORMATS[self.layout]), *args[1:])
+        return None
+
+
+def _set_layout(model: nn.Module, layout: str) -> None:
+    """Weights and the input in ``layout``: every 4-D convolution then answers in it, end to end."""
+    for module in model.modules():
+        if isinstance(module, FusedConv) and module.weight.ndim == 4 and module.kind == "conv":
+            module.weight = module.weight.contiguous(memory_format=_FORMATS[layout])
+    for hook in [h for h in model._forward_pre_hooks.values() if isinstance(h, _ToLayout)]:
+        hook.layout = layout
+        return
+    model.register_forward_pre_hook(_ToLayout(layout))
+
+
+def _fastest_layout(model: nn.Module, example_input: torch.Tensor, rounds: int = 3) -> str:
+    """The layout in which ``model`` runs ``example_input`` fastest (best of a few interleaved calls)."""
+    if example_input.ndim != 4:
+        return "contiguous"
+    best = {}
+    with torch.inference_mode():
+        for layout in _FORMATS:
+            _set_layout(model, layout)
+            model(example_input)  # warm-up: kernels mode choices, allocator
+        for _ in range(rounds):
+            for layout in _FORMATS:
+                _set_layout(model, layout)
+                start = time.perf_counter()
+                model(example_input)
+                best[layout] = min(best.get(layout, float("inf")), time.perf_counter() - start)
+    return min(best, key=best.get)
