@@ -10,7 +10,7 @@ from torch import nn
 
 import sepconv
 from sepconv import cli
-from sepconv.benchmark import Case, RowResult, Timing, depthwise_suite, layer_cases, model_cases, runner, select
+from sepconv.benchmark import RowResult, Timing, depthwise_suite, layer_cases, model_cases, runner, select
 
 ORT = "onnxruntime"
 

@@ -10,7 +10,6 @@ results.json, table.txt and speedup.png there. Ctrl-C keeps the rows finished so
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
