@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run   - create .venv, install the CPU PyTorch wheel then sepconv[experiment], and run the `sepconv` command
-#   make test  - same environment plus the test extras (which include the experiment and eeg extras), then the
+#   make test  - same environment plus the test extras (which include the experiment, eeg and bench extras), then the
 #                whole test suite
 # torch==2.13.0 is installed before the package so that pip never resolves a CUDA build of torch.
 PYTHON ?= python3

@@ -100,6 +100,7 @@ import sepconv.functional as SF
 from sepconv import cost, geometry
 from sepconv._io import atomic_write_text
 from sepconv import kernels
+from sepconv.benchmark.suite import DepthwiseShape, depthwise_suite
 from sepconv.profiling.timing import measure_machine
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_kernels.json")
@@ -108,48 +109,9 @@ CANDIDATES = ("cpu_cl", "cpu_nchw", "auto_cl", "auto_nchw", "torch_nchw", "torch
 COMPILE_FORMAT = "nchw"  # the layout the torch.compile candidate gets by default (--compile-format)
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    n: int
-    c: int
-    spatial: tuple[int, ...]
-    kernel: tuple[int, ...]
-    stride: int
-    padding: tuple[tuple[int, int], ...]  # (before, after) per axis
-    multiplier: int = 1
-
-    def describe(self) -> str:
-        size = "x".join(map(str, (self.n, self.c, *self.spatial)))
-        pad = ",".join(f"{b}{'' if a == b else '/' + str(a)}" for b, a in self.padding)
-        mult = f" M{self.multiplier}" if self.multiplier > 1 else ""
-        return f"{size} k{'x'.join(map(str, self.kernel))} s{self.stride} p{pad}{mult}"
-
-
-def suite(batches) -> list[Shape]:
-    layers = [
-        # name, C, spatial, kernel, stride, padding pairs, multiplier
-        ("mnv1.1", 32, (112, 112), (3, 3), 1, ((1, 1), (1, 1)), 1),
-        ("mnv1.2", 64, (112, 112), (3, 3), 2, ((0, 1), (0, 1)), 1),  # Keras: explicit (0,1) then valid
-        ("mnv1.7", 512, (14, 14), (3, 3), 1, ((1, 1), (1, 1)), 1),
-        ("mnv2.s", 144, (56, 56), (3, 3), 2, ((0, 1), (0, 1)), 1),
-        ("mnv2.l", 960, (7, 7), (3, 3), 1, ((1, 1), (1, 1)), 1),
-        ("effnet.k5", 240, (28, 28), (5, 5), 2, ((1, 2), (1, 2)), 1),
-        ("effnet.k5s1", 480, (14, 14), (5, 5), 1, ((2, 2), (2, 2)), 1),
-        ("convnext.k7", 96, (56, 56), (7, 7), 1, ((3, 3), (3, 3)), 1),
-        ("replknet.k31", 128, (56, 56), (31, 31), 1, ((15, 15), (15, 15)), 1),
-        ("eeg.temporal", 8, (64, 128), (1, 64), 1, ((0, 0), (31, 32)), 1),
-        ("eeg.spatial", 8, (64, 128), (64, 1), 1, ((0, 0), (0, 0)), 2),
-        ("causal1d.k4", 1536, (2048,), (4,), 1, ((3, 0),), 1),
-    ]
-    shapes = []
-    for n in batches:
-        for name, c, spatial, kernel, stride, padding, multiplier in layers:
-            # Batch 32 of a 31x31 layer in NCHW would take seconds per call, and of the long 1-D sequence
-            # ~10 GB for the seven candidates' tensors: batch 8 there.
-            n_here = min(n, 8) if name in ("replknet.k31", "causal1d.k4") else n
-            shapes.append(Shape(name, n_here, c, spatial, kernel, stride, padding, multiplier))
-    return shapes
+# The depthwise layer suite lives in the package, so that `sepconv bench --suite` times the same shapes.
+Shape = DepthwiseShape
+suite = depthwise_suite
 
 
 # --- the candidates --------------------------------------------------------------------------------

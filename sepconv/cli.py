@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 
 from . import kernels
-from .commands import compare, decompose, example, profile
+from .commands import bench, compare, decompose, example, profile
 from .commands._args import OneLineParser
 
-COMMANDS = {"compare": compare, "example": example, "decompose": decompose, "profile": profile}
+COMMANDS = {"compare": compare, "example": example, "decompose": decompose, "profile": profile,
+            "bench": bench}
 DEFAULT_COMMAND = "compare"
 
 

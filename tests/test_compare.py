@@ -376,7 +376,8 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--resume"], "--resume needs --out DIR, the folder of the run to continue"),
-    (["--model", "resnet"], "--model 'resnet' is not a registered model; choose one of digits_cnn, eegnet,"),
+    (["--model", "resnet"],
+     "--model 'resnet' is not a registered model; choose one of convnext_k7, digits_cnn, eegnet,"),
     (["--model", "eegnet"], "--model eegnet does not fit --dataset digits (inputs 1x8x8, 10 classes): TypeError: "
                             "EEGNet.__init__() got an unexpected keyword argument 'in_channels'"),
     (["--model", "vgg_cifar", "--dataset", "eeg-synthetic"], "--model vgg_cifar does not fit --dataset eeg-synthetic "

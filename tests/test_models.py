@@ -74,7 +74,7 @@ def test_registry_lists_every_architecture_and_variant():
     names = list_models()
     assert names == sorted(names)
     assert {"eegnet", "mobilenet_v1", "mobilenet_v1_025", "mobilenet_v1_050", "mobilenet_v1_075", "mobilenet_v1_100",
-            "mobilenet_v2", "vgg_cifar", "xception"} <= set(names)
+            "mobilenet_v2", "vgg_cifar", "xception", "convnext_k7", "replknet_k31"} <= set(names)
     assert list_models("mobilenet_v1_0*") == ["mobilenet_v1_025", "mobilenet_v1_050", "mobilenet_v1_075"]
     assert list_models("resnet*") == []
 
@@ -251,6 +251,8 @@ ARCHITECTURES = [  # the smallest inputs each accepts, narrow widths where the a
     ("xception", {}, (3, 71, 71)),
     ("eegnet", {"channels": 8, "samples": 64}, (1, 8, 64)),
     ("vgg_cifar", {"batch_norm": True, "dropout": 0.2}, (3, 32, 32)),
+    ("convnext_k7", {"widths": (8, 16), "depths": (1, 1)}, (3, 8, 8)),
+    ("replknet_k31", {"widths": (8, 16), "depths": (1, 1)}, (3, 8, 8)),
 ]
 
 
@@ -372,6 +374,11 @@ def test_onnx_export_runs_in_onnxruntime():
     ("eegnet", {"dropout_type": "alpha"}, ValueError,
      r"dropout_type must be one of \('dropout', 'spatial'\); got 'alpha'"),
     ("eegnet", {"dense_max_norm": -1}, ValueError, r"dense_max_norm must be a positive finite number; got -1"),
+    ("convnext_k7", {"widths": (8, 16), "depths": (1,)}, ValueError,
+     r"widths and depths must have one entry per stage; got 2 widths \(8, 16\) and 1 depths \(1,\)"),
+    ("replknet_k31", {"depths": (1, 0)}, ValueError,
+     r"depths must be a non-empty sequence of positive ints; got \(1, 0\)"),
+    ("convnext_k7", {"input_size": 15}, ValueError, r"input_size must be .* each >= 16; got 15"),
     ("mobilenet_v1", {"resolution": 224}, TypeError, r"unexpected keyword argument 'resolution'"),
 ])
 def test_argument_errors(name, kwargs, error, match):

@@ -12,6 +12,8 @@ adding the ``running_mean``/``running_var`` buffers gives Keras' total.
 * ``xception``: :class:`Xception`, as ``keras.applications.Xception``;
 * ``eegnet``: :class:`EEGNet`, as the reference ``EEGNet`` of the arl-eegmodels project;
 * ``vgg_cifar``: :class:`VGGCifar`, the 6-convolution VGG-block network for 32x32 images;
+* ``convnext_k7``: :class:`ConvNeXtK7`, a small ConvNeXt-style stack of depthwise 7x7 blocks (BatchNorm);
+* ``replknet_k31``: :class:`RepLKNetK31`, a small RepLKNet-style network of depthwise 31x31 blocks;
 * ``digits_cnn``: :class:`DigitsCNN`, a small CNN for scikit-learn's 8x8 digits (the default of ``sepconv compare``).
 
 >>> from sepconv.models import create_model, list_models
@@ -25,13 +27,16 @@ adding the ``running_mean``/``running_var`` buffers gives Keras' total.
 """
 
 from ._registry import create_model, list_models, register_model
+from .convnext_k7 import ConvNeXtK7
 from .digits_cnn import DigitsCNN
 from .eegnet import EEGNet
 from .keras_weights import load_keras_weights
 from .mobilenet_v1 import MobileNetV1
 from .mobilenet_v2 import MobileNetV2
+from .replknet_k31 import RepLKNetK31
 from .vgg_cifar import VGGCifar
 from .xception import Xception
 
 __all__ = ["create_model", "list_models", "register_model", "load_keras_weights",
-           "MobileNetV1", "MobileNetV2", "Xception", "EEGNet", "VGGCifar", "DigitsCNN"]
+           "MobileNetV1", "MobileNetV2", "Xception", "EEGNet", "VGGCifar", "DigitsCNN",
+           "ConvNeXtK7", "RepLKNetK31"]

@@ -38,6 +38,18 @@ def check_flag(value, name: str) -> bool:
     return value
 
 
+def check_stages(widths, depths) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-stage ``widths`` and block counts ``depths``: equally long, non-empty sequences of positive ints."""
+    for value, name in ((widths, "widths"), (depths, "depths")):
+        if (not isinstance(value, (tuple, list)) or not value
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            raise ValueError(f"{name} must be a non-empty sequence of positive ints; got {value!r}")
+    if len(widths) != len(depths):
+        raise ValueError(f"widths and depths must have one entry per stage; got {len(widths)} widths "
+                         f"{tuple(widths)} and {len(depths)} depths {tuple(depths)}")
+    return tuple(widths), tuple(depths)
+
+
 def check_input_size(value, minimum: int, name: str = "input_size") -> tuple[int, int]:
     """``(H, W)`` from an int or a pair, each at least ``minimum``."""
     return to_tuple(value, 2, name, minimum=minimum)

@@ -1,0 +1,357 @@
+"""Candidates (one way of running a model each) and their interleaved timing, row by row.
+
+A row is a :class:`~sepconv.benchmark.suite.Case`: a model and an input shape. Every candidate gets its own
+deep copy of the same seeded model and the same input values. Timing is interleaved: after a warm-up call
+(where ``torch.compile`` compiles and ``auto`` measures its kernels) and a calibration of calls per block,
+each round times one block of calls of every candidate in turn, starting one candidate later each round, so
+that drift on a shared machine hits all alike; a candidate's time is the median (and interquartile range)
+of its per-call times over the rounds. A candidate that fails (to build, to compile, to agree with PyTorch's
+eager output) is recorded with a one-line reason and the others go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from .._extras import MissingExtra, require
+from ..profiling import profile
+from ..profiling.timing import Machine, median_and_iqr
+from .suite import Case
+
+__all__ = ["CANDIDATES", "COMPILED", "INFERENCE_ONLY", "CandidateFailed", "RowResult", "Timing", "run",
+           "default_candidates", "onnxruntime_available"]
+
+CANDIDATES = ("eager_nchw", "eager_cl", "compile", "sepconv", "sepconv_compile", "optimized", "optimized_compile",
+              "onnxruntime")
+COMPILED = frozenset({"compile", "sepconv_compile", "optimized_compile"})
+INFERENCE_ONLY = frozenset({"optimized", "optimized_compile", "onnxruntime"})
+EAGER = ("eager_nchw", "eager_cl")  # "vs eager" compares with the faster of these
+# A candidate's output may differ from PyTorch's eager NCHW output by this much, relative to its largest value
+# (other kernels sum in another order; folded batch norm rounds differently).
+AGREEMENT = 1e-2
+LEARNING_RATE = 1e-4  # small, so that thousands of timed steps on random labels stay finite
+
+
+class CandidateFailed(Exception):
+    """A candidate cannot run this row; the message is one line."""
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters (compile errors run to pages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if not isinstance(error, (CandidateFailed, MissingExtra)):  # their messages say it all
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def onnxruntime_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def default_candidates(train: bool, compile: bool = True) -> list[str]:
+    """Every candidate that applies: inference-only ones left out with ``train``, compiled ones without
+    ``compile``, onnxruntime where it is not installed."""
+    return [name for name in CANDIDATES if not (train and name in INFERENCE_ONLY) and (compile or name not in COMPILED)
+            and (name != "onnxruntime" or onnxruntime_available())]
+
+
+@dataclass
+class Timing:
+    """One candidate on one row: per-call seconds (median, IQR) over interleaved rounds, or why it failed."""
+
+    candidate: str
+    median_s: float | None = None
+    iqr_s: float | None = None
+    rounds: int = 0
+    calls_per_block: int = 0
+    warmup_s: float | None = None  # the first call: compiling, auto's kernel measurements, ORT's set-up
+    max_error: float | None = None  # largest |output - eager_nchw's| / largest |eager_nchw output| (inference)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.median_s is not None
+
+
+@dataclass
+class RowResult:
+    """One row: what ran, each candidate's :class:`Timing`, and the model's roofline time on this machine."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    train: bool
+    timings: dict[str, Timing]
+    flops: int | None = None
+    bytes: int | None = None
+    roofline_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def best(self, names: Iterable[str]) -> float | None:
+        times = [self.timings[n].median_s for n in names if n in self.timings and self.timings[n].ok]
+        return min(times) if times else None
+
+    def speedups(self) -> dict[str, dict[str, float | None]]:
+        """Per candidate: peer time / its time (> 1: faster) against the best eager layout, compile and
+        onnxruntime; ``None`` where either failed or was not run."""
+        peers = {"eager": self.best(EAGER), "compile": self.best(["compile"]),
+                 "onnxruntime": self.best(["onnxruntime"])}
+        return {name: {peer: (None if t is None or not timing.ok else t / timing.median_s) for peer, t in peers.items()}
+                for name, timing in self.timings.items()}
+
+    def roofline_share(self, candidate: str) -> float | None:
+        timing = self.timings.get(candidate)
+        if self.roofline_s is None or timing is None or not timing.ok:
+            return None
+        return self.roofline_s / timing.median_s
+
+    def as_dict(self) -> dict:
+        speedups = self.speedups()
+        return {"name": self.name, "input_shape": list(self.input_shape), "pass": "train" if self.train else "infer",
+                "flops": self.flops, "bytes": self.bytes, "roofline_ms": _ms(self.roofline_s), "notes": self.notes,
+                "candidates": {name: {"median_ms": _ms(t.median_s), "iqr_ms": _ms(t.iqr_s), "rounds": t.rounds,
+                                      "calls_per_block": t.calls_per_block, "warmup_s": t.warmup_s,
+                                      "max_error": t.max_error, "error": t.error,
+                                      "speedup_vs": speedups[name], "roofline_share": self.roofline_share(name)}
+                               for name, t in self.timings.items()}}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+# --- building the candidates ---------------------------------------------------------------------
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with channels innermost in memory, same shape and values (3-D: ``(N, L, C)`` storage)."""
+    if t.ndim == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if t.ndim == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if t.ndim == 3:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t
+
+
+def _model_channels_last(model: nn.Module) -> nn.Module:
+    model.to(memory_format=torch.channels_last)  # 4-D weights; 1-D and 3-D layers keep their own
+    return model
+
+
+def _loss(output: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    if labels is not None:
+        return F.cross_entropy(output, labels)
+    return output.sum()
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    return torch.compile(model, dynamic=False)
+
+
+def _onnx_session(model: nn.Module, x: torch.Tensor, threads: int):
+    ort = require("onnxruntime", "bench", "the onnxruntime candidate")
+    require("onnx", "bench", "the onnxruntime candidate")
+    with tempfile.TemporaryDirectory(prefix="sepconv-bench-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # ORT's idle threads spin by default; interleaved with the other candidates, they would take the cores
+        # from whichever candidate runs next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.detach().contiguous().numpy()}
+    return lambda: session.run(None, feed)[0]
+
+
+def build_candidate(name: str, model: nn.Module, x: torch.Tensor, *, train: bool, threads: int,
+                    labels: torch.Tensor | None) -> Callable[[], object]:
+    """A no-argument callable that runs ``model`` once the candidate's way: a forward pass (inference) or
+    a training step. ``model`` is this candidate's own copy. Raises :class:`CandidateFailed` when it cannot."""
+    if name not in CANDIDATES:
+        raise CandidateFailed(f"unknown candidate {name!r}")
+    if train and name in INFERENCE_ONLY:
+        raise CandidateFailed(f"{name} times inference only")
+    if name == "onnxruntime":
+        return _onnx_session(model.eval(), x, threads)
+    mode = "reference" if name in ("eager_nchw", "eager_cl", "compile") else "auto"
+    if name in ("eager_cl", "sepconv", "sepconv_compile"):
+        model, x = _model_channels_last(model), channels_last(x)
+    if name.startswith("optimized"):
+        try:
+            from .. import optimize_for_inference
+        except ImportError:
+            raise CandidateFailed("sepconv.optimize_for_inference is not available in this version") from None
+        with kernels.use_kernels(mode), torch.no_grad():
+            model = optimize_for_inference(model.eval(), x)
+    if name in COMPILED:
+        model = _compiled(model)
+    if not train:
+        model.eval()
+
+        def forward():
+            with kernels.use_kernels(mode), torch.inference_mode():
+                return model(x)
+        return forward
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
+
+    def step():
+        with kernels.use_kernels(mode):
+            optimizer.zero_grad(set_to_none=True)
+            output = model(x)
+            loss = _loss(output, labels if output.ndim == 2 else None)
+            loss.backward()
+            optimizer.step()
+        return output
+    return step
+
+
+def _max_error(output, reference: torch.Tensor) -> float:
+    output = torch.as_tensor(output).float()
+    scale = reference.abs().max().item() or 1.0
+    if output.shape != reference.shape:
+        raise CandidateFailed(f"output shape {tuple(output.shape)} differs from eager_nchw's "
+                              f"{tuple(reference.shape)}")
+    return (output - reference).abs().max().item() / scale
+
+
+# --- timing -----------------------------------------------------------------------------------------
+
+def _block(fn: Callable[[], object], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return time.perf_counter() - start
+
+
+def _calibrate(fn: Callable[[], object], block_s: float) -> int:
+    """Calls per block so that one block takes about ``block_s`` (after the warm-up call)."""
+    number, elapsed = 1, _block(fn, 1)
+    while elapsed < block_s / 10 and number < 100_000:
+        number *= 10
+        elapsed = _block(fn, number)
+    return max(1, round(number * block_s / max(elapsed, 1e-9)))
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], timings: dict[str, Timing], rounds: int,
+                     advance: Callable[[], None] = lambda: None) -> None:
+    """``rounds`` rounds over ``fns``; each round times one block of calls per candidate, the starting
+    candidate moving one on each round. Fills ``timings`` (calls per block already set); a candidate that
+    raises is marked failed and leaves the rounds."""
+    names = list(fns)
+    samples = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for index in range(rounds):
+            shift = index % len(names) if names else 0
+            for name in names[shift:] + names[:shift]:
+                if timings[name].error is not None:
+                    continue
+                try:
+                    samples[name].append(_block(fns[name], timings[name].calls_per_block)
+                                         / timings[name].calls_per_block)
+                except Exception as error:  # noqa: BLE001 -- recorded, the other candidates go on
+                    timings[name].error = one_line(error)
+            advance()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    for name, values in samples.items():
+        if values and timings[name].error is None:
+            timings[name].median_s, timings[name].iqr_s = median_and_iqr(values)
+            timings[name].rounds = len(values)
+
+
+def roofline(model: nn.Module, shape: tuple[int, ...], machine: Machine, train: bool):
+    """``(FLOPs, bytes, seconds)``: the sum over the model's counted ops of max(bytes / copy bandwidth, FLOPs /
+    matmul peak) (:meth:`Machine.predicted_seconds`). A training step counts the backward FLOPs too and three
+    times the forward bytes (the two gradients each move at least what the forward moved)."""
+    with kernels.use_kernels("reference"):
+        result = profile(model, shape, backward=train)
+    flops = moved = seconds = 0
+    for row in result.rows:
+        row_flops = row.flops + ((row.backward_flops or 0) if train else 0)
+        row_bytes = row.bytes * (3 if train else 1)
+        flops, moved = flops + row_flops, moved + row_bytes
+        seconds += machine.predicted_seconds(row_flops, row_bytes)
+    return flops, moved, seconds
+
+
+def run_case(case: Case, candidates: list[str], *, train: bool, threads: int, rounds: int, block_s: float,
+             machine: Machine | None, seed: int = 0, advance: Callable[[], None] = lambda: None) -> RowResult:
+    """Build every candidate on this row, warm each up, check it against eager NCHW, time them interleaved."""
+    torch.manual_seed(seed)
+    model = case.build()
+    model.train(train)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.input_shape, generator=generator)
+    result = RowResult(case.name, tuple(case.input_shape), train, {name: Timing(name) for name in candidates})
+    if machine is not None:
+        try:
+            result.flops, result.bytes, result.roofline_s = roofline(copy.deepcopy(model), case.input_shape, machine,
+                                                                     train)
+        except Exception as error:  # noqa: BLE001 -- the timings still mean something
+            result.notes.append(f"roofline: {one_line(error)}")
+    labels = None
+    if train:
+        with torch.no_grad(), kernels.use_kernels("reference"):
+            out = copy.deepcopy(model).eval()(x)
+        if out.ndim == 2:
+            labels = torch.randint(out.shape[1], (out.shape[0],), generator=generator)
+    reference = None
+    if not train:
+        with torch.inference_mode(), kernels.use_kernels("reference"):
+            reference = copy.deepcopy(model).eval()(x).float()
+    if any(name in COMPILED for name in candidates):
+        torch._dynamo.reset()  # each row compiles afresh, away from the previous rows' recompile limits
+    fns = {}
+    for name in candidates:
+        timing = result.timings[name]
+        try:
+            fn = build_candidate(name, copy.deepcopy(model), x.clone(), train=train, threads=threads, labels=labels)
+            start = time.perf_counter()
+            output = fn()
+            timing.warmup_s = time.perf_counter() - start
+            if reference is not None:
+                error = _max_error(output, reference)
+                if not error <= AGREEMENT:  # nan too
+                    raise CandidateFailed(f"output differs from eager_nchw's by {error:.2g} of its largest value")
+                timing.max_error = error
+            timing.calls_per_block = _calibrate(fn, block_s)
+        except Exception as error:  # noqa: BLE001 -- recorded, the other candidates go on
+            timing.error = one_line(error)
+            continue
+        fns[name] = fn
+    if fns:
+        time_interleaved(fns, result.timings, rounds, advance)
+    else:
+        for _ in range(rounds):
+            advance()
+    return result
+
+
+def run(cases: list[Case], candidates: list[str], *, train: bool, threads: int, rounds: int, block_s: float,
+        machine: Machine | None, advance: Callable[[], None] = lambda: None) -> Iterator[RowResult]:
+    """:func:`run_case` for each row in turn, yielding each finished row (so that an interrupt keeps them)."""
+    for case in cases:
+        yield run_case(case, candidates, train=train, threads=threads, rounds=rounds, block_s=block_s,
+                       machine=machine, advance=advance)

@@ -1,0 +1,240 @@
+"""`sepconv bench` and `sepconv.benchmark`: end to end on tiny models (no timing assertions: the machines are
+shared), the suites' rows, the report, Ctrl-C, and one-line user errors found before any work."""
+
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import sepconv
+from sepconv import cli
+from sepconv.benchmark import RowResult, Timing, depthwise_suite, layer_cases, model_cases, runner, select
+
+ORT = "onnxruntime"
+
+
+def tiny_net():
+    return nn.Sequential(sepconv.SeparableConv2d(1, 4, 3, padding="same"), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
+TINY = f"{__name__}:tiny_net"
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """candidate -> the table line's cells, for the lines of the table."""
+    lines = out.split("\n\n")[0].splitlines()[3:]
+    return {line.split()[1]: line.split() for line in lines}
+
+
+def test_bench_model_end_to_end(tmp_path, capsys):
+    pytest.importorskip(ORT)
+    out = tmp_path / "bench"
+    code, stdout, stderr = run(["bench", TINY, "--input", "2x1x8x8", "--quick", "--rounds", "2", "--threads", "1",
+                                "--candidates", "eager_nchw,eager_cl,sepconv,optimized,onnxruntime", "--out",
+                                str(out)], capsys)
+    assert code == 0, stderr
+    rows = table_rows(stdout)
+    assert list(rows) == ["eager_nchw", "eager_cl", "sepconv", "optimized", ORT]
+    for name in ("eager_nchw", "eager_cl", "sepconv", ORT):
+        assert float(rows[name][2]) > 0 and rows[name][3] == "±", rows[name]
+    assert "x eager" in stdout and "x ort" in stdout and "roof %" in stdout
+    assert "2 interleaved rounds" in stdout and "1 threads" in stdout
+    result = json.loads((out / "results.json").read_text())
+    assert result["meta"]["pass"] == "infer" and result["meta"]["threads"] == 1
+    (row,) = result["rows"]
+    assert row["name"] == TINY and row["input_shape"] == [2, 1, 8, 8] and row["flops"] > 0
+    assert row["roofline_ms"] > 0
+    for name in ("eager_nchw", "eager_cl", "sepconv", ORT):
+        timing = row["candidates"][name]
+        assert timing["error"] is None and timing["median_ms"] > 0 and timing["rounds"] == 2
+        assert timing["max_error"] <= runner.AGREEMENT
+        assert timing["speedup_vs"]["eager"] > 0 and timing["speedup_vs"][ORT] > 0
+    optimized = row["candidates"]["optimized"]  # fails (with its reason) until sepconv.optimize_for_inference exists
+    assert (optimized["error"] is None) == hasattr(sepconv, "optimize_for_inference")
+    assert optimized["error"] is None or "\n" not in optimized["error"]
+    assert (out / "table.txt").read_text() == stdout
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in stderr and "round" in stderr  # the report files, and the progress bar
+
+
+def test_bench_train_step_on_a_registered_model(capsys):
+    code, stdout, stderr = run(["bench", "digits_cnn", "--input", "2x1x8x8", "--train", "--quick", "--rounds", "1",
+                                "--candidates", "eager_nchw,sepconv"], capsys)
+    assert code == 0, stderr
+    assert "sepconv bench: train (MODEL digits_cnn)" in stdout and "one training step" in stdout
+    assert list(table_rows(stdout)) == ["eager_nchw", "sepconv"]
+
+
+def test_bench_compile_candidate(capsys):
+    code, stdout, stderr = run(["bench", TINY, "--input", "1x1x8x8", "--quick", "--rounds", "1",
+                                "--candidates", "eager_nchw,compile"], capsys)
+    assert code == 0, stderr
+    rows = table_rows(stdout)
+    assert rows["compile"][2] != "failed", stdout
+    assert rows["compile"][6] == "1.00"  # its own x compile column (cells: row, name, median, ±, IQR, x eager, ...)
+
+
+def test_a_failing_candidate_is_recorded_and_the_others_go_on(capsys, monkeypatch):
+    real = runner.build_candidate
+
+    def build(name, *args, **kwargs):
+        if name == "eager_cl":
+            raise RuntimeError("no kernel for this\nsecond line")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(runner, "build_candidate", build)
+    code, stdout, stderr = run(["bench", TINY, "--input", "1x1x8x8", "--quick", "--rounds", "1",
+                                "--candidates", "eager_nchw,eager_cl"], capsys)
+    assert code == 0, stderr
+    assert table_rows(stdout)["eager_cl"][2] == "failed"
+    assert f"  {TINY} eager_cl: RuntimeError: no kernel for this\n" in stdout
+
+
+def test_layer_suite_row(capsys):
+    code, stdout, stderr = run(["bench", "--suite", "--filter", "mnv2.l", "--quick", "--rounds", "1"], capsys)
+    assert code == 0, stderr
+    assert "depthwise layer suite" in stdout
+    assert list(table_rows(stdout)) == ["eager_nchw", "eager_cl", "sepconv"]
+    assert stdout.splitlines()[3].split()[0] == "dw.mnv2.l.b1"
+
+
+def test_model_suite_row(capsys):
+    code, stdout, stderr = run(["bench", "--models", "--filter", "eegnet", "--quick", "--rounds", "1",
+                                "--candidates", "eager_nchw"], capsys)
+    assert code == 0, stderr
+    assert stdout.splitlines()[3].split()[:2] == ["eegnet.b1", "eager_nchw"]
+
+
+def test_ctrl_c_keeps_the_finished_rows(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def run_case(case, candidates, **kwargs):
+        calls.append(case.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return RowResult(case.name, case.input_shape, False, {"eager_nchw": Timing("eager_nchw", 1e-3, 1e-4, 3, 1)})
+    monkeypatch.setattr(runner, "run_case", run_case)
+    code, stdout, stderr = run(["bench", "--suite", "--filter", "mnv1.", "--quick", "--out", str(tmp_path)], capsys)
+    assert code == 130, stderr
+    assert "interrupted" in stdout.splitlines()[0] and "dw.mnv1.1.b1" in stdout
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["meta"]["interrupted"] is True and [row["name"] for row in result["rows"]] == ["dw.mnv1.1.b1"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", TINY, "--input", "2x1"], "argument --input: --input must be 3 or 4 or 5 positive sizes"),
+    (["bench", TINY, "--input", "2x1x8x8", "--candidates", "eager,sepconv"],
+     "--candidates 'eager,sepconv': unknown 'eager'; choose from eager_nchw, eager_cl, compile, sepconv"),
+    (["bench", TINY, "--input", "2x1x8x8", "--train", "--candidates", "sepconv,onnxruntime"],
+     "--candidates onnxruntime time inference only"),
+    (["bench", TINY, "--input", "2x1x8x8", "--candidates", "compile", "--no-compile"],
+     "--no-compile leaves no candidate"),
+    (["bench", "--input", "2x1x8x8"], "give one of MODEL, --suite or --models"),
+    (["bench", TINY, "--suite"], "give one of MODEL, --suite or --models"),
+    (["bench", "--models", "--input", "2x1x8x8"], "--input is MODEL's input"),
+    (["bench", TINY, "--filter", "mnv1"], "--filter selects rows of --suite or --models"),
+    (["bench", "--suite", "--filter", "nothing*"], "--filter 'nothing*' selects no row"),
+    (["bench", "resnet50"], "MODEL 'resnet50': unknown model name"),
+    (["bench", "digits_cnn", "--input", "2x3x8x8"], "MODEL 'digits_cnn' cannot run on --input 2x3x8x8: DigitsCNN "
+                                                    "needs input of shape (N, 1, H, W)"),
+    (["bench", TINY, "--threads", "0"], "argument --threads: must be an int from 1 to 4096; got '0'"),
+])
+def test_usage_errors_are_one_line_before_any_work(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr("sepconv.profiling.timing.measure_machine", lambda: pytest.fail("work began"))
+    code, stdout, stderr = run(argv, capsys)
+    assert code == 2 and stdout == ""
+    assert stderr.count("\n") == 1 and message in stderr, stderr
+
+
+def test_out_must_be_new_or_empty_unless_forced(tmp_path, capsys, monkeypatch):
+    (tmp_path / "old.txt").write_text("keep")
+    monkeypatch.setattr("sepconv.profiling.timing.measure_machine", lambda: pytest.fail("work began"))
+    code, stdout, stderr = run(["bench", TINY, "--input", "1x1x8x8", "--out", str(tmp_path)], capsys)
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1
+    assert "the folder exists and is not empty; pass --force" in stderr
+    (tmp_path / "file").write_text("")
+    code, _, stderr = run(["bench", TINY, "--out", str(tmp_path / "file")], capsys)
+    assert code == 2 and "is a file, not a folder" in stderr
+    assert (tmp_path / "old.txt").read_text() == "keep"
+
+
+# --- the package ---------------------------------------------------------------------------------------
+
+def test_speedups_and_roofline_share():
+    timings = {name: Timing(name, seconds, 0.0, 3, 1) for name, seconds in
+               (("eager_nchw", 4e-3), ("eager_cl", 2e-3), ("compile", 1e-3), ("sepconv", 5e-4))}
+    timings["onnxruntime"] = Timing("onnxruntime", error="missing")
+    result = RowResult("row", (1, 3, 8, 8), False, timings, roofline_s=1e-4)
+    speedups = result.speedups()
+    assert speedups["sepconv"] == {"eager": 4.0, "compile": 2.0, "onnxruntime": None}
+    assert speedups["eager_nchw"]["eager"] == 0.5 and speedups["onnxruntime"]["eager"] is None
+    assert result.roofline_share("sepconv") == pytest.approx(0.2)
+    assert result.as_dict()["candidates"]["compile"]["median_ms"] == 1.0
+
+
+def test_suites():
+    shapes = depthwise_suite([1, 32])
+    assert len(shapes) == 24 and {s.n for s in shapes if s.name == "replknet.k31"} == {1, 8}
+    assert [case.name for case in select(layer_cases((1,)), "k31")] == ["dw.replknet.k31.b1"]
+    names = [case.name for case in model_cases()]
+    for model in ("mobilenet_v1_100", "mobilenet_v1_050", "mobilenet_v2", "xception", "vgg_cifar",
+                  "vgg_cifar_standard", "convnext_k7", "replknet_k31"):
+        assert {f"{model}.b1", f"{model}.b16"} <= set(names), model
+    assert {"eegnet.b1", "eegnet.b32"} <= set(names)
+    assert [case.name for case in model_cases(quick=True)] == [name for name in names if name.endswith(".b1")]
+    assert [case.name for case in select(model_cases(), "mobilenet_v1*")] == [
+        "mobilenet_v1_100.b1", "mobilenet_v1_100.b16", "mobilenet_v1_050.b1", "mobilenet_v1_050.b16"]
+
+
+@pytest.mark.parametrize("case", [case for case in model_cases(quick=True)], ids=lambda case: case.name)
+def test_every_model_row_builds_for_its_input(case):
+    with torch.device("meta"):
+        model = case.build()
+    model._check_input(torch.empty(case.input_shape, device="meta"))
+    if case.name.startswith("vgg_cifar_standard"):
+        assert not model.separable
+
+
+def test_channels_last_keeps_values_for_every_rank():
+    for shape in ((2, 3, 5), (2, 3, 4, 5), (2, 3, 2, 4, 5)):
+        x = torch.randn(shape)
+        y = runner.channels_last(x)
+        assert torch.equal(x, y) and y.stride(1) == 1
+
+
+def test_import_sepconv_and_its_command_line_do_not_import_the_benchmark():
+    import subprocess
+    code = ("import sys, sepconv, sepconv.cli; "
+            "print([m for m in sys.modules if m.startswith(('sepconv.benchmark', 'onnx', 'matplotlib'))])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+def test_a_missing_extra_is_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # imports as if not installed
+    monkeypatch.setattr("sepconv.profiling.timing.measure_machine", lambda: pytest.fail("work began"))
+    code, stdout, stderr = run(["bench", TINY, "--input", "1x1x8x8"], capsys)
+    assert code == 2 and stdout == ""
+    assert stderr == "sepconv bench: error: sepconv bench needs tqdm, which is not installed: pip install " \
+                     "'sepconv[bench]'\n"
+
+
+def test_onnxruntime_missing_fails_that_candidate_only(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, ORT, None)
+    code, stdout, stderr = run(["bench", TINY, "--input", "1x1x8x8", "--quick", "--rounds", "1",
+                                "--candidates", "eager_nchw,onnxruntime"], capsys)
+    assert code == 0, stderr
+    assert table_rows(stdout)["onnxruntime"][2] == "failed"
+    assert (f"  {TINY} onnxruntime: the onnxruntime candidate needs onnxruntime, which is not installed: "
+            "pip install 'sepconv[bench]'\n") in stdout
