@@ -14,6 +14,18 @@ from ..kernels import cpu, ops, reference, registry
 KINDS = ("depthwise", "pointwise", "conv")
 
 
+def _as_columns(weight: torch.Tensor) -> torch.Tensor:
+    """A pointwise weight ``(C_out, C_in, 1, ...)`` stored as the pointwise kernel reads it: W^T's rows (``C_out``
+    values each), their leading dimension padded off multiples of 512 bytes (see ``weight_columns`` in
+    ``kernels/cpu/pointwise.h``); the same values, as a view."""
+    out_channels, in_channels = weight.shape[:2]
+    size = weight.element_size()
+    leading = out_channels + 64 // size if (out_channels * size) % 512 == 0 else out_channels
+    columns = weight.new_zeros(in_channels, leading)
+    columns[:, :out_channels] = weight.reshape(out_channels, in_channels).t()
+    return columns[:, :out_channels].t().reshape(weight.shape)
+
+
 class FusedConv(nn.Module):
     """``activation(conv(x) + bias)`` as one kernel where sepconv has one, for inference only.
 
@@ -35,9 +47,8 @@ class FusedConv(nn.Module):
             raise ValueError(f"activation must be one of {', '.join(reference.ACTIVATIONS)}; got {activation!r}")
         self.kind = kind
         weight = weight.detach().clone()
-        if kind == "pointwise":  # the kernel reads W^T's rows (C_out contiguous): stored so, as a view of them
-            out_channels, in_channels = weight.shape[:2]
-            weight = weight.reshape(out_channels, in_channels).t().contiguous().t().reshape(weight.shape)
+        if kind == "pointwise":
+            weight = _as_columns(weight)
         self.register_buffer("weight", weight)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.kernel_size = tuple(weight.shape[2:])

@@ -755,8 +755,9 @@ void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64
 // never goes to memory. Rows per block: enough pixels for the product's register blocks, enough blocks for the
 // threads.
 template <typename T>
-void nhwc_separable_forward(const T* x, const T* wt, const T* bias, const T* pwt, const T* pw_bias, T* y, int64_t N,
-                            int64_t C, int64_t H, int64_t W, int64_t O, const Geometry& g, const Activation& act) {
+void nhwc_separable_forward(const T* x, const T* wt, const T* bias, const T* pwt, int64_t ldw, const T* pw_bias, T* y,
+                            int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, const Geometry& g,
+                            const Activation& act) {
   const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
   const int64_t enough_pixels = (4 * sepconv_cpu::kPixels + g.ow - 1) / g.ow;
   const int64_t enough_tasks = std::max<int64_t>(1, N * g.oh / (4 * at::get_num_threads()));
@@ -780,8 +781,8 @@ void nhwc_separable_forward(const T* x, const T* wt, const T* bias, const T* pwt
         nhwc_row<T>(row_ptrs.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias,
                     hidden.data() + (oh - oh0) * g.ow * C, C, W, lo, hi, g);
       }
-      sepconv_cpu::pointwise_rows<T>(hidden.data(), pwt, pw_bias, y + (image * g.oh + oh0) * g.ow * O, 0,
-                                     (oh1 - oh0) * g.ow, 0, O, C, O, act);
+      sepconv_cpu::pointwise_rows<T>(hidden.data(), pwt, ldw, pw_bias, y + (image * g.oh + oh0) * g.ow * O, O, 0,
+                                     (oh1 - oh0) * g.ow, 0, O, C, act);
     }
   });
 }
@@ -1069,13 +1070,15 @@ at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::o
   g.alpha = dw_act.alpha;
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto wt = weight_rows(weight, false);
-  const auto pwt = pw_weight.reshape({O, C}).t().contiguous();  // free for FusedConv's stored W^T rows
+  const auto columns = sepconv_cpu::weight_columns(pw_weight);
+  const at::Tensor& pwt = columns.first;
+  const int64_t ldw = columns.second;
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor pb = pw_bias.has_value() ? pw_bias->contiguous() : at::Tensor();
   auto y = at::empty({N, O, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_separable_nhwc", [&] {
     nhwc_separable_forward<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
-                                     b.defined() ? b.data_ptr<scalar_t>() : nullptr, pwt.data_ptr<scalar_t>(),
+                                     b.defined() ? b.data_ptr<scalar_t>() : nullptr, pwt.data_ptr<scalar_t>(), ldw,
                                      pb.defined() ? pb.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, C, H,
                                      W, O, g, act);
   });

@@ -3,7 +3,7 @@
 // Channels-last, the input is a (pixels, C) matrix X and the output a (pixels, C_out) one: Y = act(X W^T + b).
 // A register-blocked product computes R = 8 pixels times up to 3 vectors of output channels at once: each step
 // over C broadcasts one input value per pixel and multiplies it with a row of W^T (C_out contiguous, which is
-// how sepconv.inference stores the weight; any other weight is transposed once per call). The accumulators
+// how sepconv.inference stores the weight; any other weight is transposed once per call, see weight_columns). The accumulators
 // start at the bias and go through the activation on their way to memory, so the output is written once.
 // Tasks are blocks of pixels times blocks of output channels, so that small images with wide layers (7x7 with
 // 1280 channels) still give every thread work. Contiguous (NCHW) inputs are W times each image's (C, pixels)
@@ -16,7 +16,8 @@ namespace sepconv_cpu {
 namespace {
 
 template <typename T>
-void pointwise_nhwc(const T* x, const T* wt, const T* bias, T* y, int64_t P, int64_t K, int64_t O, const Activation& a) {
+void pointwise_nhwc(const T* x, const T* wt, int64_t ldw, const T* bias, T* y, int64_t P, int64_t K, int64_t O,
+                    const Activation& a) {
   constexpr int64_t L = Vectorized<T>::size();
   const int64_t chunk = kVectors * L;  // output channels per register block
   const int64_t pixel_tasks = (P + kPixelTask - 1) / kPixelTask;
@@ -30,7 +31,7 @@ void pointwise_nhwc(const T* x, const T* wt, const T* bias, T* y, int64_t P, int
       const int64_t p0 = (task / channel_tasks) * kPixelTask, p1 = std::min(P, p0 + kPixelTask);
       const int64_t o_begin = (task % channel_tasks) * chunks_per_task * chunk;
       const int64_t o_end = std::min(O, o_begin + chunks_per_task * chunk);
-      pointwise_rows(x, wt, bias, y, p0, p1, o_begin, o_end, K, O, a);
+      pointwise_rows(x, wt, ldw, bias, y, O, p0, p1, o_begin, o_end, K, a);
     }
   });
 }
@@ -51,11 +52,12 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
 
   if (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
     const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-    // W^T as (C, C_out) rows: free when the weight is already a transposed view of them
-    const auto wt = weight.reshape({Co, C}).t().contiguous();
+    const auto columns = weight_columns(weight);
+    const at::Tensor& wt = columns.first;
+    const int64_t ldw = columns.second;
     auto y = at::empty({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_pointwise_nhwc", [&] {
-      pointwise_nhwc<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+      pointwise_nhwc<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), ldw,
                                b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N * H * W, C,
                                Co, act);
     });

@@ -5,17 +5,19 @@
 #include "common.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace sepconv_cpu {
 
 inline constexpr int64_t kPixels = 8;  // pixels per register block
 inline constexpr int64_t kVectors = 3;  // output vectors per register block: 24 accumulators, 3 weight rows, 1 broadcast
 inline constexpr int64_t kPixelTask = 64;  // pixels per task: their input rows stay in L2 across the channel blocks
+inline constexpr int64_t kDepth = 128;  // input channels per pass: a block of W^T's rows (128 x 48) stays in L1
 
 // Y[r, 0:n) = act(b + sum_k X[r, k] * Wt[k, 0:n)) for R pixels and NV vectors of outputs (the last holds `tail`).
 template <typename T, int R, int NV, bool FULL>
 void pointwise_block(const T* x, int64_t ldx, const T* wt, int64_t ldw, int64_t K, const T* bias, T* y, int64_t ldy,
-                     int64_t tail, Act act, T alpha) {
+                     int64_t tail, bool accumulate, Act act, T alpha) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   V acc[R][NV];
@@ -24,7 +26,8 @@ void pointwise_block(const T* x, int64_t ldx, const T* wt, int64_t ldw, int64_t 
     const bool part = !FULL && j == NV - 1;
     const V b = bias ? (part ? V::loadu(bias + j * L, tail) : V::loadu(bias + j * L)) : V(T(0));
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r][j] = b;
+    for (int r = 0; r < R; ++r)
+      acc[r][j] = !accumulate ? b : part ? V::loadu(y + r * ldy + j * L, tail) : V::loadu(y + r * ldy + j * L);
   }
   for (int64_t k = 0; k < K; ++k) {
     V w[NV];
@@ -50,7 +53,7 @@ void pointwise_block(const T* x, int64_t ldx, const T* wt, int64_t ldw, int64_t 
 }
 
 template <typename T, int R>
-using Block = void (*)(const T*, int64_t, const T*, int64_t, int64_t, const T*, T*, int64_t, int64_t, Act, T);
+using Block = void (*)(const T*, int64_t, const T*, int64_t, int64_t, const T*, T*, int64_t, int64_t, bool, Act, T);
 
 template <typename T, int R>
 Block<T, R> pick(int64_t vectors, bool full) {
@@ -61,10 +64,11 @@ Block<T, R> pick(int64_t vectors, bool full) {
   }
 }
 
-// Rows [p0, p1) of Y, output channels [o_begin, o_end), on the calling thread.
+// Rows [p0, p1) of Y (rows `ldy` apart), output channels [o_begin, o_end), on the calling thread. W^T's rows
+// are `ldw` apart.
 template <typename T>
-void pointwise_rows(const T* x, const T* wt, const T* bias, T* y, int64_t p0, int64_t p1, int64_t o_begin,
-                    int64_t o_end, int64_t K, int64_t O, const Activation& a) {
+void pointwise_rows(const T* x, const T* wt, int64_t ldw, const T* bias, T* y, int64_t ldy, int64_t p0, int64_t p1,
+                    int64_t o_begin, int64_t o_end, int64_t K, const Activation& a) {
   constexpr int64_t L = Vectorized<T>::size();
   const int64_t chunk = kVectors * L;
   const T alpha = static_cast<T>(a.alpha);
@@ -73,10 +77,36 @@ void pointwise_rows(const T* x, const T* wt, const T* bias, T* y, int64_t p0, in
     const auto block8 = pick<T, kPixels>(vectors, tail == L);
     const auto block1 = pick<T, 1>(vectors, tail == L);
     const T* b = bias ? bias + o : nullptr;
-    int64_t p = p0;
-    for (; p + kPixels <= p1; p += kPixels) block8(x + p * K, K, wt + o, O, K, b, y + p * O + o, O, tail, a.kind, alpha);
-    for (; p < p1; ++p) block1(x + p * K, K, wt + o, O, K, b, y + p * O + o, O, tail, a.kind, alpha);
+    // passes over kDepth input channels at a time: partial sums wait in Y, the last pass applies the activation
+    for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+      const int64_t depth = std::min(kDepth, K - k0);
+      const bool accumulate = k0 > 0;
+      const Act act = k0 + depth == K ? a.kind : Act::None;
+      const T* w = wt + k0 * ldw + o;
+      int64_t p = p0;
+      for (; p + kPixels <= p1; p += kPixels)
+        block8(x + p * K + k0, K, w, ldw, depth, b, y + p * ldy + o, ldy, tail, accumulate, act, alpha);
+      for (; p < p1; ++p) block1(x + p * K + k0, K, w, ldw, depth, b, y + p * ldy + o, ldy, tail, accumulate, act, alpha);
+    }
   }
+}
+
+// A leading dimension for rows of n values that is not a multiple of 512 bytes: rows that far apart fall into the
+// same few L1 sets and evict each other (C_out = 512 or 1024 would otherwise).
+inline int64_t padded_rows(int64_t n, int64_t element_size) {
+  return (n * element_size) % 512 == 0 ? n + 64 / element_size : n;
+}
+
+// W^T of a (C_out, C, 1, 1) weight as C rows of C_out values and their leading dimension: the weight itself when
+// it is stored so (sepconv.inference does), else a padded copy.
+inline std::pair<at::Tensor, int64_t> weight_columns(const at::Tensor& weight) {
+  const int64_t O = weight.size(0), C = weight.size(1);
+  const auto w = weight.reshape({O, C});
+  if (w.stride(0) == 1 && (C == 1 || w.stride(1) >= O)) return {w, C == 1 ? O : w.stride(1)};
+  const int64_t ld = padded_rows(O, weight.element_size());
+  auto columns = at::empty({C, ld}, weight.options());
+  columns.narrow(1, 0, O).copy_(w.t());
+  return {columns, ld};
 }
 
 }  // namespace sepconv_cpu
