@@ -358,3 +358,24 @@ def test_cli_names_a_bad_kernels_mode_before_any_work(monkeypatch, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SEPCONV_KERNELS must be one of 'reference', 'auto', 'cpu'; got 'bogus'" in err[0]
     assert "does not fit" not in err[0] and not (tmp_path / "run").exists()
+
+
+@requires_cpu_backend
+def test_large_outputs_come_from_a_pool_that_never_hands_out_live_memory():
+    cpu.release_memory()
+    x = torch.randn(1, 64, 136, 128).contiguous(memory_format=torch.channels_last)  # a 4.25 MiB output
+    w = torch.randn(64, 1, 3, 3)
+    with kernels.use_kernels("cpu"):
+        first = F.depthwise_conv(x, w, padding=1)
+        kept = first.clone()
+        second = F.depthwise_conv(2 * x, w, padding=1)
+        assert second.data_ptr() != first.data_ptr()  # first is alive: a block of its own
+        torch.testing.assert_close(first, kept)
+        address = second.data_ptr()
+        del second
+        third = F.depthwise_conv(x, w, padding=1)
+        assert third.data_ptr() == address, "the freed block came back"
+        torch.testing.assert_close(third, kept)
+    del first, third
+    assert cpu.release_memory() >= 2 * x.nbytes
+    assert cpu.release_memory() == 0

@@ -23,7 +23,8 @@ from ..._memo import memoised
 from .. import ops, reference, registry
 
 NAME = "cpu"
-_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("depthwise.cpp", "pointwise.cpp")]
+_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+            for name in ("depthwise.cpp", "pointwise.cpp", "memory.cpp")]
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None
@@ -79,6 +80,11 @@ def available() -> bool:
 def failure() -> str | None:
     """Why the build failed, if it did."""
     return _failure
+
+
+def release_memory() -> int:
+    """Free the blocks the kernels keep for large outputs between calls (up to 1 GiB); returns the bytes freed."""
+    return load().release_memory() if available() else 0
 
 
 def kernel_calls() -> int:

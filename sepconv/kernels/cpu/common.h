@@ -87,6 +87,16 @@ void activate_inplace(T* p, int64_t n, const T* bias, const Activation& a, T b =
   }
 }
 
+// An empty output tensor. glibc maps a large block afresh on every call and returns it on free, so filling a
+// large output took a page fault every 4 KiB and the kernel's zeroing of each page: more than some kernels'
+// own time. Large outputs therefore come from a pool of blocks that stay mapped (huge pages where the kernel
+// offers them on request): a block goes back to the pool when the last tensor using it dies, and the pool keeps
+// at most kPoolBytes of free blocks. Small outputs come from PyTorch's allocator.
+at::Tensor empty_output(at::IntArrayRef size, const at::TensorOptions& options);
+
+// Frees the pool's free blocks (release_memory in Python); returns the bytes freed.
+int64_t release_pool();
+
 // Pointwise (1x1) convolution with its bias and activation in the epilogue (pointwise.cpp).
 at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      int64_t activation, double alpha);

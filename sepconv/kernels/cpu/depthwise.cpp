@@ -1012,7 +1012,8 @@ bool use_nhwc(bool channels_last, int64_t C, int64_t M, int64_t out_width) {
 // The planar kernels' output: NCHW, which for one channel already has PyTorch's channels-last strides.
 at::Tensor planar_output(at::IntArrayRef size, const at::TensorOptions& options, bool channels_last) {
   const bool one_channel = channels_last && size[1] == 1;
-  return at::empty(size, options.memory_format(one_channel ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  return sepconv_cpu::empty_output(
+      size, options.memory_format(one_channel ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
 }
 
 at::Tensor in_layout(const at::Tensor& t, bool channels_last) {
@@ -1031,7 +1032,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   const bool cl = channels_last_output(x, weight);
   if (use_nhwc(cl, C, M, g.ow)) {
     const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-    auto y = at::empty({N, CM, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    auto y = sepconv_cpu::empty_output({N, CM, g.oh, g.ow},
+                                       x.options().memory_format(at::MemoryFormat::ChannelsLast));
     run_nhwc_forward(xc, weight_rows(weight, false), b, y, g, act);
     return cl ? y : y.contiguous();
   }
@@ -1075,7 +1077,7 @@ at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::o
   const int64_t ldw = columns.second;
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor pb = pw_bias.has_value() ? pw_bias->contiguous() : at::Tensor();
-  auto y = at::empty({N, O, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto y = sepconv_cpu::empty_output({N, O, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_separable_nhwc", [&] {
     nhwc_separable_forward<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
                                      b.defined() ? b.data_ptr<scalar_t>() : nullptr, pwt.data_ptr<scalar_t>(), ldw,
@@ -1096,7 +1098,8 @@ at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::
   const bool cl = channels_last_output(grad_out, weight);
   if (use_nhwc(cl, C, M, W)) {
     const auto dyc = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
-    auto dx = at::empty({N, C, H, W}, grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
+    auto dx = sepconv_cpu::empty_output({N, C, H, W},
+                                        grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
     if (g.sh == 1 && g.sw == 1) {
       // stride 1: the forward kernel with the flipped kernel and the flipped padding
       const Geometry flipped{g.kh, g.kw, H, W, 1, 1, g.flip_pt, g.flip_pl, g.dh, g.dw, g.pt, g.pl};
@@ -1153,6 +1156,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "depthwise convolution, forward, with an activation in the epilogue", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("geometry"), py::arg("activation") = 0, py::arg("alpha") = 1.0);
   m.def("pointwise", &sepconv_cpu::pointwise, "pointwise convolution with bias and activation in the epilogue");
+  m.def("release_memory", &sepconv_cpu::release_pool, "frees the output pool's free blocks; returns the bytes");
   m.def("separable", &separable, "depthwise then pointwise convolution, fused, each with bias and activation");
   m.def("input_grad", &input_grad, "depthwise convolution, gradient of the input");
   m.def("weight_grad", &weight_grad, "depthwise convolution, gradient of the weight");

@@ -55,7 +55,7 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
     const auto columns = weight_columns(weight);
     const at::Tensor& wt = columns.first;
     const int64_t ldw = columns.second;
-    auto y = at::empty({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    auto y = empty_output({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_pointwise_nhwc", [&] {
       pointwise_nhwc<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), ldw,
                                b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N * H * W, C,
