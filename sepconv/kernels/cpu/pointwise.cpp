@@ -15,6 +15,8 @@ namespace sepconv_cpu {
 
 namespace {
 
+constexpr int64_t kBlasFrom = 512;  // input and output channels from which BLAS's product measured faster here
+
 template <typename T>
 void pointwise_nhwc(const T* x, const T* wt, int64_t ldw, const T* bias, T* y, int64_t P, int64_t K, int64_t O,
                     const Activation& a) {
@@ -56,6 +58,22 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
     const at::Tensor& wt = columns.first;
     const int64_t ldw = columns.second;
     auto y = empty_output({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (C >= kBlasFrom && Co >= kBlasFrom) {
+      // wide layers: BLAS's packed product is faster than the register blocks; the epilogue is one pass after
+      auto rows = y.permute({0, 2, 3, 1}).view({N * H * W, Co});
+      const auto inputs = xc.permute({0, 2, 3, 1}).reshape({N * H * W, C});
+      if (b.defined()) at::addmm_out(rows, b, inputs, wt);
+      else at::mm_out(rows, inputs, wt);
+      if (act.any()) {
+        AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "sepconv_pointwise_blas_epilogue", [&] {
+          scalar_t* data = y.data_ptr<scalar_t>();
+          at::parallel_for(0, N * H * W, 64, [&](int64_t begin, int64_t end) {
+            activate_inplace<scalar_t>(data + begin * Co, (end - begin) * Co, nullptr, act);
+          });
+        });
+      }
+      return y;
+    }
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_pointwise_nhwc", [&] {
       pointwise_nhwc<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), ldw,
                                b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N * H * W, C,

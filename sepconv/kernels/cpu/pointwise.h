@@ -97,15 +97,15 @@ inline int64_t padded_rows(int64_t n, int64_t element_size) {
   return (n * element_size) % 512 == 0 ? n + 64 / element_size : n;
 }
 
-// W^T of a (C_out, C, 1, 1) weight as C rows of C_out values and their leading dimension: the weight itself when
-// it is stored so (sepconv.inference does), else a padded copy.
+// W^T of a (C_out, C, 1, 1) weight as a (C, C_out) matrix with unit column stride, and its leading dimension: a
+// view of the weight when it is stored so (sepconv.inference does), else a padded copy.
 inline std::pair<at::Tensor, int64_t> weight_columns(const at::Tensor& weight) {
   const int64_t O = weight.size(0), C = weight.size(1);
   const auto w = weight.reshape({O, C});
-  if (w.stride(0) == 1 && (C == 1 || w.stride(1) >= O)) return {w, C == 1 ? O : w.stride(1)};
+  if (w.stride(0) == 1 && (C == 1 || w.stride(1) >= O)) return {w.t(), C == 1 ? O : w.stride(1)};
   const int64_t ld = padded_rows(O, weight.element_size());
-  auto columns = at::empty({C, ld}, weight.options());
-  columns.narrow(1, 0, O).copy_(w.t());
+  auto columns = at::empty({C, ld}, weight.options()).narrow(1, 0, O);
+  columns.copy_(w.t());
   return {columns, ld};
 }
 
