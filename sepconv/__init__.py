@@ -12,10 +12,11 @@ from .conversion import convert, load_converted, materialize
 from .decomposition import decompose
 from .distillation import distill
 from .inference import optimize_for_inference
+from .training import fuse_for_training
 from .profiling import Profile, profile
 from .layers import *  # noqa: F403
 from .layers import __all__ as _layers
 
 __version__ = "0.1.0"
 __all__ = ["cost", "functional", "geometry", "models", "profile", "Profile", "apply_constraints", "attach_constraints", "convert", "decompose", "distill",
-           "load_converted", "optimize_for_inference", "materialize", *_layers]
+           "fuse_for_training", "load_converted", "optimize_for_inference", "materialize", *_layers]

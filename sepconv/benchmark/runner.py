@@ -30,13 +30,14 @@ from ..profiling import profile
 from ..profiling.timing import Machine, median_and_iqr
 from .suite import Case
 
-__all__ = ["CANDIDATES", "COMPILED", "INFERENCE_ONLY", "CandidateFailed", "RowResult", "Timing", "run",
-           "default_candidates", "onnxruntime_available"]
+__all__ = ["CANDIDATES", "COMPILED", "INFERENCE_ONLY", "TRAINING_ONLY", "CandidateFailed", "RowResult", "Timing",
+           "run", "default_candidates", "onnxruntime_available"]
 
-CANDIDATES = ("eager_nchw", "eager_cl", "compile", "sepconv", "sepconv_compile", "optimized", "optimized_compile",
-              "onnxruntime")
+CANDIDATES = ("eager_nchw", "eager_cl", "compile", "sepconv", "sepconv_compile", "fused", "optimized",
+              "optimized_compile", "onnxruntime")
 COMPILED = frozenset({"compile", "sepconv_compile", "optimized_compile"})
 INFERENCE_ONLY = frozenset({"optimized", "optimized_compile", "onnxruntime"})
+TRAINING_ONLY = frozenset({"fused"})  # sepconv.fuse_for_training; inference has optimized
 EAGER = ("eager_nchw", "eager_cl")  # "vs eager" compares with the faster of these
 # A candidate's output may differ from PyTorch's eager NCHW output by this much, relative to its largest value
 # (other kernels sum in another order; folded batch norm rounds differently).
@@ -65,7 +66,8 @@ def onnxruntime_available() -> bool:
 def default_candidates(train: bool, compile: bool = True) -> list[str]:
     """Every candidate that applies: inference-only ones left out with ``train``, compiled ones without
     ``compile``, onnxruntime where it is not installed."""
-    return [name for name in CANDIDATES if not (train and name in INFERENCE_ONLY) and (compile or name not in COMPILED)
+    return [name for name in CANDIDATES if not (train and name in INFERENCE_ONLY)
+            and not (not train and name in TRAINING_ONLY) and (compile or name not in COMPILED)
             and (name != "onnxruntime" or onnxruntime_available())]
 
 
@@ -190,7 +192,12 @@ def build_candidate(name: str, model: nn.Module, x: torch.Tensor, *, train: bool
         raise CandidateFailed(f"{name} times inference only")
     if name == "onnxruntime":
         return _onnx_session(model.eval(), x, threads)
-    if name == "sepconv":  # sepconv at its best: the faster of the two layouts on this machine
+    if not train and name in TRAINING_ONLY:
+        raise CandidateFailed(f"{name} times training only")
+    if name in ("sepconv", "fused"):  # sepconv at its best: the faster of the two layouts on this machine
+        if name == "fused":
+            from ..training import fuse_for_training
+            model = fuse_for_training(model)
         layouts = {layout: build_candidate(f"_sepconv_{layout}", copy.deepcopy(model), x, train=train, threads=threads,
                                            labels=labels) for layout in ("nchw", "cl")}
         return layouts[_faster(layouts)]

@@ -28,7 +28,7 @@ MAX_ROUNDS = 10_000
 
 
 def _candidates(args) -> list[str]:
-    from ..benchmark.runner import CANDIDATES, COMPILED, INFERENCE_ONLY, default_candidates
+    from ..benchmark.runner import CANDIDATES, COMPILED, INFERENCE_ONLY, TRAINING_ONLY, default_candidates
 
     if args.candidates is None:
         chosen = list(SUITE_CANDIDATES) if args.suite else default_candidates(args.train)
@@ -40,6 +40,8 @@ def _candidates(args) -> list[str]:
                              f"choose from {', '.join(CANDIDATES)}")
         if args.train and (inference := [name for name in chosen if name in INFERENCE_ONLY]):
             raise UsageError(f"--candidates {', '.join(inference)} time inference only; leave out --train or them")
+        if not args.train and (training := [name for name in chosen if name in TRAINING_ONLY]):
+            raise UsageError(f"--candidates {', '.join(training)} times training only; add --train or leave it out")
     if args.no_compile:
         chosen = [name for name in chosen if name not in COMPILED]
         if not chosen:

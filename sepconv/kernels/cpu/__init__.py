@@ -24,7 +24,7 @@ from .. import ops, reference, registry
 
 NAME = "cpu"
 _SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-            for name in ("depthwise.cpp", "pointwise.cpp", "memory.cpp")]
+            for name in ("depthwise.cpp", "pointwise.cpp", "norm.cpp", "memory.cpp")]
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None
@@ -220,3 +220,39 @@ def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):
 
 
 _eager = ops.Gradients(_forward, _input_grad, _weight_grad)
+
+
+# --- training: batch norm with the batch's statistics and the activation after it ------------------------------
+
+TRAINING_ACTIVATIONS = ("none", "relu", "relu6")  # those whose derivative the backward recomputes from x
+
+
+def covers_batch_norm_act(x: torch.Tensor, activation: str) -> bool:
+    """Whether :func:`batch_norm_act` runs on the kernels: channels-last 4-D float32 on the CPU, built."""
+    return (activation in TRAINING_ACTIVATIONS and x.ndim == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 and available()
+            and not torch.compiler.is_compiling() and registry.get_kernels() != "reference")
+
+
+class _BatchNormAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, code):
+        y, mean, invstd = _module.batch_norm_act_forward(x, weight, bias, eps, code)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.code = code
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _mean, _invstd):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        dx, dweight, dbias = _module.batch_norm_act_backward(grad, x, weight, bias, mean, invstd, ctx.code)
+        return dx, dweight, dbias, None, None
+
+
+def batch_norm_act(x, weight, bias, eps: float, activation: str):
+    """``activation(batch_norm(x))`` with the batch's statistics, forward and backward each in two passes over
+    memory; returns ``(y, mean, invstd)`` (invstd = 1 / sqrt(biased variance + eps)). The caller checked
+    :func:`covers_batch_norm_act`."""
+    return _BatchNormAct.apply(x, weight, bias, eps, TRAINING_ACTIVATIONS.index(activation))

@@ -17,6 +17,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <vector>
 
 namespace sepconv_cpu {
 
@@ -96,6 +97,13 @@ at::Tensor empty_output(at::IntArrayRef size, const at::TensorOptions& options);
 
 // Frees the pool's free blocks (release_memory in Python); returns the bytes freed.
 int64_t release_pool();
+
+// Batch norm with the batch's statistics and an activation after it, channels-last float32 (norm.cpp).
+std::vector<at::Tensor> batch_norm_act_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                               double eps, int64_t activation);
+std::vector<at::Tensor> batch_norm_act_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                                const at::Tensor& bias, const at::Tensor& mean,
+                                                const at::Tensor& invstd, int64_t activation);
 
 // Pointwise (1x1) convolution with its bias and activation in the epilogue (pointwise.cpp).
 at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

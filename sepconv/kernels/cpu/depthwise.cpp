@@ -1156,6 +1156,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "depthwise convolution, forward, with an activation in the epilogue", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("geometry"), py::arg("activation") = 0, py::arg("alpha") = 1.0);
   m.def("pointwise", &sepconv_cpu::pointwise, "pointwise convolution with bias and activation in the epilogue");
+  m.def("batch_norm_act_forward", &sepconv_cpu::batch_norm_act_forward, "batch norm (batch statistics) + activation");
+  m.def("batch_norm_act_backward", &sepconv_cpu::batch_norm_act_backward, "its gradients of x, weight and bias");
   m.def("release_memory", &sepconv_cpu::release_pool, "frees the output pool's free blocks; returns the bytes");
   m.def("separable", &separable, "depthwise then pointwise convolution, fused, each with bias and activation");
   m.def("input_grad", &input_grad, "depthwise convolution, gradient of the input");
