@@ -146,6 +146,19 @@ def test_wide_pointwise_layers_take_blas_and_keep_the_epilogue(activation, colum
     assert_close_scaled(out, ref, 1e-5)
 
 
+@requires_cpu_backend
+@pytest.mark.parametrize("kernel, stride, padding", [((3, 1), 1, "same"), ((3, 3), 2, "same"), ((5, 5), 1, "valid"),
+                                                     ((1, 3), (1, 2), 1)])
+@pytest.mark.parametrize("multiplier", [16, 40])
+def test_one_input_channel_answers_channels_last_when_asked(kernel, stride, padding, multiplier):
+    x = torch.randn(3, 1, 11, 13)
+    w, b = torch.randn(multiplier, 1, *kernel), torch.randn(multiplier)
+    geometry = F._geometry(x, kernel, stride, padding, 1, "zeros")
+    out = cpu.depthwise_conv_act(x, w, b, geometry, "relu6", channels_last=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_scaled(out, reference.conv_act(x, w, b, geometry, 1, "zeros", "relu6"), 1e-5)
+
+
 def _fused_op_samples():
     samples = []
     for channels_last in (False, True):
@@ -218,6 +231,9 @@ def _block(kind: str, kernel: int, stride: int, multiplier: int, norm: bool, bia
                                        norm="batch" if norm else None, activation=ACTIVATIONS[activation]())
     elif kind == "conv":
         conv = sepconv.Conv2d(6, 6 * multiplier, kernel, stride, "same", bias=bias)
+    elif kind == "spatial":
+        conv = sepconv.SpatialSeparableConv2d(6, 6 * multiplier, kernel, stride=stride, padding="same", bias=bias, depthwise=True,
+                                              norm="batch" if norm else None, activation=ACTIVATIONS[activation]())
     else:  # PyTorch's own layers
         conv = nn.Conv2d(6, 6 * multiplier, kernel, stride, kernel // 2, bias=bias,
                          groups=6 if kind == "torch_depthwise" else 1)
@@ -226,7 +242,7 @@ def _block(kind: str, kernel: int, stride: int, multiplier: int, norm: bool, bia
 
 
 @settings(max_examples=40, deadline=None)
-@given(kinds=st.lists(st.sampled_from(["depthwise", "pointwise", "separable", "conv", "torch_conv",
+@given(kinds=st.lists(st.sampled_from(["depthwise", "pointwise", "separable", "spatial", "conv", "torch_conv",
                                        "torch_depthwise"]), min_size=1, max_size=3),
        kernel=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2), multiplier=st.integers(1, 2),
        norm=st.booleans(), bias=st.booleans(), activation=st.sampled_from(list(ACTIVATIONS)),

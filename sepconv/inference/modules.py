@@ -26,6 +26,26 @@ def _as_columns(weight: torch.Tensor) -> torch.Tensor:
     return columns[:, :out_channels].t().reshape(weight.shape)
 
 
+def _in_layout(y: torch.Tensor, memory_format: torch.memory_format | None) -> torch.Tensor:
+    """A 4-D output in the model's layout: a kernel whose output has one channel, or a planar kernel, may answer
+    in another, and everything after it (pooling too) would then run in that one."""
+    return y.contiguous(memory_format=memory_format) if memory_format is not None and y.ndim == 4 else y
+
+
+def faster(first, second, x: torch.Tensor, rounds: int = 3) -> bool:
+    """Whether ``first(x)`` beats ``second(x)``: best of a few interleaved calls after a warm-up call each."""
+    best = [float("inf")] * 2
+    with torch.no_grad():
+        for path in (first, second):
+            path(x)
+        for _ in range(rounds):
+            for index, path in enumerate((first, second)):
+                start = time.perf_counter()
+                path(x)
+                best[index] = min(best[index], time.perf_counter() - start)
+    return best[0] < best[1]
+
+
 class FusedConv(nn.Module):
     """``activation(conv(x) + bias)`` as one kernel where sepconv has one, for inference only.
 
@@ -55,6 +75,8 @@ class FusedConv(nn.Module):
         self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
         self.groups, self.padding_mode = groups, padding_mode
         self.activation, self.alpha = activation, float(alpha)
+        self.memory_format: torch.memory_format | None = None  # the model's layout, which 4-D outputs keep
+        self._choices: dict[tuple, bool] = {}  # input signature -> whether the kernel beat the reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -63,7 +85,7 @@ class FusedConv(nn.Module):
         unbatched = x.ndim == self.weight.ndim - 1
         if unbatched:
             x = x.unsqueeze(0)
-        y = self._fused(x)
+        y = _in_layout(self._fused(x), self.memory_format)
         return y.squeeze(0) if unbatched else y
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +94,34 @@ class FusedConv(nn.Module):
         if self.kind == "pointwise" and registry.get_kernels() != "reference" and not registry.exporting() \
                 and cpu.supports(x, self.weight, self.bias) and cpu.available():
             return cpu.pointwise_conv_act(x, self.weight, self.bias, self.activation, self.alpha)
-        if self.kind == "depthwise" and registry.select(x, self.weight, self.bias, geometry, self.padding_mode) is cpu:
-            if self.padding_mode != "zeros" and geometry.padded:
-                x, geometry = reference.pad(x, geometry.padding, self.padding_mode), geometry.without_padding()
-            return cpu.depthwise_conv_act(x, self.weight, self.bias, geometry, self.activation, self.alpha)
+        if self.kind == "depthwise" and self._kernel_is_faster(x, geometry):
+            return self._kernel(x, geometry)
+        return self._reference(x, geometry)
+
+    def _reference(self, x: torch.Tensor, geometry) -> torch.Tensor:
         return reference.conv_act(x, self.weight, self.bias, geometry, self.groups, self.padding_mode,
                                   self.activation, self.alpha)
+
+    def _kernel(self, x: torch.Tensor, geometry) -> torch.Tensor:
+        if self.padding_mode != "zeros" and geometry.padded:
+            x, geometry = reference.pad(x, geometry.padding, self.padding_mode), geometry.without_padding()
+        return cpu.depthwise_conv_act(x, self.weight, self.bias, geometry, self.activation, self.alpha,
+                                      channels_last=self.memory_format == torch.channels_last)
+
+    def _kernel_is_faster(self, x: torch.Tensor, geometry) -> bool:
+        """The kernels mode's choice for this call: ``auto`` times both ways once per input signature (the fused
+        calls themselves, which may differ from the plain depthwise convolution the registry times)."""
+        mode = registry.get_kernels()
+        if mode == "reference" or registry.exporting() or not (cpu.supports(x, self.weight, self.bias)
+                                                               and cpu.available()):
+            return False
+        if mode != "auto" or torch.compiler.is_compiling():
+            return True
+        signature = (tuple(x.shape), x.stride(), torch.get_num_threads())
+        if signature not in self._choices:
+            self._choices[signature] = faster(lambda t: self._kernel(t, geometry),
+                                              lambda t: self._reference(t, geometry), x)
+        return self._choices[signature]
 
     def extra_repr(self) -> str:
         out_channels, in_per_group = self.weight.shape[:2]
@@ -117,9 +161,9 @@ class FusedSeparable(nn.Module):
             signature = (tuple(x.shape), x.stride(), torch.get_num_threads())
             fuse = self._fuse.get(signature)
             if fuse is None:
-                fuse = self._fuse[signature] = self._fused_is_faster(x)
+                fuse = self._fuse[signature] = faster(self._fused, lambda t: self.pointwise(self.depthwise(t)), x)
             if fuse:
-                return self._fused(x)
+                return _in_layout(self._fused(x), self.pointwise.memory_format)
         return self.pointwise(self.depthwise(x))
 
     def _fusable(self, x: torch.Tensor) -> bool:
@@ -135,15 +179,3 @@ class FusedSeparable(nn.Module):
         return cpu.separable_conv_act(x, dw.weight, dw.bias, geometry, dw.activation, dw.alpha, pw.weight, pw.bias,
                                       pw.activation, pw.alpha)
 
-    def _fused_is_faster(self, x: torch.Tensor, rounds: int = 3) -> bool:
-        paths = (self._fused, lambda t: self.pointwise(self.depthwise(t)))
-        best = [float("inf")] * 2
-        with torch.no_grad():
-            for path in paths:
-                path(x)  # warm-up (and the depthwise step's own kernels choice)
-            for _ in range(rounds):
-                for index, path in enumerate(paths):
-                    start = time.perf_counter()
-                    path(x)
-                    best[index] = min(best[index], time.perf_counter() - start)
-        return best[0] < best[1]

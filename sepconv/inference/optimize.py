@@ -13,6 +13,7 @@ from ..layers.conv import _ConvNd as _SepconvConv
 from ..layers.depthwise import _DepthwiseConvNd
 from ..layers.pointwise import _PointwiseConvNd
 from ..layers.separable import _SeparableConvNd
+from ..layers.spatial import _SpatialSeparableConvNd
 from ..weights import fold_batch_norm
 from .modules import FusedConv, FusedSeparable
 
@@ -76,6 +77,9 @@ def _fuse_sequence(sequence: nn.Sequential) -> None:
         if isinstance(child, _SeparableConvNd):
             items.extend((f"{name}_{step}", fused) for step, fused in zip(("depthwise", "pointwise"),
                                                                            _separable_steps(child)))
+            continue
+        if isinstance(child, _SpatialSeparableConvNd) and (steps := _spatial_steps(child)) is not None:
+            items.extend((f"{name}_axis{axis}", fused) for axis, fused in enumerate(steps))
             continue
         fused = _as_fused(child)
         items.append((name, fused if fused is not None else child))
@@ -147,6 +151,32 @@ def _separable_steps(layer: _SeparableConvNd) -> tuple[FusedConv, FusedConv]:
     return depthwise, pointwise
 
 
+def _spatial_steps(layer: _SpatialSeparableConvNd) -> list[FusedConv] | None:
+    """A spatially separable layer as one :class:`FusedConv` per axis (a norm and activation between the steps
+    folded and fused into the step before them), or None where one of those cannot be."""
+    rank = len(layer.factors)
+    between = ("none", 1.0) if layer.activation is None else _activation(layer.activation)
+    if between is None or any(not _foldable_norm(norm, norm.num_features) for norm in layer.norms):
+        return None
+    steps, channels = [], layer.in_channels
+    for axis, factor in enumerate(layer.factors):
+        def only(value, rest, axis=axis):
+            return tuple(value if a == axis else rest for a in range(rank))
+        weight = factor.reshape(*factor.shape[:2], *only(factor.shape[2], 1))
+        bias = layer.bias if axis == rank - 1 else None
+        activation = ("none", 1.0)
+        if axis < rank - 1:
+            if len(layer.norms):
+                weight, bias = fold_batch_norm(weight, bias, layer.norms[axis])
+            activation = between
+        groups = channels // factor.shape[1]
+        kind = "depthwise" if groups == channels and factor.shape[1] == 1 else "conv"
+        steps.append(FusedConv(kind, weight, bias, only(layer.stride[axis], 1), only(layer.padding[axis], (0, 0)),
+                               only(layer.dilation[axis], 1), groups, layer.padding_mode, *activation))
+        channels = factor.shape[0]
+    return steps
+
+
 def _foldable_norm(module: nn.Module, channels: int) -> bool:
     return (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
             and module.num_features == channels)
@@ -189,8 +219,10 @@ class _ToLayout:
 def _set_layout(model: nn.Module, layout: str) -> None:
     """Weights and the input in ``layout``: every 4-D convolution then answers in it, end to end."""
     for module in model.modules():
-        if isinstance(module, FusedConv) and module.weight.ndim == 4 and module.kind == "conv":
-            module.weight = module.weight.contiguous(memory_format=_FORMATS[layout])
+        if isinstance(module, FusedConv):
+            module.memory_format = _FORMATS[layout]
+            if module.weight.ndim == 4 and module.kind == "conv":
+                module.weight = module.weight.contiguous(memory_format=_FORMATS[layout])
     for hook in [h for h in model._forward_pre_hooks.values() if isinstance(h, _ToLayout)]:
         hook.layout = layout
         return

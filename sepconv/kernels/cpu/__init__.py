@@ -166,10 +166,11 @@ def _weight_grad(x, grad_out, weight_size, stride, padding, dilation):
     return _module.weight_grad(_planes(x), _planes(grad_out), size, args).reshape(weight_size)
 
 
-def _depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha):
+def _depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha, channels_last=False):
     args = _kernel_args(x.shape[2:], weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
     code = reference.ACTIVATIONS.index(activation)
-    return _back(_module.forward(_planes(x), _planes(weight), bias, args, code, alpha), x)
+    return _back(_module.forward(_planes(x), _planes(weight), bias, args, code, alpha, channels_last and x.ndim == 4),
+                 x)
 
 
 def _pointwise_conv_act(x, weight, bias, activation, alpha):
@@ -195,12 +196,13 @@ def _register() -> None:
 
 # --- inference: the bias and activation in the kernels' epilogue (no gradients) --------------------------------
 
-def depthwise_conv_act(x, weight, bias, geometry, activation, alpha=1.0):
-    """``activation(depthwise_conv(x) + bias)`` in one pass (zero padding; the caller checked :func:`supports`)."""
+def depthwise_conv_act(x, weight, bias, geometry, activation, alpha=1.0, channels_last=False):
+    """``activation(depthwise_conv(x) + bias)`` in one pass (zero padding; the caller checked :func:`supports`).
+    ``channels_last``: a one-channel input (whose layout is ambiguous) answers channels-last where it can."""
     args = (x, weight, bias, geometry.stride, geometry.flat_padding, geometry.dilation, activation, alpha)
     if torch.compiler.is_compiling() or registry.dispatch_visible():
         return ops.depthwise_conv_act(*args)
-    return _depthwise_conv_act(*args)
+    return _depthwise_conv_act(*args, channels_last=channels_last)
 
 
 def separable_conv_act(x, weight, bias, geometry, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):

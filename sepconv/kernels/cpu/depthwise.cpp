@@ -750,6 +750,38 @@ void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64
   });
 }
 
+// One input channel into M outputs (EEGNet's temporal layer, a spatially separable stem), channels-last out:
+// each output pixel's M values are the taps' input values, broadcast, times the taps' weight vectors.
+template <typename T>
+void nhwc_broadcast_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64_t M, int64_t H, int64_t W,
+                            const Geometry& g) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  at::parallel_for(0, N * g.oh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image = task / g.oh, oh = task % g.oh;
+      T* row = y + task * g.ow * M;
+      for (int64_t c = 0; c < M; c += L) {
+        const int64_t n = std::min(L, M - c);
+        const V init = bias ? V::loadu(bias + c, n) : V(T(0));
+        for (int64_t ow = 0; ow < g.ow; ++ow) {
+          V acc = init;
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+            if (ih < 0 || ih >= H) continue;
+            const T* xrow = x + (image * H + ih) * W;
+            for (int64_t k = 0; k < g.kw; ++k) {
+              const int64_t iw = ow * g.sw - g.pl + k * g.dw;
+              if (iw >= 0 && iw < W) acc = at::vec::fmadd(V(xrow[iw]), V::loadu(wt + (i * g.kw + k) * M + c, n), acc);
+            }
+          }
+          store<T, false>(finish(acc, g), row + ow * M + c, n);
+        }
+      }
+    }
+  });
+}
+
 // Depthwise then pointwise (inference), a block of output rows at a time: the block's depthwise output, with its
 // bias and activation, stays in a per-thread buffer in cache and feeds the pointwise product, so the hidden tensor
 // never goes to memory. Rows per block: enough pixels for the product's register blocks, enough blocks for the
@@ -1021,7 +1053,7 @@ at::Tensor in_layout(const at::Tensor& t, bool channels_last) {
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   at::IntArrayRef geometry, int64_t activation, double alpha) {
+                   at::IntArrayRef geometry, int64_t activation, double alpha, bool prefer_channels_last) {
   check(x, "x");
   const Activation act = sepconv_cpu::read_activation(activation, alpha);
   check(weight, "weight");
@@ -1030,6 +1062,22 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CM = weight.size(0), M = CM / C;
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const bool cl = channels_last_output(x, weight);
+  if (C == 1 && M >= Vectorized<float>::size() && g.kh * g.kw <= 25 && prefer_channels_last) {
+    // one input channel has no layout of its own; a caller running channels-last asks for that output
+    auto y = sepconv_cpu::empty_output({N, CM, g.oh, g.ow},
+                                       x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    Geometry epilogue = g;
+    epilogue.act = act.kind;
+    epilogue.alpha = act.alpha;
+    const auto xc = x.contiguous();
+    const auto wt = weight_rows(weight, false);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_broadcast", [&] {
+      nhwc_broadcast_forward<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                                       b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, CM,
+                                       H, W, epilogue);
+    });
+    return y;
+  }
   if (use_nhwc(cl, C, M, g.ow)) {
     const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
     auto y = sepconv_cpu::empty_output({N, CM, g.oh, g.ow},
@@ -1063,7 +1111,7 @@ at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::o
   const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
   const bool padded_rows = g.pl >= 0 && g.kw > 3 && 4 * (hi - lo) < 3 * g.ow;  // see run_nhwc_forward
   if (!(use_nhwc(true, C, M, g.ow) && x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) || padded_rows)
-    return sepconv_cpu::pointwise(forward(x, weight, bias, geometry, dw_activation, dw_alpha), pw_weight, pw_bias,
+    return sepconv_cpu::pointwise(forward(x, weight, bias, geometry, dw_activation, dw_alpha, false), pw_weight, pw_bias,
                                   activation, alpha);
   ++kernel_calls;
   const Activation dw_act = sepconv_cpu::read_activation(dw_activation, dw_alpha);
@@ -1154,7 +1202,8 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntA
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "depthwise convolution, forward, with an activation in the epilogue", py::arg("x"),
-        py::arg("weight"), py::arg("bias"), py::arg("geometry"), py::arg("activation") = 0, py::arg("alpha") = 1.0);
+        py::arg("weight"), py::arg("bias"), py::arg("geometry"), py::arg("activation") = 0, py::arg("alpha") = 1.0,
+        py::arg("prefer_channels_last") = false);
   m.def("pointwise", &sepconv_cpu::pointwise, "pointwise convolution with bias and activation in the epilogue");
   m.def("batch_norm_act_forward", &sepconv_cpu::batch_norm_act_forward, "batch norm (batch statistics) + activation");
   m.def("batch_norm_act_backward", &sepconv_cpu::batch_norm_act_backward, "its gradients of x, weight and bias");
