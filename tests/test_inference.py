@@ -182,7 +182,8 @@ def test_opcheck_fused_ops(index):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     x, weight, bias = args[:3]
     if op is ops.pointwise_conv_act:
-        ref = torch.nn.functional.conv1d(x, weight, bias) if x.ndim == 3 else torch.nn.functional.conv2d(x, weight, bias)
+        conv = torch.nn.functional.conv1d if x.ndim == 3 else torch.nn.functional.conv2d
+        ref = conv(x, weight, bias)
         ref = reference.activation(ref, *args[3:])
     else:
         geometry = ops.resolve(x.shape[2:], weight.shape[2:], *args[3:6])
@@ -232,7 +233,8 @@ def _block(kind: str, kernel: int, stride: int, multiplier: int, norm: bool, bia
     elif kind == "conv":
         conv = sepconv.Conv2d(6, 6 * multiplier, kernel, stride, "same", bias=bias)
     elif kind == "spatial":
-        conv = sepconv.SpatialSeparableConv2d(6, 6 * multiplier, kernel, stride=stride, padding="same", bias=bias, depthwise=True,
+        conv = sepconv.SpatialSeparableConv2d(6, 6 * multiplier, kernel, stride=stride, padding="same", bias=bias,
+                                              depthwise=True,
                                               norm="batch" if norm else None, activation=ACTIVATIONS[activation]())
     else:  # PyTorch's own layers
         conv = nn.Conv2d(6, 6 * multiplier, kernel, stride, kernel // 2, bias=bias,

@@ -42,7 +42,8 @@ depthwise_conv_input_grad = torch.ops.sepconv.depthwise_conv_input_grad.default
 depthwise_conv_weight_grad = torch.ops.sepconv.depthwise_conv_weight_grad.default
 NAMES = ("sepconv::depthwise_conv", "sepconv::depthwise_conv_input_grad", "sepconv::depthwise_conv_weight_grad")
 
-_LIBRARY.define(f"depthwise_conv_act(Tensor x, Tensor weight, Tensor? bias, {_ARGS}, str activation, float alpha) -> Tensor")
+_LIBRARY.define(f"depthwise_conv_act(Tensor x, Tensor weight, Tensor? bias, {_ARGS}, str activation, float alpha) "
+                "-> Tensor")
 _LIBRARY.define("pointwise_conv_act(Tensor x, Tensor weight, Tensor? bias, str activation, float alpha) -> Tensor")
 _LIBRARY.define(f"separable_conv_act(Tensor x, Tensor weight, Tensor? bias, {_ARGS}, str activation, float alpha, "
                 "Tensor pw_weight, Tensor? pw_bias, str pw_activation, float pw_alpha) -> Tensor")

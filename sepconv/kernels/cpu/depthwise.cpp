@@ -1111,8 +1111,8 @@ at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::o
   const auto [lo, hi] = interior(W, g.ow, g.kw, g.sw, g.pl, g.dw);
   const bool padded_rows = g.pl >= 0 && g.kw > 3 && 4 * (hi - lo) < 3 * g.ow;  // see run_nhwc_forward
   if (!(use_nhwc(true, C, M, g.ow) && x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) || padded_rows)
-    return sepconv_cpu::pointwise(forward(x, weight, bias, geometry, dw_activation, dw_alpha, false), pw_weight, pw_bias,
-                                  activation, alpha);
+    return sepconv_cpu::pointwise(forward(x, weight, bias, geometry, dw_activation, dw_alpha, false), pw_weight,
+                                  pw_bias, activation, alpha);
   ++kernel_calls;
   const Activation dw_act = sepconv_cpu::read_activation(dw_activation, dw_alpha);
   const Activation act = sepconv_cpu::read_activation(activation, alpha);

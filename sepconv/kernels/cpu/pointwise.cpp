@@ -3,8 +3,8 @@
 // Channels-last, the input is a (pixels, C) matrix X and the output a (pixels, C_out) one: Y = act(X W^T + b).
 // A register-blocked product computes R = 8 pixels times up to 3 vectors of output channels at once: each step
 // over C broadcasts one input value per pixel and multiplies it with a row of W^T (C_out contiguous, which is
-// how sepconv.inference stores the weight; any other weight is transposed once per call, see weight_columns). The accumulators
-// start at the bias and go through the activation on their way to memory, so the output is written once.
+// how sepconv.inference stores the weight; any other weight is transposed once per call, see weight_columns).
+// The accumulators start at the bias and go through the activation on their way to memory, so the output is written once.
 // Tasks are blocks of pixels times blocks of output channels, so that small images with wide layers (7x7 with
 // 1280 channels) still give every thread work. Contiguous (NCHW) inputs are W times each image's (C, pixels)
 // matrix (BLAS), then one pass adds the bias and applies the activation per output plane.
@@ -47,7 +47,8 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
               x.scalar_type());
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 1 && weight.size(3) == 1 &&
                   weight.scalar_type() == x.scalar_type(),
-              "sepconv cpu pointwise: weight must be (C_out, ", x.size(1), ", 1, 1) of x's dtype; got ", weight.sizes());
+              "sepconv cpu pointwise: weight must be (C_out, ", x.size(1), ", 1, 1) of x's dtype; got ",
+              weight.sizes());
   const Activation act = read_activation(activation, alpha);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Co = weight.size(0);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();

@@ -10,7 +10,8 @@
 namespace sepconv_cpu {
 
 inline constexpr int64_t kPixels = 8;  // pixels per register block
-inline constexpr int64_t kVectors = 3;  // output vectors per register block: 24 accumulators, 3 weight rows, 1 broadcast
+// output vectors per register block: 24 accumulators, 3 weight rows and 1 broadcast in 32 registers
+inline constexpr int64_t kVectors = 3;
 inline constexpr int64_t kPixelTask = 64;  // pixels per task: their input rows stay in L2 across the channel blocks
 inline constexpr int64_t kDepth = 128;  // input channels per pass: a block of W^T's rows (128 x 48) stays in L1
 
@@ -86,7 +87,8 @@ void pointwise_rows(const T* x, const T* wt, int64_t ldw, const T* bias, T* y, i
       int64_t p = p0;
       for (; p + kPixels <= p1; p += kPixels)
         block8(x + p * K + k0, K, w, ldw, depth, b, y + p * ldy + o, ldy, tail, accumulate, act, alpha);
-      for (; p < p1; ++p) block1(x + p * K + k0, K, w, ldw, depth, b, y + p * ldy + o, ldy, tail, accumulate, act, alpha);
+      for (; p < p1; ++p)
+        block1(x + p * K + k0, K, w, ldw, depth, b, y + p * ldy + o, ldy, tail, accumulate, act, alpha);
     }
   }
 }
