@@ -193,7 +193,7 @@ def test_gradcheck_and_gradgradcheck_float64():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compile_fullgraph_runs_the_cpu_kernels_inside_the_graph(channels_last):
     torch._dynamo.reset()
-    layer = sepconv.SeparableConv2d(16, 24, 3, stride=2, padding="same")
+    layer = sepconv.SeparableConv2d(16, 24, 5, stride=2, padding="same")  # auto leaves 3x3 to inductor
     x = make((2, 16, 15, 15), torch.float32, channels_last)
     compiled = torch.compile(layer, fullgraph=True)
     calls = cpu.kernel_calls()
@@ -203,6 +203,20 @@ def test_compile_fullgraph_runs_the_cpu_kernels_inside_the_graph(channels_last):
     with kernels.use_kernels("reference"):
         ref = layer(x.detach())
     torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+
+
+@requires_cpu_backend
+@pytest.mark.parametrize("mode, kernels_run", [("auto", False), ("cpu", True)])
+def test_compiled_graphs_leave_3x3_depthwise_to_inductor_in_auto_mode(mode, kernels_run):
+    torch._dynamo.reset()
+    kernels.set_kernels(mode)
+    layer = sepconv.DepthwiseConv2d(16, 3, padding="same")
+    x = make((2, 16, 12, 12), torch.float32, True)
+    calls = cpu.kernel_calls()
+    out = torch.compile(layer, fullgraph=True)(x)
+    assert (cpu.kernel_calls() > calls) == kernels_run
+    with kernels.use_kernels("reference"):
+        torch.testing.assert_close(out, layer(x), **TOLERANCE[torch.float32])
 
 
 @requires_cpu_backend

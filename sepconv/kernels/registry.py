@@ -21,6 +21,7 @@ once on first use):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -130,6 +131,11 @@ def exporting() -> bool:
     return torch.jit.is_tracing() or (onnx is not None and onnx.is_in_onnx_export())
 
 
+# Mode auto in compiled graphs: depthwise convolutions up to 3x3 stay PyTorch's, around which inductor fuses the
+# norm and activation (the opaque sepconv op would prevent it); larger kernels and 1-D ones go to the backends.
+_COMPILED_REFERENCE_TAPS = 9
+
+
 def select(x, weight, bias, geometry, padding_mode):
     """The backend (module) to run this depthwise convolution on."""
     mode = get_kernels()
@@ -152,6 +158,9 @@ def select(x, weight, bias, geometry, padding_mode):
                         if eligible else "reference"
         if choice is not None:
             return _backends.get(choice, reference)
+    if compiling and mode == "auto" and math.prod(geometry.kernel_size) <= _COMPILED_REFERENCE_TAPS \
+            and len(geometry.kernel_size) > 1:
+        return reference
     for name in names:
         if _covers(_backends[name], x, weight, bias):
             return _backends[name]
