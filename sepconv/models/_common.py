@@ -15,7 +15,7 @@ from torch import nn
 from ..constraints import check_max_norm, max_norm_
 from ..geometry import resolve_padding, to_tuple
 from ..layers import Conv2d, DepthwiseConv2d, PointwiseConv2d, SeparableConv2d
-from ..layers._common import check_init, reset_keras_
+from ..layers._common import check_channels, check_init, reset_keras_
 
 # --- argument checks -------------------------------------------------------------------------------
 
@@ -48,6 +48,20 @@ def check_stages(widths, depths) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise ValueError(f"widths and depths must have one entry per stage; got {len(widths)} widths "
                          f"{tuple(widths)} and {len(depths)} depths {tuple(depths)}")
     return tuple(widths), tuple(depths)
+
+
+def check_staged(num_classes, in_channels, widths, depths, kernel_size, input_size, separable, init):
+    """The arguments of a staged model (``convnext_k7``, ``replknet_k31``): checked, and the input's minimum side
+    (a stride-4 stem, then one halving per later stage). Returns ``(widths, depths, minimum, (H, W))``."""
+    check_channels(num_classes, "num_classes")
+    check_channels(in_channels, "in_channels")
+    widths, depths = check_stages(widths, depths)
+    check_channels(kernel_size, "kernel_size")
+    minimum = 4 * 2 ** (len(widths) - 1)
+    size = check_input_size(input_size, minimum)
+    check_flag(separable, "separable")
+    check_init(init)
+    return widths, depths, minimum, size
 
 
 def check_input_size(value, minimum: int, name: str = "input_size") -> tuple[int, int]:

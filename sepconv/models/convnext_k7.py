@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ..layers import Conv2d, DepthwiseConv2d, PointwiseConv2d
-from ..layers._common import check_channels
-from ._common import Classifier, ConvNormAct, Dense, check_flag, check_init, check_input_size, check_stages
+from ._common import Classifier, ConvNormAct, Dense, check_staged
 from ._registry import register_model
 
 EXPANSION = 4  # the inverted bottleneck's hidden width, in multiples of the block's width
@@ -65,14 +64,8 @@ class ConvNeXtK7(Classifier):
 
     def __init__(self, num_classes: int = 1000, *, in_channels: int = 3, input_size=224, widths=(48, 96, 192),
                  depths=(1, 1, 2), kernel_size: int = 7, separable: bool = True, init: str = "torch"):
-        check_channels(num_classes, "num_classes")
-        check_channels(in_channels, "in_channels")
-        widths, depths = check_stages(widths, depths)
-        check_channels(kernel_size, "kernel_size")
-        minimum = 4 * 2 ** (len(widths) - 1)
-        height, width = check_input_size(input_size, minimum)
-        check_flag(separable, "separable")
-        check_init(init)
+        widths, depths, minimum, (height, width) = check_staged(num_classes, in_channels, widths, depths, kernel_size,
+                                                                input_size, separable, init)
 
         layers = [ConvNormAct(Conv2d(in_channels, widths[0], 4, 4, init=init), nn.BatchNorm2d(widths[0]))]
         for stage, (channels, depth) in enumerate(zip(widths, depths)):

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ..layers import Conv2d, DepthwiseConv2d, PointwiseConv2d
-from ..layers._common import check_channels
-from ._common import Classifier, ConvNormAct, Dense, check_flag, check_init, check_input_size, check_stages
+from ._common import Classifier, ConvNormAct, Dense, check_staged
 from ._registry import register_model
 
 
@@ -74,14 +73,8 @@ class RepLKNetK31(Classifier):
 
     def __init__(self, num_classes: int = 1000, *, in_channels: int = 3, input_size=224, widths=(64, 128),
                  depths=(1, 1), kernel_size: int = 31, separable: bool = True, init: str = "torch"):
-        check_channels(num_classes, "num_classes")
-        check_channels(in_channels, "in_channels")
-        widths, depths = check_stages(widths, depths)
-        check_channels(kernel_size, "kernel_size")
-        minimum = 4 * 2 ** (len(widths) - 1)
-        height, width = check_input_size(input_size, minimum)
-        check_flag(separable, "separable")
-        check_init(init)
+        widths, depths, minimum, (height, width) = check_staged(num_classes, in_channels, widths, depths, kernel_size,
+                                                                input_size, separable, init)
 
         stem = widths[0]
         layers = [_conv_bn_relu(Conv2d(in_channels, stem, 3, 2, "same", bias=False, init=init), stem),
