@@ -715,6 +715,38 @@ struct PaddedRows {
   }
 };
 
+// The input rows that one output row reads: rows[i] for kernel row i (nullptr where it falls in the padding), and
+// the ones inside the input packed in front with their weight rows, for the register-blocked kernels.
+template <typename T>
+struct KernelRows {
+  std::vector<const T*> rows, taps_x, taps_w;
+  int64_t taps = 0;
+
+  explicit KernelRows(int64_t kh) : rows(kh), taps_x(kh), taps_w(kh) {}
+
+  // Output row `oh` of `image`; wide kernels read their rows through `padded` (else nullptr).
+  void gather(const T* x, const T* wt, int64_t image, int64_t oh, int64_t H, int64_t W, int64_t C, const Geometry& g,
+              PaddedRows<T>* padded) {
+    taps = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+      if (ih < 0 || ih >= H) {
+        rows[i] = nullptr;
+        continue;
+      }
+      rows[i] = padded ? padded->row(x, image * H + ih, W, g.pl) : x + (image * H + ih) * W * C;
+      taps_x[taps] = rows[i];
+      taps_w[taps++] = wt + i * g.kw * C;
+    }
+  }
+
+  // That output row into `out`.
+  void row(const T* wt, const T* bias, T* out, int64_t C, int64_t width, int64_t lo, int64_t hi,
+           const Geometry& g) const {
+    nhwc_row<T>(rows.data(), taps_x.data(), taps_w.data(), taps, wt, bias, out, C, width, lo, hi, g);
+  }
+};
+
 template <typename T>
 void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64_t C, int64_t H, int64_t W,
                   const Geometry& g, int64_t right) {
@@ -725,24 +757,12 @@ void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64
   const int64_t width = pad ? g.pl + W + right : W;
   const auto [lo, hi] = interior(width, g.ow, g.kw, g.sw, inner.pl, g.dw);
   at::parallel_for(0, N * g.oh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> rows(g.kh), taps_x(g.kh), taps_w(g.kh);
+    KernelRows<T> rows(g.kh);
     std::optional<PaddedRows<T>> padded;
     if (pad) padded.emplace(W, g.pl, right, C, g);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t image = task / g.oh, oh = task % g.oh;
-      int64_t taps_rows = 0;  // the kernel rows inside the input, for the register-blocked kernels
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t ih = oh * g.sh - g.pt + i * g.dh;
-        if (ih < 0 || ih >= H) {
-          rows[i] = nullptr;
-          continue;
-        }
-        rows[i] = pad ? padded->row(x, image * H + ih, W, g.pl) : x + (image * H + ih) * W * C;
-        taps_x[taps_rows] = rows[i];
-        taps_w[taps_rows++] = wt + i * g.kw * C;
-      }
-      nhwc_row<T>(rows.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias, y + task * g.ow * C, C, width, lo,
-                  hi, inner);
+      rows.gather(x, wt, task / g.oh, task % g.oh, H, W, C, g, pad ? &*padded : nullptr);
+      rows.row(wt, bias, y + task * g.ow * C, C, width, lo, hi, inner);
     }
 #if defined(CPU_CAPABILITY_AVX512)
     if (g.stream) _mm_sfence();  // each thread completes its weakly ordered non-temporal stores
@@ -796,22 +816,13 @@ void nhwc_separable_forward(const T* x, const T* wt, const T* bias, const T* pwt
   const int64_t rows = std::max<int64_t>(1, std::min({enough_pixels, enough_tasks, g.oh}));
   const int64_t blocks = (g.oh + rows - 1) / rows;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> row_ptrs(g.kh), taps_x(g.kh), taps_w(g.kh);
+    KernelRows<T> kernel_rows(g.kh);
     std::vector<T> hidden(rows * g.ow * C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / blocks, oh0 = (task % blocks) * rows, oh1 = std::min(g.oh, oh0 + rows);
       for (int64_t oh = oh0; oh < oh1; ++oh) {
-        int64_t taps_rows = 0;
-        for (int64_t i = 0; i < g.kh; ++i) {
-          const int64_t ih = oh * g.sh - g.pt + i * g.dh;
-          row_ptrs[i] = ih < 0 || ih >= H ? nullptr : x + (image * H + ih) * W * C;
-          if (row_ptrs[i]) {
-            taps_x[taps_rows] = row_ptrs[i];
-            taps_w[taps_rows++] = wt + i * g.kw * C;
-          }
-        }
-        nhwc_row<T>(row_ptrs.data(), taps_x.data(), taps_w.data(), taps_rows, wt, bias,
-                    hidden.data() + (oh - oh0) * g.ow * C, C, W, lo, hi, g);
+        kernel_rows.gather(x, wt, image, oh, H, W, C, g, nullptr);
+        kernel_rows.row(wt, bias, hidden.data() + (oh - oh0) * g.ow * C, C, W, lo, hi, g);
       }
       sepconv_cpu::pointwise_rows<T>(hidden.data(), pwt, ldw, pw_bias, y + (image * g.oh + oh0) * g.ow * O, O, 0,
                                      (oh1 - oh0) * g.ow, 0, O, C, act);
