@@ -6,16 +6,15 @@ import copy
 
 from torch import nn
 
-from .layers.norm import BatchNormAct2d
+from .kernels.reference import activation_of
+from .layers.norm import ACTIVATIONS, BatchNormAct2d
 
 __all__ = ["fuse_for_training"]
-
-_ACTIVATIONS = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"))
 
 
 def fuse_for_training(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with every ``nn.BatchNorm2d`` inside an ``nn.Sequential`` that is
-    followed by ReLU or ReLU6 (or by nothing: ``"none"``) replaced by a :class:`~sepconv.BatchNormAct2d` holding
+    followed by ReLU, ReLU6, an Identity or nothing (``"none"``) replaced by a :class:`~sepconv.BatchNormAct2d` holding
     the same parameters and buffers; the activation module is removed. The state dict keeps its keys, so
     checkpoints load either way, and the outputs and gradients are the same. Worth it for eager training in
     channels-last (``model.to(memory_format=torch.channels_last)``); under ``torch.compile`` the layer is PyTorch's
@@ -37,9 +36,9 @@ def _fuse_sequence(sequence: nn.Sequential) -> None:
         if type(norm) is not nn.BatchNorm2d or not norm.affine:
             continue
         following = sequence._modules.get(names[index + 1]) if index + 1 < len(names) else None
-        activation = next((label for kind, label in _ACTIVATIONS if type(following) is kind), None)
-        if activation is None and following is not None:
+        activation = ("none", 1.0) if following is None else activation_of(following)
+        if activation is None or activation[0] not in ACTIVATIONS:
             continue
-        sequence._modules[name] = BatchNormAct2d.from_batch_norm(norm, activation or "none")
-        if activation is not None:
+        sequence._modules[name] = BatchNormAct2d.from_batch_norm(norm, activation[0])
+        if following is not None:
             del sequence._modules[names[index + 1]]

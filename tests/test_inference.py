@@ -136,7 +136,7 @@ def test_separable_conv_act_equals_its_two_steps(channels, out_channels, kernel,
 @requires_cpu_backend
 @pytest.mark.parametrize("activation", ["none", "hardswish"])
 @pytest.mark.parametrize("columns", [False, True])
-def test_wide_pointwise_layers_take_blas_and_keep_the_epilogue(activation, columns):
+def test_wide_pointwise_layers_keep_the_epilogue(activation, columns):
     x = torch.randn(2, 512, 3, 5).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(520, 512, 1, 1), torch.randn(520)
     weight = FusedConv("pointwise", w, None, (1, 1), 0, (1, 1), 1).weight if columns else w

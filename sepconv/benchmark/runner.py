@@ -27,7 +27,7 @@ from torch import nn
 from .. import kernels
 from .._extras import MissingExtra, require
 from ..profiling import profile
-from ..profiling.timing import Machine, median_and_iqr
+from ..profiling.timing import Machine, fastest, median_and_iqr
 from .suite import Case
 
 __all__ = ["CANDIDATES", "COMPILED", "INFERENCE_ONLY", "TRAINING_ONLY", "CandidateFailed", "RowResult", "Timing",
@@ -200,7 +200,7 @@ def build_candidate(name: str, model: nn.Module, x: torch.Tensor, *, train: bool
             model = fuse_for_training(model)
         layouts = {layout: build_candidate(f"_sepconv_{layout}", copy.deepcopy(model), x, train=train, threads=threads,
                                            labels=labels) for layout in ("nchw", "cl")}
-        return layouts[_faster(layouts)]
+        return layouts[fastest(layouts)]
     mode = "reference" if name in ("eager_nchw", "eager_cl", "compile") else "auto"
     if name in ("eager_cl", "_sepconv_cl"):
         model, x = _model_channels_last(model), channels_last(x)
@@ -232,19 +232,6 @@ def build_candidate(name: str, model: nn.Module, x: torch.Tensor, *, train: bool
             optimizer.step()
         return output
     return step
-
-
-def _faster(calls: dict[str, Callable[[], object]], rounds: int = 3) -> str:
-    """The name of the fastest call: best of a few interleaved calls after one warm-up each."""
-    for call in calls.values():
-        call()
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return min(best, key=best.get)
 
 
 def _max_error(output, reference: torch.Tensor) -> float:

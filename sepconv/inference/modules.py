@@ -3,13 +3,12 @@ its bias and activation applied in the kernel's epilogue."""
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
 from .. import functional
 from ..kernels import cpu, ops, reference, registry
+from ..profiling.timing import fastest
 
 KINDS = ("depthwise", "pointwise", "conv")
 
@@ -32,18 +31,23 @@ def _in_layout(y: torch.Tensor, memory_format: torch.memory_format | None) -> to
     return y.contiguous(memory_format=memory_format) if memory_format is not None and y.ndim == 4 else y
 
 
-def faster(first, second, x: torch.Tensor, rounds: int = 3) -> bool:
-    """Whether ``first(x)`` beats ``second(x)``: best of a few interleaved calls after a warm-up call each."""
-    best = [float("inf")] * 2
-    with torch.no_grad():
-        for path in (first, second):
-            path(x)
-        for _ in range(rounds):
-            for index, path in enumerate((first, second)):
-                start = time.perf_counter()
-                path(x)
-                best[index] = min(best[index], time.perf_counter() - start)
-    return best[0] < best[1]
+def _kernels_usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the kernels mode allows the C++ kernels for this call and they cover it."""
+    return (registry.get_kernels() != "reference" and not registry.exporting() and cpu.supports(x, weight, bias)
+            and cpu.available())
+
+
+def _kernel_pays(choices: dict, x: torch.Tensor, kernel, unfused) -> bool:
+    """The kernels mode's choice between a fused kernel and its unfused twin: a forced mode and compiled graphs take
+    the kernel; ``auto`` times both once per input signature (the fused calls themselves, which may differ from the
+    plain convolutions the registry times) and keeps the answer in ``choices``."""
+    if registry.get_kernels() != "auto" or torch.compiler.is_compiling():
+        return True
+    signature = (tuple(x.shape), x.stride(), torch.get_num_threads())
+    if signature not in choices:
+        with torch.no_grad():
+            choices[signature] = fastest({"kernel": lambda: kernel(x), "unfused": lambda: unfused(x)}) == "kernel"
+    return choices[signature]
 
 
 class FusedConv(nn.Module):
@@ -91,10 +95,11 @@ class FusedConv(nn.Module):
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         geometry = functional._geometry(x, self.kernel_size, self.stride, self.padding, self.dilation,
                                         self.padding_mode)
-        if self.kind == "pointwise" and registry.get_kernels() != "reference" and not registry.exporting() \
-                and cpu.supports(x, self.weight, self.bias) and cpu.available():
+        usable = _kernels_usable(x, self.weight, self.bias)
+        if usable and self.kind == "pointwise":
             return cpu.pointwise_conv_act(x, self.weight, self.bias, self.activation, self.alpha)
-        if self.kind == "depthwise" and self._kernel_is_faster(x, geometry):
+        if usable and self.kind == "depthwise" and _kernel_pays(self._choices, x, lambda t: self._kernel(t, geometry),
+                                                                lambda t: self._reference(t, geometry)):
             return self._kernel(x, geometry)
         return self._reference(x, geometry)
 
@@ -107,21 +112,6 @@ class FusedConv(nn.Module):
             x, geometry = reference.pad(x, geometry.padding, self.padding_mode), geometry.without_padding()
         return cpu.depthwise_conv_act(x, self.weight, self.bias, geometry, self.activation, self.alpha,
                                       channels_last=self.memory_format == torch.channels_last)
-
-    def _kernel_is_faster(self, x: torch.Tensor, geometry) -> bool:
-        """The kernels mode's choice for this call: ``auto`` times both ways once per input signature (the fused
-        calls themselves, which may differ from the plain depthwise convolution the registry times)."""
-        mode = registry.get_kernels()
-        if mode == "reference" or registry.exporting() or not (cpu.supports(x, self.weight, self.bias)
-                                                               and cpu.available()):
-            return False
-        if mode != "auto" or torch.compiler.is_compiling():
-            return True
-        signature = (tuple(x.shape), x.stride(), torch.get_num_threads())
-        if signature not in self._choices:
-            self._choices[signature] = faster(lambda t: self._kernel(t, geometry),
-                                              lambda t: self._reference(t, geometry), x)
-        return self._choices[signature]
 
     def extra_repr(self) -> str:
         out_channels, in_per_group = self.weight.shape[:2]
@@ -152,26 +142,21 @@ class FusedSeparable(nn.Module):
             raise ValueError(f"FusedSeparable needs a depthwise then a pointwise FusedConv; got {depthwise.kind} "
                              f"then {pointwise.kind}")
         self.depthwise, self.pointwise = depthwise, pointwise
-        self._fuse: dict[tuple, bool] = {}  # input signature -> whether the fused kernel is the faster
+        self._choices: dict[tuple, bool] = {}  # input signature -> whether the fused kernel beat the two steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fusable(x):
-            if torch.compiler.is_compiling() or registry.get_kernels() == "cpu":
-                return self._fused(x)
-            signature = (tuple(x.shape), x.stride(), torch.get_num_threads())
-            fuse = self._fuse.get(signature)
-            if fuse is None:
-                fuse = self._fuse[signature] = faster(self._fused, lambda t: self.pointwise(self.depthwise(t)), x)
-            if fuse:
-                return _in_layout(self._fused(x), self.pointwise.memory_format)
+        if self._fusable(x) and _kernel_pays(self._choices, x, self._fused, self._unfused):
+            return _in_layout(self._fused(x), self.pointwise.memory_format)
+        return self._unfused(x)
+
+    def _unfused(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(x))
 
     def _fusable(self, x: torch.Tensor) -> bool:
         dw = self.depthwise
-        return (x.ndim == 4 and registry.get_kernels() != "reference" and not registry.exporting()
-                and dw.padding_mode == "zeros" and dw.weight.shape[0] == x.shape[1] and ops.channels_last_like(x)
-                and not (torch.is_grad_enabled() and x.requires_grad) and cpu.supports(x, dw.weight, dw.bias)
-                and cpu.available())
+        return (_kernels_usable(x, dw.weight, dw.bias) and x.ndim == 4 and dw.padding_mode == "zeros"
+                and dw.weight.shape[0] == x.shape[1] and ops.channels_last_like(x)
+                and not (torch.is_grad_enabled() and x.requires_grad))
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         dw, pw = self.depthwise, self.pointwise

@@ -4,7 +4,6 @@ as single fused kernels, in one memory layout chosen for the whole model."""
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 from torch import nn
@@ -14,6 +13,8 @@ from ..layers.depthwise import _DepthwiseConvNd
 from ..layers.pointwise import _PointwiseConvNd
 from ..layers.separable import _SeparableConvNd
 from ..layers.spatial import _SpatialSeparableConvNd
+from ..profiling.timing import fastest
+from ..kernels.reference import activation_of
 from ..weights import fold_batch_norm
 from .modules import FusedConv, FusedSeparable
 
@@ -90,7 +91,7 @@ def _fuse_sequence(sequence: nn.Sequential) -> None:
             if _foldable_norm(child, previous.weight.shape[0]):
                 previous.weight, previous.bias = fold_batch_norm(previous.weight, previous.bias, child)
                 continue
-            activation = _activation(child)
+            activation = activation_of(child)
             if activation is not None:
                 previous.activation, previous.alpha = activation
                 continue
@@ -140,7 +141,7 @@ def _separable_steps(layer: _SeparableConvNd) -> tuple[FusedConv, FusedConv]:
             raise ValueError(f"optimize_for_inference folds only batch norms between a separable layer's steps; "
                              f"got norm={layer.norm!r}")
         weight, bias = fold_batch_norm(weight, bias, layer.norm)
-    activation = ("none", 1.0) if layer.activation is None else _activation(layer.activation)
+    activation = ("none", 1.0) if layer.activation is None else activation_of(layer.activation)
     if activation is None:
         raise ValueError(f"optimize_for_inference cannot fuse the activation {layer.activation!r} of a separable "
                          "layer")
@@ -155,7 +156,7 @@ def _spatial_steps(layer: _SpatialSeparableConvNd) -> list[FusedConv] | None:
     """A spatially separable layer as one :class:`FusedConv` per axis (a norm and activation between the steps
     folded and fused into the step before them), or None where one of those cannot be."""
     rank = len(layer.factors)
-    between = ("none", 1.0) if layer.activation is None else _activation(layer.activation)
+    between = ("none", 1.0) if layer.activation is None else activation_of(layer.activation)
     if between is None or any(not _foldable_norm(norm, norm.num_features) for norm in layer.norms):
         return None
     steps, channels = [], layer.in_channels
@@ -180,26 +181,6 @@ def _spatial_steps(layer: _SpatialSeparableConvNd) -> list[FusedConv] | None:
 def _foldable_norm(module: nn.Module, channels: int) -> bool:
     return (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
             and module.num_features == channels)
-
-
-def _activation(module: nn.Module) -> tuple[str, float] | None:
-    """``(name, alpha)`` of an activation the kernels apply in their epilogue, or None."""
-    if isinstance(module, nn.ReLU):
-        return "relu", 1.0
-    if isinstance(module, nn.ReLU6) or (isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0, 6)):
-        return "relu6", 1.0
-    if isinstance(module, nn.ELU):
-        return "elu", float(module.alpha)
-    if isinstance(module, nn.LeakyReLU):
-        return "leaky_relu", float(module.negative_slope)
-    if isinstance(module, nn.GELU) and module.approximate == "none":
-        return "gelu", 1.0
-    if isinstance(module, nn.Identity):
-        return "none", 1.0
-    for kind, name in ((nn.SiLU, "silu"), (nn.Hardswish, "hardswish")):
-        if isinstance(module, kind):
-            return name, 1.0
-    return None
 
 
 # --- layout --------------------------------------------------------------------------------------------------
@@ -229,19 +210,16 @@ def _set_layout(model: nn.Module, layout: str) -> None:
     model.register_forward_pre_hook(_ToLayout(layout))
 
 
-def _fastest_layout(model: nn.Module, example_input: torch.Tensor, rounds: int = 3) -> str:
-    """The layout in which ``model`` runs ``example_input`` fastest (best of a few interleaved calls)."""
+def _fastest_layout(model: nn.Module, example_input: torch.Tensor) -> str:
+    """The layout in which ``model`` runs ``example_input`` fastest."""
     if example_input.ndim != 4:
         return "contiguous"
-    best = {}
-    with torch.inference_mode():
-        for layout in _FORMATS:
+
+    def run(layout):
+        def call():
             _set_layout(model, layout)
-            model(example_input)  # warm-up: kernels mode choices, allocator
-        for _ in range(rounds):
-            for layout in _FORMATS:
-                _set_layout(model, layout)
-                start = time.perf_counter()
-                model(example_input)
-                best[layout] = min(best.get(layout, float("inf")), time.perf_counter() - start)
-    return min(best, key=best.get)
+            model(example_input)
+        return call
+
+    with torch.inference_mode():
+        return fastest({layout: run(layout) for layout in _FORMATS})

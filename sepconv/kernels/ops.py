@@ -61,11 +61,16 @@ def resolve(input_size, kernel_size, stride, padding, dilation) -> geometry.Conv
 
 # --- shapes ----------------------------------------------------------------------------------------
 
+def _conv_output(x, weight, stride, padding, dilation, out_channels: int) -> torch.Tensor:
+    """The empty output of a depthwise step (and what follows it) on ``x``: shape and PyTorch's layout."""
+    g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    return torch.empty((x.shape[0], out_channels, *g.output_size), dtype=x.dtype, device=x.device,
+                       memory_format=_layout(x, weight))
+
+
 @torch.library.register_fake("sepconv::depthwise_conv")
 def _(x, weight, bias, stride, padding, dilation):
-    g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return torch.empty((x.shape[0], weight.shape[0], *g.output_size), dtype=x.dtype, device=x.device,
-                       memory_format=_layout(x, weight))
+    return _conv_output(x, weight, stride, padding, dilation, weight.shape[0])
 
 
 @torch.library.register_fake("sepconv::depthwise_conv_input_grad")
@@ -80,9 +85,7 @@ def _(x, grad_out, weight_size, stride, padding, dilation):
 
 @torch.library.register_fake("sepconv::depthwise_conv_act")
 def _(x, weight, bias, stride, padding, dilation, activation, alpha):
-    g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return torch.empty((x.shape[0], weight.shape[0], *g.output_size), dtype=x.dtype, device=x.device,
-                       memory_format=_layout(x, weight))
+    return _conv_output(x, weight, stride, padding, dilation, weight.shape[0])
 
 
 @torch.library.register_fake("sepconv::pointwise_conv_act")
@@ -93,27 +96,24 @@ def _(x, weight, bias, activation, alpha):
 
 @torch.library.register_fake("sepconv::separable_conv_act")
 def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
-    g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return torch.empty((x.shape[0], pw_weight.shape[0], *g.output_size), dtype=x.dtype, device=x.device,
-                       memory_format=_layout(x, weight))
-
-
-@torch.library.impl("sepconv::separable_conv_act", "CompositeExplicitAutograd")
-def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
-    g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    hidden = reference.conv_act(x, weight, bias, g, x.shape[1], "zeros", activation, alpha)
-    return reference.activation(reference.pointwise_conv(hidden, pw_weight, pw_bias), pw_activation, pw_alpha)
+    return _conv_output(x, weight, stride, padding, dilation, pw_weight.shape[0])
 
 
 @torch.library.impl("sepconv::depthwise_conv_act", "CompositeExplicitAutograd")
-def _(x, weight, bias, stride, padding, dilation, activation, alpha):
+def _depthwise_conv_act_reference(x, weight, bias, stride, padding, dilation, activation, alpha):
     g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     return reference.conv_act(x, weight, bias, g, x.shape[1], "zeros", activation, alpha)
 
 
 @torch.library.impl("sepconv::pointwise_conv_act", "CompositeExplicitAutograd")
-def _(x, weight, bias, activation, alpha):
+def _pointwise_conv_act_reference(x, weight, bias, activation, alpha):
     return reference.activation(reference.pointwise_conv(x, weight, bias), activation, alpha)
+
+
+@torch.library.impl("sepconv::separable_conv_act", "CompositeExplicitAutograd")
+def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
+    hidden = _depthwise_conv_act_reference(x, weight, bias, stride, padding, dilation, activation, alpha)
+    return _pointwise_conv_act_reference(hidden, pw_weight, pw_bias, pw_activation, pw_alpha)
 
 
 def _layout(t: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:

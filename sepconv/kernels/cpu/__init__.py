@@ -196,29 +196,31 @@ def _register() -> None:
 
 # --- inference: the bias and activation in the kernels' epilogue (no gradients) --------------------------------
 
+def _op_or_kernel(op, kernel, *args, **kernel_options):
+    """The op itself where a compiled graph or a dispatch mode must see it, else the kernel without the
+    dispatcher's round trip."""
+    if torch.compiler.is_compiling() or registry.dispatch_visible():
+        return op(*args)
+    return kernel(*args, **kernel_options)
+
+
 def depthwise_conv_act(x, weight, bias, geometry, activation, alpha=1.0, channels_last=False):
     """``activation(depthwise_conv(x) + bias)`` in one pass (zero padding; the caller checked :func:`supports`).
     ``channels_last``: a one-channel input (whose layout is ambiguous) answers channels-last where it can."""
-    args = (x, weight, bias, geometry.stride, geometry.flat_padding, geometry.dilation, activation, alpha)
-    if torch.compiler.is_compiling() or registry.dispatch_visible():
-        return ops.depthwise_conv_act(*args)
-    return _depthwise_conv_act(*args, channels_last=channels_last)
+    return _op_or_kernel(ops.depthwise_conv_act, _depthwise_conv_act, x, weight, bias, geometry.stride,
+                         geometry.flat_padding, geometry.dilation, activation, alpha, channels_last=channels_last)
 
 
 def separable_conv_act(x, weight, bias, geometry, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
     """``pointwise_conv_act(depthwise_conv_act(x))`` in one kernel where it runs channels-last (zero padding)."""
-    args = (x, weight, bias, geometry.stride, geometry.flat_padding, geometry.dilation, activation, alpha, pw_weight,
-            pw_bias, pw_activation, pw_alpha)
-    if torch.compiler.is_compiling() or registry.dispatch_visible():
-        return ops.separable_conv_act(*args)
-    return _separable_conv_act(*args)
+    return _op_or_kernel(ops.separable_conv_act, _separable_conv_act, x, weight, bias, geometry.stride,
+                         geometry.flat_padding, geometry.dilation, activation, alpha, pw_weight, pw_bias,
+                         pw_activation, pw_alpha)
 
 
 def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):
     """``activation(pointwise_conv(x) + bias)``, each block of the output finished while in cache."""
-    if torch.compiler.is_compiling() or registry.dispatch_visible():
-        return ops.pointwise_conv_act(x, weight, bias, activation, alpha)
-    return _pointwise_conv_act(x, weight, bias, activation, alpha)
+    return _op_or_kernel(ops.pointwise_conv_act, _pointwise_conv_act, x, weight, bias, activation, alpha)
 
 
 _eager = ops.Gradients(_forward, _input_grad, _weight_grad)

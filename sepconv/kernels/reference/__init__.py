@@ -7,6 +7,7 @@ registry falls back to it rather than registering it, so it needs no ``available
 from __future__ import annotations
 
 import torch.nn.functional as F
+from torch import nn
 
 from ..._memo import memoised
 
@@ -58,6 +59,27 @@ def pointwise_conv(x, weight, bias):
 # The activations that fused kernels apply in their epilogue (their codes in cpu/common.h follow this order);
 # ``alpha`` is ELU's alpha and LeakyReLU's negative slope.
 ACTIVATIONS = ("none", "relu", "relu6", "elu", "silu", "hardswish", "gelu", "leaky_relu")
+
+
+def activation_of(module: nn.Module) -> tuple[str, float] | None:
+    """``(name, alpha)`` of an activation module the kernels apply in their epilogue (one of :data:`ACTIVATIONS`),
+    or None."""
+    if isinstance(module, nn.ReLU):
+        return "relu", 1.0
+    if isinstance(module, nn.ReLU6) or (isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0, 6)):
+        return "relu6", 1.0
+    if isinstance(module, nn.ELU):
+        return "elu", float(module.alpha)
+    if isinstance(module, nn.LeakyReLU):
+        return "leaky_relu", float(module.negative_slope)
+    if isinstance(module, nn.GELU) and module.approximate == "none":
+        return "gelu", 1.0
+    if isinstance(module, nn.Identity):
+        return "none", 1.0
+    for kind, name in ((nn.SiLU, "silu"), (nn.Hardswish, "hardswish")):
+        if isinstance(module, kind):
+            return name, 1.0
+    return None
 
 
 def activation(y, name: str, alpha: float = 1.0):
