@@ -12,6 +12,8 @@ padding (other modes are padded by the caller), contiguous and channels-last inp
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import platform
 import threading
@@ -23,8 +25,7 @@ from ..._memo import memoised
 from .. import ops, reference, registry
 
 NAME = "cpu"
-_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-            for name in ("depthwise.cpp", "pointwise.cpp", "norm.cpp", "memory.cpp")]
+_SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.cpp")))
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None
@@ -71,6 +72,19 @@ def _cause(error: Exception) -> str:
     compiler = [line for line in lines if ": error" in line or ": fatal error" in line]
     text = (compiler or lines or [type(error).__name__])[0]
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+@contextlib.contextmanager
+def simulated_build(build):
+    """For tests: inside the block the backend is as after a first build by ``build()`` (which returns the
+    extension or raises, as a failed compiler does); afterwards it is as before."""
+    global _module, _failure, _build
+    saved = _module, _failure, _build
+    _module, _failure, _build = None, None, build
+    try:
+        yield
+    finally:
+        _module, _failure, _build = saved
 
 
 def available() -> bool:

@@ -1,0 +1,87 @@
+"""The one way sepconv times calls: blocks of calls in interleaved rounds, the least disturbed round kept.
+
+Everything that compares speeds uses it: the kernels registry's ``auto`` choice (:func:`fastest` with the
+reference as ``baseline``), ``optimize_for_inference``'s layout choice, ``sepconv bench`` and the scripts in
+``benchmarks/`` (:func:`calibrate` and :func:`interleaved`). Interleaving matters on a shared machine: a
+burst of load from another process then hits every candidate of a round, not one candidate's whole run.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+
+__all__ = ["MARGIN", "block", "calibrate", "fastest", "interleaved"]
+
+MARGIN = 0.9  # a candidate replaces the baseline only below MARGIN x its time, so noise does not flip a tie
+WARMUP = 2  # first calls load extensions, build oneDNN primitives and grow the allocator's pools
+ROUNDS = 5
+
+
+def block(fn: Callable[[], object], number: int) -> float:
+    """Seconds for ``number`` calls of ``fn``."""
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return time.perf_counter() - start
+
+
+def calibrate(fn: Callable[[], object], block_s: float, max_calls: int = 100_000) -> int:
+    """Calls per block so that one block of ``fn`` takes about ``block_s`` seconds (the first call is a warm-up)."""
+    number, elapsed = 1, block(fn, 1)
+    while elapsed < block_s / 10 and number < max_calls:
+        number *= 10
+        elapsed = block(fn, number)
+    return max(1, round(number * block_s / max(elapsed, 1e-9)))
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, numbers: dict[str, int] | None = None, *,
+                after_round: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict[str, Exception]]:
+    """Per-call seconds of each candidate in each of ``rounds`` rounds, and the candidates that raised.
+
+    A round times one block of ``numbers[name]`` calls (1 by default) of every candidate, the starting candidate
+    moving one on each round so that none always follows the same neighbour; the garbage collector is off
+    meanwhile. A candidate that raises leaves the rounds (its exception is returned); the others go on.
+    """
+    names = list(fns)
+    numbers = numbers or dict.fromkeys(names, 1)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    errors: dict[str, Exception] = {}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for index in range(rounds):
+            shift = index % len(names) if names else 0
+            for name in names[shift:] + names[:shift]:
+                if name in errors:
+                    continue
+                try:
+                    samples[name].append(block(fns[name], numbers[name]) / numbers[name])
+                except Exception as error:  # noqa: BLE001 -- recorded, the other candidates go on
+                    errors[name] = error
+            if after_round is not None:
+                after_round()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples, errors
+
+
+def fastest(fns: dict[str, Callable[[], object]], baseline: str | None = None, *, margin: float = MARGIN,
+            rounds: int = ROUNDS, warmup: int = WARMUP) -> str:
+    """The name of the fastest of ``fns`` by its best single call over interleaved rounds (the least disturbed by
+    other processes), after ``warmup`` calls each. With a ``baseline``, another candidate wins only below
+    ``margin`` x the baseline's time; without, the plain minimum. Exceptions propagate."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples, errors = interleaved(fns, rounds)
+    if errors:
+        raise next(iter(errors.values()))
+    best = {name: min(values) for name, values in samples.items()}
+    winner = min(best, key=best.__getitem__)
+    if baseline is None or winner == baseline or best[winner] < margin * best[baseline]:
+        return winner
+    return baseline
