@@ -18,12 +18,14 @@ from collections.abc import Sequence
 
 import torch
 
-from . import kernels
+import torch.nn.functional as F
+
+from . import activations, kernels
 from ._memo import memoised
 from .geometry import (ConvGeometry, check_fits, check_padding_mode, check_positive_int, conv_geometry, resolve_padding,
                        to_tuple)
 
-__all__ = ["conv", "depthwise_conv", "pointwise_conv", "separable_conv", "spatial_separable_conv"]
+__all__ = ["batch_norm_act", "conv", "depthwise_conv", "pointwise_conv", "separable_conv", "spatial_separable_conv"]
 
 
 # --- argument checks -------------------------------------------------------------------------------
@@ -266,3 +268,39 @@ def _one_axis(whole: ConvGeometry, axis: int, spatial) -> ConvGeometry:
         return tuple(value if i == axis else rest for i, value in enumerate(values))
     return conv_geometry(spatial, only(whole.kernel_size, 1), only(whole.stride, 1), only(whole.padding, (0, 0)),
                          only(whole.dilation, 1))
+
+
+def batch_norm_act(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
+                   eps=1e-5, activation="none"):
+    """``activation(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``.
+
+    Batch norm over the channels of ``x`` ``(N, C, *spatial)`` with :func:`torch.nn.functional.batch_norm`'s
+    arguments and results, then an activation of :data:`sepconv.activations.FUSED`. With ``training`` it uses the
+    batch's statistics (``kernels.batch_norm_act``: on channels-last float32 CPU input the C++ backend makes two
+    passes over memory each way) and updates ``running_mean``/``running_var``, when given, in place.
+    """
+    _check_tensor(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (N, C, *spatial); got shape {tuple(x.shape)}")
+    activations.check(activation)
+    for name, value in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                        ("bias", bias)):
+        if value is not None:
+            _check_tensor(value, name)
+            if value.shape != (x.shape[1],):
+                raise ValueError(f"{name} must have shape ({x.shape[1]},); got shape {tuple(value.shape)}")
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var must be given when training=False")
+        return activations.apply(F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps),
+                                 activation)
+    count = x.numel() // x.shape[1]
+    if count < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    y, mean, invstd = kernels.batch_norm_act(x, weight, bias, eps, activation)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            variance = (invstd.double().pow(-2) - eps).clamp_min(0) * (count / (count - 1))  # unbiased, as PyTorch's
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(variance.to(running_var.dtype), momentum)
+    return y

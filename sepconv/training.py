@@ -6,8 +6,9 @@ import copy
 
 from torch import nn
 
-from .kernels.reference import activation_of
-from .layers.norm import ACTIVATIONS, BatchNormAct2d
+from .activations import TRAINABLE
+from .activations import of_module as activation_of
+from .layers.norm import BatchNormAct2d
 
 __all__ = ["fuse_for_training"]
 
@@ -37,7 +38,7 @@ def _fuse_sequence(sequence: nn.Sequential) -> None:
             continue
         following = sequence._modules.get(names[index + 1]) if index + 1 < len(names) else None
         activation = ("none", 1.0) if following is None else activation_of(following)
-        if activation is None or activation[0] not in ACTIVATIONS:
+        if activation is None or activation[0] not in TRAINABLE:
             continue
         sequence._modules[name] = BatchNormAct2d.from_batch_norm(norm, activation[0])
         if following is not None:

@@ -20,7 +20,7 @@ from torch import nn
 
 import sepconv
 import sepconv.functional as F
-from sepconv import kernels
+from sepconv import activations, kernels
 from sepconv.inference import FusedConv, FusedSeparable
 from sepconv.kernels import cpu, ops, reference
 
@@ -70,7 +70,7 @@ def randomise_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 @settings(max_examples=60, deadline=None)
 @given(channels=st.integers(1, 20), multiplier=st.sampled_from([1, 1, 2, 3]), kernel=st.integers(1, 7),
        stride=st.integers(1, 3), dilation=st.integers(1, 2), padding=st.sampled_from(["same", "valid", 1]),
-       activation=st.sampled_from(reference.ACTIVATIONS), channels_last=st.booleans(), bias=st.booleans(),
+       activation=st.sampled_from(activations.FUSED), channels_last=st.booleans(), bias=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float64]), size=st.integers(13, 19))
 def test_depthwise_conv_act_equals_conv_then_activation(channels, multiplier, kernel, stride, dilation, padding,
                                                         activation, channels_last, bias, dtype, size):
@@ -82,7 +82,7 @@ def test_depthwise_conv_act_equals_conv_then_activation(channels, multiplier, ke
     b = torch.randn(channels * multiplier, generator=generator, dtype=dtype) if bias else None
     geometry = F._geometry(x, (kernel, kernel), stride, padding, dilation, "zeros")
     calls = cpu.kernel_calls()
-    out = cpu.depthwise_conv_act(x, w, b, geometry, activation, 0.3)
+    out = cpu.depthwise_conv_act(x, w, b, geometry, "zeros", activation, 0.3)
     assert cpu.kernel_calls() > calls
     ref = reference.conv_act(x, w, b, geometry, channels, "zeros", activation, 0.3)
     assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
@@ -92,7 +92,7 @@ def test_depthwise_conv_act_equals_conv_then_activation(channels, multiplier, ke
 @requires_cpu_backend
 @settings(max_examples=60, deadline=None)
 @given(in_channels=st.integers(1, 70), out_channels=st.integers(1, 100), pixels=st.integers(1, 150),
-       activation=st.sampled_from(reference.ACTIVATIONS), channels_last=st.booleans(), bias=st.booleans(),
+       activation=st.sampled_from(activations.FUSED), channels_last=st.booleans(), bias=st.booleans(),
        transposed_weight=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channels, pixels, activation, channels_last,
                                                         bias, transposed_weight, dtype):
@@ -105,7 +105,7 @@ def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channel
         w = w.reshape(out_channels, in_channels).t().contiguous().t().reshape(w.shape)
     b = torch.randn(out_channels, generator=generator, dtype=dtype) if bias else None
     out = cpu.pointwise_conv_act(x, w, b, activation, 0.3)
-    ref = reference.activation(torch.nn.functional.conv2d(x, w, b), activation, 0.3)
+    ref = activations.apply(torch.nn.functional.conv2d(x, w, b), activation, 0.3)
     assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
     assert_close_scaled(out, ref, 1e-5 if dtype == torch.float32 else 1e-12)
 
@@ -114,11 +114,10 @@ def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channel
 @settings(max_examples=50, deadline=None)
 @given(channels=st.integers(4, 40), out_channels=st.integers(1, 60), kernel=st.sampled_from([1, 3, 5, 7, 9]),
        stride=st.integers(1, 2), padding=st.sampled_from(["same", "valid"]), size=st.integers(9, 30),
-       batch=st.integers(1, 3), activations=st.tuples(st.sampled_from(reference.ACTIVATIONS),
-                                                       st.sampled_from(reference.ACTIVATIONS)),
+       batch=st.integers(1, 3), acts=st.tuples(st.sampled_from(activations.FUSED), st.sampled_from(activations.FUSED)),
        bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_separable_conv_act_equals_its_two_steps(channels, out_channels, kernel, stride, padding, size, batch,
-                                                 activations, bias, dtype):
+                                                 acts, bias, dtype):
     generator = torch.Generator().manual_seed(channels * 7 + out_channels)
     x = torch.randn(batch, channels, size, size + 2, generator=generator, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -126,9 +125,9 @@ def test_separable_conv_act_equals_its_two_steps(channels, out_channels, kernel,
     pw = torch.randn(out_channels, channels, 1, 1, generator=generator, dtype=dtype)
     b, pb = (torch.randn(n, generator=generator, dtype=dtype) if bias else None for n in (channels, out_channels))
     geometry = F._geometry(x, (kernel, kernel), stride, padding, 1, "zeros")
-    out = cpu.separable_conv_act(x, w, b, geometry, activations[0], 0.3, pw, pb, activations[1], 0.2)
-    hidden = reference.conv_act(x, w, b, geometry, channels, "zeros", activations[0], 0.3)
-    ref = reference.activation(torch.nn.functional.conv2d(hidden, pw, pb), activations[1], 0.2)
+    out = cpu.separable_conv_act(x, w, b, geometry, "zeros", acts[0], 0.3, pw, pb, acts[1], 0.2)
+    hidden = reference.conv_act(x, w, b, geometry, channels, "zeros", acts[0], 0.3)
+    ref = activations.apply(torch.nn.functional.conv2d(hidden, pw, pb), acts[1], 0.2)
     assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
     assert_close_scaled(out, ref, 1e-5 if dtype == torch.float32 else 1e-12)
 
@@ -141,7 +140,7 @@ def test_wide_pointwise_layers_keep_the_epilogue(activation, columns):
     w, b = torch.randn(520, 512, 1, 1), torch.randn(520)
     weight = FusedConv("pointwise", w, None, (1, 1), 0, (1, 1), 1).weight if columns else w
     out = cpu.pointwise_conv_act(x, weight, b, activation)
-    ref = reference.activation(torch.nn.functional.conv2d(x, w, b), activation)
+    ref = activations.apply(torch.nn.functional.conv2d(x, w, b), activation)
     assert same_layout(out, ref)
     assert_close_scaled(out, ref, 1e-5)
 
@@ -154,7 +153,7 @@ def test_one_input_channel_answers_channels_last_when_asked(kernel, stride, padd
     x = torch.randn(3, 1, 11, 13)
     w, b = torch.randn(multiplier, 1, *kernel), torch.randn(multiplier)
     geometry = F._geometry(x, kernel, stride, padding, 1, "zeros")
-    out = cpu.depthwise_conv_act(x, w, b, geometry, "relu6", channels_last=True)
+    out = cpu.depthwise_conv_act(x, w, b, geometry, "zeros", "relu6", prefer_channels_last=True)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close_scaled(out, reference.conv_act(x, w, b, geometry, 1, "zeros", "relu6"), 1e-5)
 
@@ -184,12 +183,12 @@ def test_opcheck_fused_ops(index):
     if op is ops.pointwise_conv_act:
         conv = torch.nn.functional.conv1d if x.ndim == 3 else torch.nn.functional.conv2d
         ref = conv(x, weight, bias)
-        ref = reference.activation(ref, *args[3:])
+        ref = activations.apply(ref, *args[3:])
     else:
         geometry = ops.resolve(x.shape[2:], weight.shape[2:], *args[3:6])
         ref = reference.conv_act(x, weight, bias, geometry, x.shape[1], "zeros", *args[6:8])
         if op is ops.separable_conv_act:
-            ref = reference.activation(torch.nn.functional.conv2d(ref, args[8], args[9]), *args[10:])
+            ref = activations.apply(torch.nn.functional.conv2d(ref, args[8], args[9]), *args[10:])
     torch.testing.assert_close(op(*args), ref)
 
 

@@ -42,7 +42,7 @@ def test_batch_norm_act_trains_as_batch_norm_then_activation(channels, batch, si
         norm.bias.normal_(0, 0.5, generator=generator)
     reference = nn.Sequential(copy.deepcopy(norm), ACTIVATIONS[activation]())
     fused = sepconv.BatchNormAct2d.from_batch_norm(norm, activation)
-    assert cpu.covers_batch_norm_act(x, activation)
+    assert cpu.supports("batch_norm_act", x, norm.weight, norm.bias, norm.eps, activation)
     xs = [x.clone().requires_grad_() for _ in range(2)]
     grad = torch.randn(x.shape, generator=generator)
     for _ in range(2):  # twice: the running statistics after two updates
@@ -65,12 +65,12 @@ def test_batch_norm_act_trains_as_batch_norm_then_activation(channels, batch, si
 def test_other_inputs_take_pytorchs_path():
     norm = sepconv.BatchNormAct2d(4, activation="relu6")
     for x in (torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5, dtype=torch.float64)):  # NCHW, float64
-        assert not cpu.covers_batch_norm_act(x, "relu6")
+        assert not cpu.supports("batch_norm_act", x, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps, "relu6")
         reference = nn.Sequential(nn.BatchNorm2d(4).to(x.dtype), nn.ReLU6())
         torch.testing.assert_close(norm.to(x.dtype)(x), reference(x))
+    args = (torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last), norm.weight, norm.bias, 1e-5, "relu")
     with kernels.use_kernels("reference"):
-        assert not cpu.covers_batch_norm_act(torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last),
-                                             "relu")
+        assert kernels.registry.select("batch_norm_act", args) is kernels.reference.batch_norm_act
 
 
 def test_activation_errors_name_the_value():

@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional
-from ..kernels import cpu, ops, reference, registry
-from ..profiling.timing import fastest
+from .. import activations, functional, kernels
 
 KINDS = ("depthwise", "pointwise", "conv")
 
@@ -31,33 +29,20 @@ def _in_layout(y: torch.Tensor, memory_format: torch.memory_format | None) -> to
     return y.contiguous(memory_format=memory_format) if memory_format is not None and y.ndim == 4 else y
 
 
-def _kernels_usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the kernels mode allows the C++ kernels for this call and they cover it."""
-    return (registry.get_kernels() != "reference" and not registry.exporting() and cpu.supports(x, weight, bias)
-            and cpu.available())
-
-
-def _kernel_pays(choices: dict, x: torch.Tensor, kernel, unfused) -> bool:
-    """The kernels mode's choice between a fused kernel and its unfused twin: a forced mode and compiled graphs take
-    the kernel; ``auto`` times both once per input signature (the fused calls themselves, which may differ from the
-    plain convolutions the registry times) and keeps the answer in ``choices``."""
-    if registry.get_kernels() != "auto" or torch.compiler.is_compiling():
-        return True
-    signature = (tuple(x.shape), x.stride(), torch.get_num_threads())
-    if signature not in choices:
-        with torch.no_grad():
-            choices[signature] = fastest({"kernel": lambda: kernel(x), "unfused": lambda: unfused(x)}) == "kernel"
-    return choices[signature]
+def _refuse_gradients(module: nn.Module, x: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(f"{type(module).__name__} is for inference only (a model from "
+                           "sepconv.optimize_for_inference); its input must not require gradients")
 
 
 class FusedConv(nn.Module):
     """``activation(conv(x) + bias)`` as one kernel where sepconv has one, for inference only.
 
-    ``kind`` says which kernel: ``"depthwise"`` (weight ``(C * M, 1, *k)``; the C++ depthwise kernel with the
-    activation in its epilogue, where the kernels mode picks it for this call), ``"pointwise"`` (1x1, stride 1:
-    a matrix product finished block by block in cache) or ``"conv"`` (any other convolution: PyTorch's, then the
-    activation in place). Under tracing and ONNX export it is PyTorch's convolution and activation, so exported
-    graphs hold standard nodes; ``torch.compile`` records the sepconv op.
+    ``kind`` says which op of :mod:`sepconv.kernels` runs it: ``"depthwise"`` (weight ``(C * M, 1, *k)``:
+    ``depthwise_conv_act``), ``"pointwise"`` (1x1, stride 1: ``pointwise_conv_act``, the weight stored as W^T's
+    rows) or ``"conv"`` (any other convolution: PyTorch's, then the activation); the kernels registry picks the
+    backend per call, as for every op. Under tracing and ONNX export that is PyTorch's convolution and activation,
+    so exported graphs hold standard nodes; ``torch.compile`` records the sepconv op.
 
     The weights are buffers: the module has no parameters and refuses inputs that need gradients.
     """
@@ -67,8 +52,7 @@ class FusedConv(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-        if activation not in reference.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(reference.ACTIVATIONS)}; got {activation!r}")
+        activations.check(activation)
         self.kind = kind
         weight = weight.detach().clone()
         if kind == "pointwise":
@@ -80,12 +64,9 @@ class FusedConv(nn.Module):
         self.groups, self.padding_mode = groups, padding_mode
         self.activation, self.alpha = activation, float(alpha)
         self.memory_format: torch.memory_format | None = None  # the model's layout, which 4-D outputs keep
-        self._choices: dict[tuple, bool] = {}  # input signature -> whether the kernel beat the reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError(f"{type(self).__name__} is for inference only (a model from "
-                               "sepconv.optimize_for_inference); its input must not require gradients")
+        _refuse_gradients(self, x)
         unbatched = x.ndim == self.weight.ndim - 1
         if unbatched:
             x = x.unsqueeze(0)
@@ -93,25 +74,17 @@ class FusedConv(nn.Module):
         return y.squeeze(0) if unbatched else y
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        geometry = functional._geometry(x, self.kernel_size, self.stride, self.padding, self.dilation,
-                                        self.padding_mode)
-        usable = _kernels_usable(x, self.weight, self.bias)
-        if usable and self.kind == "pointwise":
-            return cpu.pointwise_conv_act(x, self.weight, self.bias, self.activation, self.alpha)
-        if usable and self.kind == "depthwise" and _kernel_pays(self._choices, x, lambda t: self._kernel(t, geometry),
-                                                                lambda t: self._reference(t, geometry)):
-            return self._kernel(x, geometry)
-        return self._reference(x, geometry)
+        if self.kind == "pointwise":
+            return kernels.pointwise_conv_act(x, self.weight, self.bias, self.activation, self.alpha)
+        if self.kind == "depthwise":
+            return kernels.depthwise_conv_act(x, self.weight, self.bias, self.geometry(x), self.padding_mode,
+                                              self.activation, self.alpha, self.memory_format == torch.channels_last)
+        return kernels.conv_act(x, self.weight, self.bias, self.geometry(x), self.groups, self.padding_mode,
+                                self.activation, self.alpha)
 
-    def _reference(self, x: torch.Tensor, geometry) -> torch.Tensor:
-        return reference.conv_act(x, self.weight, self.bias, geometry, self.groups, self.padding_mode,
-                                  self.activation, self.alpha)
-
-    def _kernel(self, x: torch.Tensor, geometry) -> torch.Tensor:
-        if self.padding_mode != "zeros" and geometry.padded:
-            x, geometry = reference.pad(x, geometry.padding, self.padding_mode), geometry.without_padding()
-        return cpu.depthwise_conv_act(x, self.weight, self.bias, geometry, self.activation, self.alpha,
-                                      channels_last=self.memory_format == torch.channels_last)
+    def geometry(self, x: torch.Tensor):
+        """The resolved geometry of this convolution on the batched input ``x``."""
+        return functional._geometry(x, self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode)
 
     def extra_repr(self) -> str:
         out_channels, in_per_group = self.weight.shape[:2]
@@ -130,10 +103,10 @@ class FusedConv(nn.Module):
 class FusedSeparable(nn.Module):
     """A depthwise :class:`FusedConv` then a pointwise one, as one kernel where that is faster.
 
-    The fused kernel computes a block of depthwise output rows into a buffer that stays in cache and feeds the
-    pointwise product from there, so the hidden tensor never goes to memory (channels-last input, depth
-    multiplier 1, zero padding). Whether it pays depends on the shapes: the first call with a new input shape
-    times both ways and keeps the faster (unless the kernels mode is forced), as the kernels mode ``auto`` does.
+    ``kernels.separable_conv_act`` computes a block of depthwise output rows into a buffer that stays in cache and
+    feeds the pointwise product from there, so the hidden tensor never goes to memory (the C++ backend: channels-last
+    input, depth multiplier 1, zero padding). Whether that pays depends on the shapes: the kernels registry times it
+    against the two steps one after the other, as for every op.
     """
 
     def __init__(self, depthwise: FusedConv, pointwise: FusedConv):
@@ -142,25 +115,12 @@ class FusedSeparable(nn.Module):
             raise ValueError(f"FusedSeparable needs a depthwise then a pointwise FusedConv; got {depthwise.kind} "
                              f"then {pointwise.kind}")
         self.depthwise, self.pointwise = depthwise, pointwise
-        self._choices: dict[tuple, bool] = {}  # input signature -> whether the fused kernel beat the two steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fusable(x) and _kernel_pays(self._choices, x, self._fused, self._unfused):
-            return _in_layout(self._fused(x), self.pointwise.memory_format)
-        return self._unfused(x)
-
-    def _unfused(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pointwise(self.depthwise(x))
-
-    def _fusable(self, x: torch.Tensor) -> bool:
-        dw = self.depthwise
-        return (_kernels_usable(x, dw.weight, dw.bias) and x.ndim == 4 and dw.padding_mode == "zeros"
-                and dw.weight.shape[0] == x.shape[1] and ops.channels_last_like(x)
-                and not (torch.is_grad_enabled() and x.requires_grad))
-
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
         dw, pw = self.depthwise, self.pointwise
-        geometry = functional._geometry(x, dw.kernel_size, dw.stride, dw.padding, dw.dilation, dw.padding_mode)
-        return cpu.separable_conv_act(x, dw.weight, dw.bias, geometry, dw.activation, dw.alpha, pw.weight, pw.bias,
-                                      pw.activation, pw.alpha)
-
+        if x.ndim != dw.weight.ndim:  # unbatched: the steps add the batch dimension
+            return pw(dw(x))
+        _refuse_gradients(self, x)
+        y = kernels.separable_conv_act(x, dw.weight, dw.bias, dw.geometry(x), dw.padding_mode, dw.activation,
+                                       dw.alpha, pw.weight, pw.bias, pw.activation, pw.alpha)
+        return _in_layout(y, pw.memory_format)

@@ -13,8 +13,8 @@ from ..layers.depthwise import _DepthwiseConvNd
 from ..layers.pointwise import _PointwiseConvNd
 from ..layers.separable import _SeparableConvNd
 from ..layers.spatial import _SpatialSeparableConvNd
-from ..profiling.timing import fastest
-from ..kernels.reference import activation_of
+from .._timer import fastest
+from ..activations import of_module as activation_of
 from ..weights import fold_batch_norm
 from .modules import FusedConv, FusedSeparable
 

@@ -1,14 +1,21 @@
-"""Compute kernels behind :mod:`sepconv.functional`: one face per op, backends behind it.
+"""Compute kernels behind :mod:`sepconv.functional` and :mod:`sepconv.inference`: one face per op, backends behind it.
 
-The functional ops check arguments and resolve the geometry once (a :class:`sepconv.geometry.ConvGeometry`),
-then call the faces here with tensors known to be valid. ``depthwise_conv`` (and ``conv`` whenever its groups
-equal the input's channels, e.g. EEGNet's one-channel temporal convolution) goes to the backend that
-:mod:`.registry` selects: the reference (:mod:`.reference`, PyTorch's own convolutions) or a registered fast
-backend (:mod:`.cpu`, C++ kernels behind the ``torch.ops.sepconv`` operators of :mod:`.ops`).
-``pointwise_conv`` and the other convolutions run on the reference.
+Callers check arguments and resolve the geometry once (a :class:`sepconv.geometry.ConvGeometry`), then call the
+faces here with tensors known to be valid. Each face asks :mod:`.registry` which implementation runs the call: the
+reference (:mod:`.reference`, PyTorch's own operations) or a registered fast backend (:mod:`.cpu`, C++ kernels
+behind the ``torch.ops.sepconv`` operators of :mod:`.ops`). The ops:
 
-Adding a backend: a subpackage with the :class:`.registry.Backend` attributes, registered below; if it has
-kernels of its own, it registers them as the device implementations of the ops in :mod:`.ops`.
+* ``depthwise_conv`` (with gradients; ``conv`` sends every convolution with one group per input channel here,
+  e.g. EEGNet's one-channel temporal convolution);
+* inference, forward only, bias and activation (:data:`sepconv.activations.FUSED`) in the epilogue:
+  ``depthwise_conv_act``, ``pointwise_conv_act`` and ``separable_conv_act`` (the two in one pass; its baseline is
+  the two faces one after the other);
+* training: ``batch_norm_act`` (batch norm with the batch's statistics, then an activation).
+
+``conv`` on anything else, ``conv_act`` and ``pointwise_conv`` run on the reference.
+
+Adding a backend: a subpackage with the :class:`.registry.Backend` attributes and a function per op it covers,
+registered below; kernels of its own register as the device implementations of the ops in :mod:`.ops`.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from __future__ import annotations
 from . import cpu, reference, registry
 from .registry import choices, clear_choices, get_kernels, register_backend, set_kernels, use_kernels
 
-__all__ = ["choices", "clear_choices", "conv", "depthwise_conv", "get_kernels", "pointwise_conv", "register_backend",
+__all__ = ["batch_norm_act", "choices", "clear_choices", "conv", "conv_act", "depthwise_conv", "depthwise_conv_act",
+           "get_kernels", "pointwise_conv", "pointwise_conv_act", "register_backend", "separable_conv_act",
            "set_kernels", "use_kernels"]
 
 registry.register_backend(cpu)
@@ -24,13 +32,17 @@ registry.register_backend(cpu)
 
 def depthwise_conv(x, weight, bias, geometry, padding_mode):
     """Depthwise convolution: ``weight`` ``(C * M, 1, *kernel_size)`` on ``x`` ``(N, C, *spatial)``."""
-    return registry.select(x, weight, bias, geometry, padding_mode).depthwise_conv(x, weight, bias, geometry,
-                                                                                   padding_mode)
+    args = (x, weight, bias, geometry, padding_mode)
+    return registry.select("depthwise_conv", args)(*args)
+
+
+def _depthwise(x, weight, groups: int) -> bool:
+    return groups == x.shape[1] and weight.shape[1] == 1
 
 
 def conv(x, weight, bias, geometry, groups, padding_mode):
     """Grouped N-d convolution; one group per input channel is a depthwise convolution."""
-    if groups == x.shape[1] and weight.shape[1] == 1:
+    if _depthwise(x, weight, groups):
         return depthwise_conv(x, weight, bias, geometry, padding_mode)
     return reference.conv(x, weight, bias, geometry, groups, padding_mode)
 
@@ -38,3 +50,42 @@ def conv(x, weight, bias, geometry, groups, padding_mode):
 def pointwise_conv(x, weight, bias):
     """1x1 convolution; ``weight`` is ``(C_out, C_in, 1, ...)``."""
     return reference.pointwise_conv(x, weight, bias)
+
+
+def depthwise_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha=1.0, prefer_channels_last=False):
+    """``activation(depthwise_conv(x) + bias)``; ``prefer_channels_last``: a one-channel input (whose layout is
+    ambiguous) answers channels-last where the backend can."""
+    args = (x, weight, bias, geometry, padding_mode, activation, alpha, prefer_channels_last)
+    return registry.select("depthwise_conv_act", args)(*args)
+
+
+def conv_act(x, weight, bias, geometry, groups, padding_mode, activation, alpha=1.0):
+    """``activation(conv(x) + bias)`` for convolutions that are neither depthwise nor pointwise."""
+    return reference.conv_act(x, weight, bias, geometry, groups, padding_mode, activation, alpha)
+
+
+def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):
+    """``activation(pointwise_conv(x) + bias)``."""
+    args = (x, weight, bias, activation, alpha)
+    return registry.select("pointwise_conv_act", args)(*args)
+
+
+def _separable_steps(x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation,
+                     pw_alpha):
+    hidden = depthwise_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha)
+    return pointwise_conv_act(hidden, pw_weight, pw_bias, pw_activation, pw_alpha)
+
+
+def separable_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation,
+                       pw_alpha):
+    """``pointwise_conv_act(depthwise_conv_act(x))`` where a backend runs the two as one kernel and that pays;
+    otherwise the two faces one after the other."""
+    args = (x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha)
+    return registry.select("separable_conv_act", args, baseline=_separable_steps)(*args)
+
+
+def batch_norm_act(x, weight, bias, eps, activation):
+    """``(activation(batch_norm(x)), mean, invstd)`` with the batch's statistics (invstd = 1 / sqrt(biased variance
+    + eps)); differentiable in ``x``, ``weight`` and ``bias``."""
+    args = (x, weight, bias, eps, activation)
+    return registry.select("batch_norm_act", args)(*args)

@@ -8,8 +8,8 @@ dims; weight ``(C * M, 1, *kernel_size)``):
 * ``depthwise_conv_input_grad(grad_out, weight, input_size, stride, padding, dilation)``;
 * ``depthwise_conv_weight_grad(x, grad_out, weight_size, stride, padding, dilation)``.
 
-Two more serve inference (:mod:`sepconv.inference`), forward only, with the bias and an activation (one of
-``reference.ACTIVATIONS``, ``alpha`` its parameter) applied in the kernel's epilogue:
+Three more serve inference (:mod:`sepconv.inference`), forward only, with the bias and an activation (one of
+:data:`sepconv.activations.FUSED`, ``alpha`` its parameter) applied in the kernel's epilogue:
 
 * ``depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha)``;
 * ``pointwise_conv_act(x, weight, bias, activation, alpha)`` (weight ``(C_out, C_in, 1, ...)``);
@@ -100,20 +100,21 @@ def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, 
 
 
 @torch.library.impl("sepconv::depthwise_conv_act", "CompositeExplicitAutograd")
-def _depthwise_conv_act_reference(x, weight, bias, stride, padding, dilation, activation, alpha):
+def _(x, weight, bias, stride, padding, dilation, activation, alpha):
     g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return reference.conv_act(x, weight, bias, g, x.shape[1], "zeros", activation, alpha)
+    return reference.depthwise_conv_act(x, weight, bias, g, "zeros", activation, alpha)
 
 
 @torch.library.impl("sepconv::pointwise_conv_act", "CompositeExplicitAutograd")
-def _pointwise_conv_act_reference(x, weight, bias, activation, alpha):
-    return reference.activation(reference.pointwise_conv(x, weight, bias), activation, alpha)
+def _(x, weight, bias, activation, alpha):
+    return reference.pointwise_conv_act(x, weight, bias, activation, alpha)
 
 
 @torch.library.impl("sepconv::separable_conv_act", "CompositeExplicitAutograd")
 def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
-    hidden = _depthwise_conv_act_reference(x, weight, bias, stride, padding, dilation, activation, alpha)
-    return _pointwise_conv_act_reference(hidden, pw_weight, pw_bias, pw_activation, pw_alpha)
+    g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    return reference.separable_conv_act(x, weight, bias, g, "zeros", activation, alpha, pw_weight, pw_bias,
+                                        pw_activation, pw_alpha)
 
 
 def _layout(t: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:

@@ -1,21 +1,25 @@
-"""Backends and the choice between them.
+"""Backends and the choice between them, per op and per call signature.
 
-A backend is a module (or any object) with the :class:`Backend` attributes. ``reference`` (PyTorch's own
-convolutions) covers everything and is the tested twin of every other backend; fast backends register
-here (:func:`register_backend`) and say per call what they cover.
+A backend is a module (or any object) with the :class:`Backend` attributes: for every op of
+:mod:`sepconv.kernels` it covers, a function of that name and the face's signature, and ``supports(op, *args)``
+saying per call whether it covers it. ``reference`` (PyTorch's own operations) covers everything and is the tested
+twin of every other backend; a composite op (``separable_conv_act``) may name its unfused steps as the baseline
+instead, each step then chosen on its own.
 
 Modes (:func:`set_kernels` / :func:`use_kernels`, else the ``SEPCONV_KERNELS`` environment variable, read
 once on first use):
 
-* ``"reference"``: always PyTorch's own convolution;
-* ``"auto"`` (the default): like ``torch.backends.cudnn.benchmark``, the first call with a new signature
-  (shapes, strides, dtype, geometry, padding mode, whether gradients are wanted, thread count) times the
-  eligible backends against the reference, interleaved, forward and backward alike when gradients are wanted,
-  and every later call with that signature takes the fastest. A fast backend must beat the reference by
-  :data:`MARGIN`, so noise does not flip a tie. Under ``torch.compile``/``torch.export`` and
-  :func:`measuring_suspended`, where nothing may be timed, calls take the first fast backend that covers them
+* ``"reference"``: always the reference;
+* ``"auto"`` (the default): like ``torch.backends.cudnn.benchmark``, the first call of an op with a new signature
+  (shapes, strides, dtypes, the other arguments, whether gradients are wanted, thread count) times the eligible
+  backends against the baseline, interleaved, forward and backward alike when gradients are wanted
+  (:func:`sepconv._timer.fastest`: a backend must beat the baseline by its margin, so noise does not flip a tie),
+  and every later call with that signature takes the winner. Under ``torch.compile``/``torch.export`` and
+  :func:`measuring_suspended`, where nothing may be timed, calls take the first backend that covers them
   (outside compiled graphs, a choice measured before);
-* a backend's name (``"cpu"``): that backend wherever it covers the call, the reference elsewhere.
+* a backend's name (``"cpu"``): that backend wherever it covers the call, the baseline elsewhere.
+
+Tracing, ONNX export, tensor subclasses and forward-mode AD always take the reference.
 """
 
 from __future__ import annotations
@@ -25,36 +29,31 @@ import math
 import os
 import sys
 import threading
-import time
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch.autograd import forward_ad
 
+from .. import _timer
 from . import reference
-
-MARGIN = 0.9  # auto picks a fast backend only when its time is below MARGIN x the reference's
-_WARMUP = 2  # first calls load the extension, build oneDNN primitives, grow the allocator's pools
-_ROUNDS = 5
 
 
 class Backend(Protocol):
-    """What a backend provides (the ``cpu`` backend is the example to follow)."""
+    """What a backend provides (the ``cpu`` backend is the example to follow), besides one function per op it
+    covers, named and called as the op's face in :mod:`sepconv.kernels`."""
 
     NAME: str
 
     def available(self) -> bool:
         """Whether it can run here at all (e.g. its extension built); may do the one-off build."""
 
-    def supports(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """Whether it covers this call (device, dtype, rank)."""
-
-    def depthwise_conv(self, x, weight, bias, geometry, padding_mode) -> torch.Tensor:
-        """The depthwise convolution of :func:`sepconv.kernels.depthwise_conv`, gradients included."""
+    def supports(self, op: str, *args) -> bool:
+        """Whether it covers this call of ``op`` (the face's arguments: device, dtype, rank, layout...)."""
 
 
 _backends: dict[str, Backend] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered when a composite op's baseline chooses its steps
 _choices: dict[tuple, str] = {}
 _mode: str | None = None  # None: not read yet
 _suspended = 0  # measuring_suspended() depth
@@ -117,16 +116,11 @@ def choices() -> dict:
 
 def _plain(t) -> bool:
     # tensor subclasses keep PyTorch's dispatch; forward-mode AD has no formula in the custom ops
-    return t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and forward_ad.unpack_dual(t).tangent is None)
-
-
-def _signature(x, weight, bias, geometry, padding_mode, wants_grad):
-    return (tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), x.dtype, bias is not None,
-            geometry, padding_mode, wants_grad, torch.get_num_threads())
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and forward_ad.unpack_dual(t).tangent is None
 
 
 def exporting() -> bool:
-    """Under ``torch.jit.trace`` or ONNX export the graph must hold standard convolutions."""
+    """Under ``torch.jit.trace`` or ONNX export the graph must hold standard operations."""
     onnx = sys.modules.get("torch.onnx")  # not imported: not exporting
     return torch.jit.is_tracing() or (onnx is not None and onnx.is_in_onnx_export())
 
@@ -136,35 +130,43 @@ def exporting() -> bool:
 _COMPILED_REFERENCE_TAPS = 9
 
 
-def select(x, weight, bias, geometry, padding_mode):
-    """The backend (module) to run this depthwise convolution on."""
+def _inductor_fuses(op: str, args: tuple) -> bool:
+    return op == "depthwise_conv" and len(args[3].kernel_size) > 1 \
+        and math.prod(args[3].kernel_size) <= _COMPILED_REFERENCE_TAPS
+
+
+def select(op: str, args: tuple, baseline: Callable | None = None) -> Callable:
+    """The implementation of ``op`` (a backend's function, the ``baseline`` or the reference's) to run on ``args``,
+    the face's arguments."""
     mode = get_kernels()
     if mode == "reference" or exporting():
-        return reference
+        return getattr(reference, op)
+    baseline = baseline or getattr(reference, op)
     compiling = torch.compiler.is_compiling()
-    if not compiling and not (_plain(x) and _plain(weight) and _plain(bias)):
-        return reference
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not compiling and not all(map(_plain, tensors)):
+        return getattr(reference, op)
     names = tuple(_backends) if mode == "auto" else (mode,)
     if mode == "auto" and not compiling:
-        wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        key = _signature(x, weight, bias, geometry, padding_mode, wants_grad)
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        key = (op, wants_grad, torch.get_num_threads(),
+               *((a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args))
         choice = _choices.get(key)
         if choice is None and not _suspended:
-            eligible = [name for name in names if _covers(_backends[name], x, weight, bias)]
             with _lock:
                 choice = _choices.get(key)
                 if choice is None:
-                    choice = _choices[key] = _measure(eligible, x, weight, bias, geometry, padding_mode, wants_grad) \
+                    eligible = [name for name in names if _covers(_backends[name], op, args)]
+                    choice = _choices[key] = _measure(op, eligible, args, baseline, wants_grad) \
                         if eligible else "reference"
         if choice is not None:
-            return _backends.get(choice, reference)
-    if compiling and mode == "auto" and math.prod(geometry.kernel_size) <= _COMPILED_REFERENCE_TAPS \
-            and len(geometry.kernel_size) > 1:
-        return reference
+            return baseline if choice == "reference" else getattr(_backends[choice], op)
+    if compiling and mode == "auto" and _inductor_fuses(op, args):
+        return baseline
     for name in names:
-        if _covers(_backends[name], x, weight, bias):
-            return _backends[name]
-    return reference
+        if _covers(_backends[name], op, args):
+            return getattr(_backends[name], op)
+    return baseline
 
 
 def dispatch_visible() -> bool:
@@ -185,42 +187,25 @@ def measuring_suspended():
         _suspended -= 1
 
 
-def _covers(backend, x, weight, bias) -> bool:
-    return backend.available() and backend.supports(x, weight, bias)
+def _covers(backend, op: str, args: tuple) -> bool:
+    return hasattr(backend, op) and backend.available() and backend.supports(op, *args)
 
 
-def _seconds(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
+def _measure(op: str, names: list[str], args: tuple, baseline: Callable, wants_grad: bool) -> str:
+    """The fastest of the baseline (named ``"reference"``) and each eligible backend on detached copies of ``args``,
+    by :func:`sepconv._timer.fastest`; forward and backward when gradients are wanted."""
+    args = tuple(a.detach().requires_grad_(a.requires_grad and wants_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+    trainable = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
 
-
-def _measure(names, x, weight, bias, geometry, padding_mode, wants_grad) -> str:
-    """Time the reference and each eligible backend on detached copies, interleaved, best of a few rounds.
-
-    The fastest round is the least disturbed by other processes; a close call stays with the reference.
-    """
-    leaves = [t.detach().requires_grad_(t.requires_grad and wants_grad) for t in (x, weight, bias) if t is not None]
-    xs, ws, bs = leaves[0], leaves[1], (leaves[2] if bias is not None else None)
-    trainable = [t for t in leaves if t.requires_grad]
-
-    def run(backend):
+    def run(function):
         def call():
-            out = backend.depthwise_conv(xs, ws, bs, geometry, padding_mode)
+            out = function(*args)
             if trainable:
-                torch.autograd.grad(out, trainable, torch.ones_like(out))
+                out = out[0] if isinstance(out, tuple) else out
+                torch.autograd.grad(out, trainable, torch.ones_like(out), allow_unused=True)
         return call
 
-    paths = {"reference": run(reference), **{name: run(_backends[name]) for name in names}}
+    paths = {"reference": run(baseline), **{name: run(getattr(_backends[name], op)) for name in names}}
     with torch.enable_grad() if wants_grad else torch.no_grad():
-        for _ in range(_WARMUP):
-            for call in paths.values():
-                call()
-        best = dict.fromkeys(paths, float("inf"))
-        order = list(paths)
-        for _ in range(_ROUNDS):
-            for name in order:
-                best[name] = min(best[name], _seconds(paths[name]))
-            order.reverse()
-    fastest = min(names, key=best.__getitem__)
-    return fastest if best[fastest] < MARGIN * best["reference"] else "reference"
+        return _timer.fastest(paths, baseline="reference")

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 
 import numpy as np
 
 import torch
 from torch import nn
 
+from ..activations import LAYER_FACTORIES
 from ..geometry import check_padding_mode, normalize_padding, to_tuple
 
 INITS = ("torch", "keras")
 
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU, "relu6": nn.ReLU6, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU,
-    "swish": nn.SiLU, "hardswish": nn.Hardswish, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-}
 _NORMS = {"batch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}}
 
 
@@ -99,10 +94,10 @@ def make_activation(activation) -> nn.Module | None:
     if activation is None or isinstance(activation, nn.Module):
         return activation
     if isinstance(activation, str):
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be None, one of {tuple(_ACTIVATIONS)}, an nn.Module or a factory; "
+        if activation not in LAYER_FACTORIES:
+            raise ValueError(f"activation must be None, one of {tuple(LAYER_FACTORIES)}, an nn.Module or a factory; "
                              f"got {activation!r}")
-        return _ACTIVATIONS[activation]()
+        return LAYER_FACTORIES[activation]()
     if callable(activation):  # a factory such as nn.ReLU; a function such as torch.relu is not one
         return _built(activation, "activation", "an nn.Module or a factory called with no arguments")
     raise TypeError(f"activation must be None, a str, an nn.Module or a factory; got {activation!r}")

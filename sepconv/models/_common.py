@@ -184,6 +184,12 @@ class MaxPool2dSame(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding='same'"
 
 
+def pooled_head(channels: int, num_classes: int, init: str) -> nn.Sequential:
+    """Global average pooling, flatten, then the classifier layer: the head of the staged models."""
+    return nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
+                                     classifier=Dense(channels, num_classes, init=init)))
+
+
 class Classifier(nn.Module):
     """Base of the reference models: ``features`` then ``head``, after a check of the input's shape.
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..layers import Conv2d, DepthwiseConv2d, PointwiseConv2d
-from ._common import Classifier, ConvNormAct, Dense, check_staged
+from ._common import Classifier, ConvNormAct, check_staged, pooled_head
 from ._registry import register_model
 
 EXPANSION = 4  # the inverted bottleneck's hidden width, in multiples of the block's width
@@ -73,7 +73,6 @@ class ConvNeXtK7(Classifier):
                 layers.append(ConvNormAct(Conv2d(widths[stage - 1], channels, 2, 2, init=init),
                                           nn.BatchNorm2d(channels)))
             layers += [ConvNeXtBlock(channels, kernel_size, separable=separable, init=init) for _ in range(depth)]
-        head = nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
-                                         classifier=Dense(widths[-1], num_classes, init=init)))
-        super().__init__(nn.Sequential(*layers), head, (in_channels, height, width), (minimum, minimum))
+        super().__init__(nn.Sequential(*layers), pooled_head(widths[-1], num_classes, init),
+                         (in_channels, height, width), (minimum, minimum))
         self.widths, self.depths, self.kernel_size, self.separable = widths, depths, kernel_size, separable

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..layers import Conv2d, DepthwiseConv2d, PointwiseConv2d
-from ._common import Classifier, ConvNormAct, Dense, check_staged
+from ._common import Classifier, ConvNormAct, check_staged, pooled_head
 from ._registry import register_model
 
 
@@ -53,16 +53,10 @@ class RepLKNetK31(Classifier):
     Deliberate differences from the paper: no small-kernel re-parameterised branch, ConvFFN or stochastic
     depth; small default widths and depths.
 
-    Args:
-        num_classes: classifier outputs.
-        in_channels: channels of the input image.
-        input_size: nominal resolution, int or ``(H, W)``; any input of at least ``4 * 2**(stages - 1)`` is
-            accepted.
-        widths, depths: channels and blocks per stage.
-        kernel_size: the large depthwise kernel (31 in the paper).
-        separable: ``False`` makes every depthwise convolution (stem, transitions, blocks) a standard one of the
-            same kernel, stride and width.
-        init: ``"torch"`` (PyTorch's default initialisation) or ``"keras"``.
+    Args: as :class:`~sepconv.models.convnext_k7.ConvNeXtK7`'s (``num_classes``, ``in_channels``, ``input_size``,
+    ``widths``, ``depths``, ``init``), except ``kernel_size``, the large depthwise kernel (31 in the paper), and
+    ``separable``: ``False`` makes every depthwise convolution (stem, transitions, blocks) a standard one of the
+    same kernel, stride and width.
 
     Examples:
         >>> import torch
@@ -84,7 +78,6 @@ class RepLKNetK31(Classifier):
                 layers += [_conv_bn_relu(PointwiseConv2d(widths[stage - 1], channels, bias=False, init=init), channels),
                            _conv_bn_relu(_spatial(channels, 3, 2, separable, init), channels)]
             layers += [RepLKBlock(channels, kernel_size, separable=separable, init=init) for _ in range(depth)]
-        head = nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
-                                         classifier=Dense(widths[-1], num_classes, init=init)))
-        super().__init__(nn.Sequential(*layers), head, (in_channels, height, width), (minimum, minimum))
+        super().__init__(nn.Sequential(*layers), pooled_head(widths[-1], num_classes, init),
+                         (in_channels, height, width), (minimum, minimum))
         self.widths, self.depths, self.kernel_size, self.separable = widths, depths, kernel_size, separable

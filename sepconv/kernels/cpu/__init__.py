@@ -1,13 +1,15 @@
-"""The C++ CPU backend: depthwise convolution kernels compiled on the user's machine.
+"""The C++ CPU backend: depthwise, pointwise, fused separable and batch-norm kernels compiled on the user's machine.
 
-``depthwise.cpp`` is built on first use by :func:`torch.utils.cpp_extension.load` (ninja, ``-O3`` for the host's
-instruction set, cached in PyTorch's extensions directory, so later processes load it in well under a second)
-and registered as the CPU implementation of the ``torch.ops.sepconv`` depthwise ops (:mod:`..ops`). Its
-threads are PyTorch's own (``at::parallel_for``). Where the build fails (no compiler, no ninja), sepconv warns
-once, naming the cause and the fix, and every call takes the reference.
+The sources of this folder are built on first use by :func:`torch.utils.cpp_extension.load` (ninja, ``-O3`` for the
+host's instruction set, cached in PyTorch's extensions directory, so later processes load it in well under a
+second) and registered as the CPU implementation of the ``torch.ops.sepconv`` ops (:mod:`..ops`). Its threads are
+PyTorch's own (``at::parallel_for``). Where the build fails (no compiler, no ninja), sepconv warns once, naming the
+cause and the fix, and every call takes the reference.
 
-Covered: 1-D and 2-D, float32 and float64, any kernel size, stride, dilation and depth multiplier, zero
-padding (other modes are padded by the caller), contiguous and channels-last inputs on CPU.
+Covered (:func:`supports`): 1-D and 2-D depthwise convolutions, float32 and float64, any kernel size, stride,
+dilation and depth multiplier, any padding mode (others than zeros padded first), contiguous and channels-last
+inputs on CPU, with gradients; the fused inference ops without gradients; ``batch_norm_act`` on channels-last
+float32.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import warnings
 import torch
 
 from ..._memo import memoised
+from ... import activations
 from .. import ops, reference, registry
 
 NAME = "cpu"
@@ -106,22 +109,50 @@ def kernel_calls() -> int:
     return load().kernel_calls() if available() else 0
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the kernels cover this call: 1-D or 2-D, float32/float64 on the CPU (any geometry)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.ndim in (3, 4)
-            and weight.dtype == x.dtype and weight.device.type == "cpu"
-            and (bias is None or (bias.dtype == x.dtype and bias.device.type == "cpu")))
+def _covered(*tensors) -> bool:
+    first = tensors[0]
+    return all(t is None or (t.device.type == "cpu" and t.dtype == first.dtype) for t in tensors) \
+        and first.dtype in (torch.float32, torch.float64)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def supports(op: str, *args) -> bool:
+    """Whether the kernels cover this call of ``op`` (the face's arguments)."""
+    x, weight, bias = args[:3]
+    if op == "batch_norm_act":
+        return (args[4] in activations.TRAINABLE and weight is not None and bias is not None and x.ndim == 4
+                and x.dtype == torch.float32 and _covered(x, weight, bias) and x.shape[1] > 1 and x.numel() > x.shape[1]
+                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling())
+    if not (x.ndim in (3, 4) and _covered(x, weight, bias)):
+        return False
+    if op == "depthwise_conv":
+        return True
+    if op in ("depthwise_conv_act", "pointwise_conv_act"):
+        return not _wants_grad(x, weight, bias)  # forward-only kernels
+    if op == "separable_conv_act":
+        pw_weight, pw_bias = args[7:9]
+        return (x.ndim == 4 and weight.shape[0] == x.shape[1] and args[4] == "zeros" and ops.channels_last_like(x)
+                and _covered(x, pw_weight, pw_bias) and not _wants_grad(x, weight, bias, pw_weight, pw_bias))
+    return False
+
+
+def _zero_padded(x, geometry, padding_mode):
+    """The kernels pad with zeros: other padding modes are applied first."""
+    if padding_mode != "zeros" and geometry.padded:
+        return reference.pad(x, geometry.padding, padding_mode), geometry.without_padding()
+    return x, geometry
 
 
 def depthwise_conv(x, weight, bias, geometry, padding_mode):
-    """The depthwise convolution on the kernels; other padding modes pad first."""
-    if padding_mode != "zeros" and geometry.padded:
-        x, geometry = reference.pad(x, geometry.padding, padding_mode), geometry.without_padding()
+    """The depthwise convolution on the kernels, with gradients."""
+    x, geometry = _zero_padded(x, geometry, padding_mode)
     args = (x, weight, bias, geometry.stride, geometry.flat_padding, geometry.dilation)
     if torch.compiler.is_compiling() or registry.dispatch_visible():
         return ops.depthwise_conv(*args)  # the op itself: one node in compiled graphs, seen by dispatch modes
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)) \
-            or not (_has_storage(x) and _has_storage(weight)):
+    if _wants_grad(x, weight, bias) or not (_has_storage(x) and _has_storage(weight)):
         # the kernels with their gradients, without the dispatcher's round trips; functorch's wrappers (which
         # have no storage of their own) go this way too, since the Functions are what its transforms accept
         return _eager.conv.apply(*args)
@@ -182,20 +213,20 @@ def _weight_grad(x, grad_out, weight_size, stride, padding, dilation):
 
 def _depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha, channels_last=False):
     args = _kernel_args(x.shape[2:], weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
-    code = reference.ACTIVATIONS.index(activation)
+    code = activations.code(activation)
     return _back(_module.forward(_planes(x), _planes(weight), bias, args, code, alpha, channels_last and x.ndim == 4),
                  x)
 
 
 def _pointwise_conv_act(x, weight, bias, activation, alpha):
-    code = reference.ACTIVATIONS.index(activation)
+    code = activations.code(activation)
     return _back(_module.pointwise(_planes(x), _planes(weight), bias, code, alpha), x)
 
 
 def _separable_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias,
                         pw_activation, pw_alpha):
     args = _kernel_args(x.shape[2:], weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
-    codes = reference.ACTIVATIONS.index(activation), reference.ACTIVATIONS.index(pw_activation)
+    codes = activations.code(activation), activations.code(pw_activation)
     out = _module.separable(_planes(x), _planes(weight), bias, args, codes[0], alpha, _planes(pw_weight), pw_bias,
                             codes[1], pw_alpha)
     return _back(out, x)
@@ -218,22 +249,21 @@ def _op_or_kernel(op, kernel, *args, **kernel_options):
     return kernel(*args, **kernel_options)
 
 
-def depthwise_conv_act(x, weight, bias, geometry, activation, alpha=1.0, channels_last=False):
-    """``activation(depthwise_conv(x) + bias)`` in one pass (zero padding; the caller checked :func:`supports`).
-    ``channels_last``: a one-channel input (whose layout is ambiguous) answers channels-last where it can."""
+def depthwise_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha=1.0, prefer_channels_last=False):
+    x, geometry = _zero_padded(x, geometry, padding_mode)
     return _op_or_kernel(ops.depthwise_conv_act, _depthwise_conv_act, x, weight, bias, geometry.stride,
-                         geometry.flat_padding, geometry.dilation, activation, alpha, channels_last=channels_last)
+                         geometry.flat_padding, geometry.dilation, activation, alpha,
+                         channels_last=prefer_channels_last)
 
 
-def separable_conv_act(x, weight, bias, geometry, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
-    """``pointwise_conv_act(depthwise_conv_act(x))`` in one kernel where it runs channels-last (zero padding)."""
+def separable_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation,
+                       pw_alpha):
     return _op_or_kernel(ops.separable_conv_act, _separable_conv_act, x, weight, bias, geometry.stride,
                          geometry.flat_padding, geometry.dilation, activation, alpha, pw_weight, pw_bias,
                          pw_activation, pw_alpha)
 
 
 def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):
-    """``activation(pointwise_conv(x) + bias)``, each block of the output finished while in cache."""
     return _op_or_kernel(ops.pointwise_conv_act, _pointwise_conv_act, x, weight, bias, activation, alpha)
 
 
@@ -241,16 +271,6 @@ _eager = ops.Gradients(_forward, _input_grad, _weight_grad)
 
 
 # --- training: batch norm with the batch's statistics and the activation after it ------------------------------
-
-TRAINING_ACTIVATIONS = ("none", "relu", "relu6")  # those whose derivative the backward recomputes from x
-
-
-def covers_batch_norm_act(x: torch.Tensor, activation: str) -> bool:
-    """Whether :func:`batch_norm_act` runs on the kernels: channels-last 4-D float32 on the CPU, built."""
-    return (activation in TRAINING_ACTIVATIONS and x.ndim == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 and available()
-            and not torch.compiler.is_compiling() and registry.get_kernels() != "reference")
-
 
 class _BatchNormAct(torch.autograd.Function):
     @staticmethod
@@ -270,7 +290,5 @@ class _BatchNormAct(torch.autograd.Function):
 
 
 def batch_norm_act(x, weight, bias, eps: float, activation: str):
-    """``activation(batch_norm(x))`` with the batch's statistics, forward and backward each in two passes over
-    memory; returns ``(y, mean, invstd)`` (invstd = 1 / sqrt(biased variance + eps)). The caller checked
-    :func:`covers_batch_norm_act`."""
-    return _BatchNormAct.apply(x, weight, bias, eps, TRAINING_ACTIVATIONS.index(activation))
+    """Forward and backward each in two passes over memory (see norm.cpp)."""
+    return _BatchNormAct.apply(x, weight, bias, eps, activations.code(activation))

@@ -1,14 +1,16 @@
 """The reference backend: PyTorch's own convolutions, with padding applied the cheapest correct way.
 
 It covers everything (any rank, dtype, device, padding mode) and is the tested twin of every fast backend; the
-registry falls back to it rather than registering it, so it needs no ``available``/``supports``.
+registry falls back to it rather than registering it, so it needs no ``available``/``supports``. It implements every
+op of :mod:`sepconv.kernels` under the face's name and signature.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ... import activations
 from ..._memo import memoised
 
 NAME = "reference"
@@ -38,9 +40,8 @@ def pad(x, padding, padding_mode: str):
 
 def conv(x, weight, bias, geometry, groups, padding_mode):
     """Grouped N-d convolution of the resolved :class:`~sepconv.geometry.ConvGeometry`."""
-    # PyTorch's CPU 1-D grouped convolution is far slower with padding inside it than after an explicit
-    # F.pad (measured here, 16x16x512 depthwise: k15 forward 2.24 ms vs 0.24 ms, forward+backward
-    # 4.18 ms vs 2.07 ms); at k3 the two are close and inside wins forward+backward.
+    # PyTorch's CPU 1-D grouped convolution with a kernel wider than 3 runs several times faster on an explicitly
+    # padded input than with the padding inside it
     pad_explicitly = weight.ndim == 3 and groups > 1 and weight.shape[-1] > 3
     conv_padding, amounts = _padding_plan(geometry.padding, padding_mode, pad_explicitly)
     if amounts is not None:
@@ -56,43 +57,27 @@ def pointwise_conv(x, weight, bias):
     return _CONV[weight.ndim - 2](x, weight, bias)
 
 
-# The activations that fused kernels apply in their epilogue (their codes in cpu/common.h follow this order);
-# ``alpha`` is ELU's alpha and LeakyReLU's negative slope.
-ACTIVATIONS = ("none", "relu", "relu6", "elu", "silu", "hardswish", "gelu", "leaky_relu")
-
-
-def activation_of(module: nn.Module) -> tuple[str, float] | None:
-    """``(name, alpha)`` of an activation module the kernels apply in their epilogue (one of :data:`ACTIVATIONS`),
-    or None."""
-    if isinstance(module, nn.ReLU):
-        return "relu", 1.0
-    if isinstance(module, nn.ReLU6) or (isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0, 6)):
-        return "relu6", 1.0
-    if isinstance(module, nn.ELU):
-        return "elu", float(module.alpha)
-    if isinstance(module, nn.LeakyReLU):
-        return "leaky_relu", float(module.negative_slope)
-    if isinstance(module, nn.GELU) and module.approximate == "none":
-        return "gelu", 1.0
-    if isinstance(module, nn.Identity):
-        return "none", 1.0
-    for kind, name in ((nn.SiLU, "silu"), (nn.Hardswish, "hardswish")):
-        if isinstance(module, kind):
-            return name, 1.0
-    return None
-
-
-def activation(y, name: str, alpha: float = 1.0):
-    """``y`` through the activation ``name`` (one of :data:`ACTIVATIONS`), as PyTorch computes it."""
-    if name == "none":
-        return y
-    if name == "elu":
-        return F.elu(y, alpha)
-    if name == "leaky_relu":
-        return F.leaky_relu(y, alpha)
-    return {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu}[name](y)
-
-
-def conv_act(x, weight, bias, geometry, groups, padding_mode, name: str, alpha: float = 1.0):
+def conv_act(x, weight, bias, geometry, groups, padding_mode, activation: str, alpha: float = 1.0):
     """A convolution, then its bias and activation: the unfused twin of the fused kernels."""
-    return activation(conv(x, weight, bias, geometry, groups, padding_mode), name, alpha)
+    return activations.apply(conv(x, weight, bias, geometry, groups, padding_mode), activation, alpha)
+
+
+def depthwise_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha=1.0, prefer_channels_last=False):
+    return conv_act(x, weight, bias, geometry, x.shape[1], padding_mode, activation, alpha)
+
+
+def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):
+    return activations.apply(pointwise_conv(x, weight, bias), activation, alpha)
+
+
+def separable_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation,
+                       pw_alpha):
+    hidden = depthwise_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha)
+    return pointwise_conv_act(hidden, pw_weight, pw_bias, pw_activation, pw_alpha)
+
+
+def batch_norm_act(x, weight, bias, eps: float, activation: str):
+    """``(activation(batch_norm(x)), mean, invstd)`` with the batch's statistics (invstd: 1 / sqrt(biased variance +
+    eps)), differentiable in ``x``, ``weight`` and ``bias`` through PyTorch's own batch norm."""
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    return activations.apply(y, activation), mean, invstd
