@@ -12,7 +12,6 @@ eager output) is recorded with a one-line reason and the others go on.
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import tempfile
 import time
@@ -24,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from .. import _timer, kernels
 from .._extras import MissingExtra, require
 from ..profiling import profile
-from ..profiling.timing import Machine, fastest, median_and_iqr
+from ..profiling.timing import Machine, median_and_iqr
 from .suite import Case
 
 __all__ = ["CANDIDATES", "COMPILED", "INFERENCE_ONLY", "TRAINING_ONLY", "CandidateFailed", "RowResult", "Timing",
@@ -200,7 +199,8 @@ def build_candidate(name: str, model: nn.Module, x: torch.Tensor, *, train: bool
             model = fuse_for_training(model)
         layouts = {layout: build_candidate(f"_sepconv_{layout}", copy.deepcopy(model), x, train=train, threads=threads,
                                            labels=labels) for layout in ("nchw", "cl")}
-        return layouts[fastest(layouts)]
+        # A call of the large rows takes seconds: one warm-up and three rounds tell two layouts apart.
+        return layouts[_timer.fastest(layouts, rounds=3, warmup=1)]
     mode = "reference" if name in ("eager_nchw", "eager_cl", "compile") else "auto"
     if name in ("eager_cl", "_sepconv_cl"):
         model, x = _model_channels_last(model), channels_last(x)
@@ -245,49 +245,16 @@ def _max_error(output, reference: torch.Tensor) -> float:
 
 # --- timing -----------------------------------------------------------------------------------------
 
-def _block(fn: Callable[[], object], number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return time.perf_counter() - start
-
-
-def _calibrate(fn: Callable[[], object], block_s: float) -> int:
-    """Calls per block so that one block takes about ``block_s`` (after the warm-up call)."""
-    number, elapsed = 1, _block(fn, 1)
-    while elapsed < block_s / 10 and number < 100_000:
-        number *= 10
-        elapsed = _block(fn, number)
-    return max(1, round(number * block_s / max(elapsed, 1e-9)))
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], timings: dict[str, Timing], rounds: int,
-                     advance: Callable[[], None] = lambda: None) -> None:
-    """``rounds`` rounds over ``fns``; each round times one block of calls per candidate, the starting
-    candidate moving one on each round. Fills ``timings`` (calls per block already set); a candidate that
-    raises is marked failed and leaves the rounds."""
-    names = list(fns)
-    samples = {name: [] for name in names}
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for index in range(rounds):
-            shift = index % len(names) if names else 0
-            for name in names[shift:] + names[:shift]:
-                if timings[name].error is not None:
-                    continue
-                try:
-                    samples[name].append(_block(fns[name], timings[name].calls_per_block)
-                                         / timings[name].calls_per_block)
-                except Exception as error:  # noqa: BLE001 -- recorded, the other candidates go on
-                    timings[name].error = one_line(error)
-            advance()
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+def _time_rounds(fns: dict[str, Callable[[], object]], timings: dict[str, Timing], rounds: int,
+                 advance: Callable[[], None]) -> None:
+    """Fill ``timings`` (calls per block already set) from ``rounds`` interleaved rounds of ``fns``; a candidate
+    that raises is marked failed and leaves the rounds."""
+    numbers = {name: timings[name].calls_per_block for name in fns}
+    samples, errors = _timer.interleaved(fns, rounds, numbers, after_round=advance)
+    for name, error in errors.items():
+        timings[name].error = one_line(error)
     for name, values in samples.items():
-        if values and timings[name].error is None:
+        if values and name not in errors:
             timings[name].median_s, timings[name].iqr_s = median_and_iqr(values)
             timings[name].rounds = len(values)
 
@@ -347,16 +314,12 @@ def run_case(case: Case, candidates: list[str], *, train: bool, threads: int, ro
                 if not error <= AGREEMENT:  # nan too
                     raise CandidateFailed(f"output differs from eager_nchw's by {error:.2g} of its largest value")
                 timing.max_error = error
-            timing.calls_per_block = _calibrate(fn, block_s)
+            timing.calls_per_block = _timer.calibrate(fn, block_s)
         except Exception as error:  # noqa: BLE001 -- recorded, the other candidates go on
             timing.error = one_line(error)
             continue
         fns[name] = fn
-    if fns:
-        time_interleaved(fns, result.timings, rounds, advance)
-    else:
-        for _ in range(rounds):
-            advance()
+    _time_rounds(fns, result.timings, rounds, advance)  # with no candidate left, the rounds still advance the bar
     return result
 
 
