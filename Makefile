@@ -29,8 +29,10 @@ run: $(VENV)/.installed-run
 test: $(VENV)/.installed-test
 	KERAS_BACKEND=torch $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# make bench - `sepconv bench --suite $(ARGS)`: the depthwise layer suite; ARGS="separable" the separable one, ARGS
+#              adds options (ARGS="--quick --train"); other suites: make run ARGS="bench --models ..."
 bench: $(VENV)/.installed-run
-	$(BIN)/python benchmarks/bench_ops.py $(ARGS)
+	$(BIN)/sepconv bench --suite $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

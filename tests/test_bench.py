@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import sepconv
-from sepconv import cli
-from sepconv.benchmark import RowResult, Timing, depthwise_suite, layer_cases, model_cases, runner, select
+from sepconv import cli, kernels
+from sepconv.benchmark import Case, RowResult, Timing, depthwise_suite, layer_cases, model_cases, runner, select
 
 ORT = "onnxruntime"
 
@@ -109,6 +109,55 @@ def test_layer_suite_row(capsys):
     assert stdout.splitlines()[3].split()[0] == "dw.mnv2.l.b1"
 
 
+def test_separable_suite_row_with_the_per_layout_and_forced_cpu_candidates(capsys):
+    code, stdout, stderr = run(["bench", "--suite", "separable", "--filter", "tiny", "--quick", "--rounds", "1",
+                                "--candidates", "eager_nchw,sepconv_nchw,sepconv_cl,cpu_nchw,cpu_cl"], capsys)
+    assert code == 0, stderr
+    assert "separable layer suite" in stdout
+    rows = table_rows(stdout)
+    assert list(rows) == ["eager_nchw", "sepconv_nchw", "sepconv_cl", "cpu_nchw", "cpu_cl"]
+    assert all(cells[0] == "sep.tiny.b1" and cells[2] != "failed" for cells in rows.values()), stdout
+
+
+class Recorder(nn.Module):
+    """A 1x1 convolution that records, for each call, the kernels mode, whether its input is channels_last, and
+    the input itself."""
+
+    calls: list = []  # a class attribute: every candidate's deep copy appends here
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        layout = "cl" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "nchw"
+        Recorder.calls.append((kernels.get_kernels(), layout, x))
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_candidates_run_in_their_mode_and_layout_and_layer_rows_train_with_the_input_gradient(input_grad,
+                                                                                                  monkeypatch):
+    monkeypatch.setattr(Recorder, "calls", [])
+    candidates = ["eager_nchw", "eager_cl", "sepconv_nchw", "sepconv_cl", "cpu_nchw", "cpu_cl"]
+    result = runner.run_case(Case("recorder", Recorder, (1, 2, 4, 4), input_grad=input_grad), candidates,
+                             train=True, threads=1, rounds=1, block_s=1e-4, machine=None)
+    assert all(timing.ok for timing in result.timings.values()), result.timings
+    seen = {(mode, layout) for mode, layout, _ in Recorder.calls}
+    assert seen == {("reference", "nchw"), ("reference", "cl"), ("auto", "nchw"), ("auto", "cl"), ("cpu", "nchw"),
+                    ("cpu", "cl")}
+    assert all(x.requires_grad == input_grad for _, _, x in Recorder.calls)
+    step_inputs = {id(x): x for _, _, x in Recorder.calls[1:]}.values()  # the first call only looks at the output
+    assert len(step_inputs) == len(candidates)  # one leaf each, in its own layout
+    assert all(x.is_leaf and (x.grad is not None) == input_grad for x in step_inputs)
+
+
+def test_the_per_layout_and_forced_cpu_candidates_are_on_request_only():
+    for train in (False, True):
+        assert not set(runner.default_candidates(train)) & runner.ON_REQUEST
+    assert runner.ON_REQUEST <= set(runner.CANDIDATES)
+
+
 def test_model_suite_row(capsys):
     code, stdout, stderr = run(["bench", "--models", "--filter", "eegnet", "--quick", "--rounds", "1",
                                 "--candidates", "eager_nchw"], capsys)
@@ -145,6 +194,8 @@ def test_ctrl_c_keeps_the_finished_rows(tmp_path, capsys, monkeypatch):
     (["bench", "--models", "--input", "2x1x8x8"], "--input is MODEL's input"),
     (["bench", TINY, "--filter", "mnv1"], "--filter selects rows of --suite or --models"),
     (["bench", "--suite", "--filter", "nothing*"], "--filter 'nothing*' selects no row"),
+    (["bench", "--suite", "pointwise"], "--suite 'pointwise': unknown suite; choose from depthwise, separable"),
+    (["bench", "--suite", "separable", "--filter", "mnv9"], "--filter 'mnv9' selects no row"),
     (["bench", "resnet50"], "MODEL 'resnet50': unknown model name"),
     (["bench", "digits_cnn", "--input", "2x3x8x8"], "MODEL 'digits_cnn' cannot run on --input 2x3x8x8: DigitsCNN "
                                                     "needs input of shape (N, 1, H, W)"),
@@ -187,6 +238,10 @@ def test_suites():
     shapes = depthwise_suite([1, 32])
     assert len(shapes) == 24 and {s.n for s in shapes if s.name == "replknet.k31"} == {1, 8}
     assert [case.name for case in select(layer_cases((1,)), "k31")] == ["dw.replknet.k31.b1"]
+    separable = [case.name for case in layer_cases((1, 32), "separable")]
+    assert len(separable) == 28 and {"sep.mnv1.1.b1", "sep.mnv1.9.b32", "sep.vol3d.b1", "sep.tiny.b1"} <= set(separable)
+    assert all(case.input_grad for case in layer_cases((1,), "separable") + layer_cases((1,)))
+    assert not any(case.input_grad for case in model_cases(quick=True))
     names = [case.name for case in model_cases()]
     for model in ("mobilenet_v1_100", "mobilenet_v1_050", "mobilenet_v2", "xception", "vgg_cifar",
                   "vgg_cifar_standard", "convnext_k7", "replknet_k31"):
@@ -204,6 +259,14 @@ def test_every_model_row_builds_for_its_input(case):
     model._check_input(torch.empty(case.input_shape, device="meta"))
     if case.name.startswith("vgg_cifar_standard"):
         assert not model.separable
+
+
+@pytest.mark.parametrize("case", layer_cases((1,), "separable"), ids=lambda case: case.name)
+def test_every_separable_row_builds_for_its_input(case):
+    with torch.device("meta"):
+        layer = case.build()
+        output = layer(torch.empty(case.input_shape))
+    assert output.shape[:2] == (1, layer.out_channels)
 
 
 def test_channels_last_keeps_values_for_every_rank():

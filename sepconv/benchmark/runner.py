@@ -12,7 +12,6 @@ eager output) is recorded with a one-line reason and the others go on.
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import tempfile
 import time
@@ -24,20 +23,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from .. import _timer, kernels
 from .._extras import MissingExtra, require
 from ..profiling import profile
-from ..profiling.timing import Machine, fastest, median_and_iqr
+from ..profiling.timing import Machine, median_and_iqr
 from .suite import Case
 
-__all__ = ["CANDIDATES", "COMPILED", "INFERENCE_ONLY", "TRAINING_ONLY", "CandidateFailed", "RowResult", "Timing",
-           "run", "default_candidates", "onnxruntime_available"]
+__all__ = ["CANDIDATES", "COMPILED", "INFERENCE_ONLY", "ON_REQUEST", "TRAINING_ONLY", "WAYS", "CandidateFailed",
+           "RowResult", "Timing", "Way", "run", "default_candidates", "onnxruntime_available"]
 
-CANDIDATES = ("eager_nchw", "eager_cl", "compile", "sepconv", "sepconv_compile", "fused", "optimized",
-              "optimized_compile", "onnxruntime")
-COMPILED = frozenset({"compile", "sepconv_compile", "optimized_compile"})
+
+@dataclass(frozen=True)
+class Way:
+    """How a candidate runs the model (every candidate but onnxruntime is one)."""
+
+    mode: str = "auto"  # the sepconv.kernels mode of its calls
+    layout: str = "nchw"  # of model and input: "nchw", "cl", or "faster" (whichever a few calls find faster)
+    compiled: bool = False  # torch.compile of the (prepared) model
+    prepare: str | None = None  # "fused" (sepconv.fuse_for_training) or "optimized" (optimize_for_inference)
+
+
+WAYS = {"eager_nchw": Way("reference"), "eager_cl": Way("reference", "cl"), "compile": Way("reference", compiled=True),
+        "sepconv": Way(layout="faster"), "sepconv_nchw": Way(), "sepconv_cl": Way(layout="cl"),
+        "cpu_nchw": Way("cpu"), "cpu_cl": Way("cpu", "cl"), "sepconv_compile": Way(compiled=True),
+        "fused": Way(layout="faster", prepare="fused"), "optimized": Way(prepare="optimized"),
+        "optimized_compile": Way(compiled=True, prepare="optimized")}
+CANDIDATES = (*WAYS, "onnxruntime")
+COMPILED = frozenset(name for name, way in WAYS.items() if way.compiled)
 INFERENCE_ONLY = frozenset({"optimized", "optimized_compile", "onnxruntime"})
 TRAINING_ONLY = frozenset({"fused"})  # sepconv.fuse_for_training; inference has optimized
+# One layout of sepconv's kernels, or its C++ backend forced: for kernel work, so only named with --candidates.
+ON_REQUEST = frozenset({"sepconv_nchw", "sepconv_cl", "cpu_nchw", "cpu_cl"})
 EAGER = ("eager_nchw", "eager_cl")  # "vs eager" compares with the faster of these
 # A candidate's output may differ from PyTorch's eager NCHW output by this much, relative to its largest value
 # (other kernels sum in another order; folded batch norm rounds differently).
@@ -64,9 +80,9 @@ def onnxruntime_available() -> bool:
 
 
 def default_candidates(train: bool, compile: bool = True) -> list[str]:
-    """Every candidate that applies: inference-only ones left out with ``train``, compiled ones without
-    ``compile``, onnxruntime where it is not installed."""
-    return [name for name in CANDIDATES if not (train and name in INFERENCE_ONLY)
+    """Every candidate that applies but those of :data:`ON_REQUEST`: inference-only ones left out with ``train``,
+    compiled ones without ``compile``, onnxruntime where it is not installed."""
+    return [name for name in CANDIDATES if name not in ON_REQUEST and not (train and name in INFERENCE_ONLY)
             and not (not train and name in TRAINING_ONLY) and (compile or name not in COMPILED)
             and (name != "onnxruntime" or onnxruntime_available())]
 
@@ -185,47 +201,66 @@ def _onnx_session(model: nn.Module, x: torch.Tensor, threads: int):
 def build_candidate(name: str, model: nn.Module, x: torch.Tensor, *, train: bool, threads: int,
                     labels: torch.Tensor | None) -> Callable[[], object]:
     """A no-argument callable that runs ``model`` once the candidate's way: a forward pass (inference) or
-    a training step. ``model`` is this candidate's own copy. Raises :class:`CandidateFailed` when it cannot."""
-    if name not in CANDIDATES and name not in ("_sepconv_nchw", "_sepconv_cl"):
+    a training step (which also computes the input's gradient where ``x`` requires it). ``model`` is this
+    candidate's own copy. Raises :class:`CandidateFailed` when it cannot."""
+    if name not in CANDIDATES:
         raise CandidateFailed(f"unknown candidate {name!r}")
     if train and name in INFERENCE_ONLY:
         raise CandidateFailed(f"{name} times inference only")
-    if name == "onnxruntime":
-        return _onnx_session(model.eval(), x, threads)
     if not train and name in TRAINING_ONLY:
         raise CandidateFailed(f"{name} times training only")
-    if name in ("sepconv", "fused"):  # sepconv at its best: the faster of the two layouts on this machine
-        if name == "fused":
-            from ..training import fuse_for_training
-            model = fuse_for_training(model)
-        layouts = {layout: build_candidate(f"_sepconv_{layout}", copy.deepcopy(model), x, train=train, threads=threads,
-                                           labels=labels) for layout in ("nchw", "cl")}
-        return layouts[fastest(layouts)]
-    mode = "reference" if name in ("eager_nchw", "eager_cl", "compile") else "auto"
-    if name in ("eager_cl", "_sepconv_cl"):
-        model, x = _model_channels_last(model), channels_last(x)
-    if name.startswith("optimized"):
-        try:
-            from .. import optimize_for_inference
-        except ImportError:
-            raise CandidateFailed("sepconv.optimize_for_inference is not available in this version") from None
-        with kernels.use_kernels(mode), torch.no_grad():
-            model = optimize_for_inference(model.eval(), x)
-    if name in COMPILED:
-        model = _compiled(model)
-    if not train:
-        model.eval()
+    if name == "onnxruntime":
+        return _onnx_session(model.eval(), x, threads)
+    return _build_way(WAYS[name], model, x, train=train, labels=labels)
 
-        def forward():
-            with kernels.use_kernels(mode), torch.inference_mode():
-                return model(x)
-        return forward
+
+def _build_way(way: Way, model: nn.Module, x: torch.Tensor, *, train: bool,
+               labels: torch.Tensor | None) -> Callable[[], object]:
+    if way.prepare == "fused":
+        from ..training import fuse_for_training
+        model = fuse_for_training(model)
+    if way.layout == "faster":  # sepconv at its best: the faster of the two layouts on this machine
+        layouts = {layout: _build_way(Way(way.mode, layout, way.compiled), copy.deepcopy(model), x, train=train,
+                                      labels=labels) for layout in ("nchw", "cl")}
+        # A call of the large rows takes seconds: one warm-up and three rounds tell two layouts apart.
+        return layouts[_timer.fastest(layouts, rounds=3, warmup=1)]
+    if way.layout == "cl":
+        model, x = _model_channels_last(model), channels_last(x)
+    if way.prepare == "optimized":
+        model = _optimized(model, x, way.mode)
+    if way.compiled:
+        model = _compiled(model)
+    return _training_step(model, x, way.mode, labels) if train else _forward(model, x, way.mode)
+
+
+def _optimized(model: nn.Module, x: torch.Tensor, mode: str) -> nn.Module:
+    try:
+        from .. import optimize_for_inference
+    except ImportError:
+        raise CandidateFailed("sepconv.optimize_for_inference is not available in this version") from None
+    with kernels.use_kernels(mode), torch.no_grad():
+        return optimize_for_inference(model.eval(), x)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]:
+    model.eval()
+
+    def forward():
+        with kernels.use_kernels(mode), torch.inference_mode():
+            return model(x)
+    return forward
+
+
+def _training_step(model: nn.Module, x: torch.Tensor, mode: str,
+                   labels: torch.Tensor | None) -> Callable[[], object]:
     model.train()
+    x = x.detach().requires_grad_(x.requires_grad)  # a leaf of this candidate's layout, so its gradient is too
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
 
     def step():
         with kernels.use_kernels(mode):
             optimizer.zero_grad(set_to_none=True)
+            x.grad = None  # a fresh input gradient each step, as the layer before would receive it
             output = model(x)
             loss = _loss(output, labels if output.ndim == 2 else None)
             loss.backward()
@@ -245,49 +280,16 @@ def _max_error(output, reference: torch.Tensor) -> float:
 
 # --- timing -----------------------------------------------------------------------------------------
 
-def _block(fn: Callable[[], object], number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return time.perf_counter() - start
-
-
-def _calibrate(fn: Callable[[], object], block_s: float) -> int:
-    """Calls per block so that one block takes about ``block_s`` (after the warm-up call)."""
-    number, elapsed = 1, _block(fn, 1)
-    while elapsed < block_s / 10 and number < 100_000:
-        number *= 10
-        elapsed = _block(fn, number)
-    return max(1, round(number * block_s / max(elapsed, 1e-9)))
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], timings: dict[str, Timing], rounds: int,
-                     advance: Callable[[], None] = lambda: None) -> None:
-    """``rounds`` rounds over ``fns``; each round times one block of calls per candidate, the starting
-    candidate moving one on each round. Fills ``timings`` (calls per block already set); a candidate that
-    raises is marked failed and leaves the rounds."""
-    names = list(fns)
-    samples = {name: [] for name in names}
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for index in range(rounds):
-            shift = index % len(names) if names else 0
-            for name in names[shift:] + names[:shift]:
-                if timings[name].error is not None:
-                    continue
-                try:
-                    samples[name].append(_block(fns[name], timings[name].calls_per_block)
-                                         / timings[name].calls_per_block)
-                except Exception as error:  # noqa: BLE001 -- recorded, the other candidates go on
-                    timings[name].error = one_line(error)
-            advance()
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+def _time_rounds(fns: dict[str, Callable[[], object]], timings: dict[str, Timing], rounds: int,
+                 advance: Callable[[], None]) -> None:
+    """Fill ``timings`` (calls per block already set) from ``rounds`` interleaved rounds of ``fns``; a candidate
+    that raises is marked failed and leaves the rounds."""
+    numbers = {name: timings[name].calls_per_block for name in fns}
+    samples, errors = _timer.interleaved(fns, rounds, numbers, after_round=advance)
+    for name, error in errors.items():
+        timings[name].error = one_line(error)
     for name, values in samples.items():
-        if values and timings[name].error is None:
+        if values and name not in errors:
             timings[name].median_s, timings[name].iqr_s = median_and_iqr(values)
             timings[name].rounds = len(values)
 
@@ -314,7 +316,7 @@ def run_case(case: Case, candidates: list[str], *, train: bool, threads: int, ro
     model = case.build()
     model.train(train)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(case.input_shape, generator=generator)
+    x = torch.randn(case.input_shape, generator=generator).requires_grad_(train and case.input_grad)
     result = RowResult(case.name, tuple(case.input_shape), train, {name: Timing(name) for name in candidates})
     if machine is not None:
         try:
@@ -347,16 +349,12 @@ def run_case(case: Case, candidates: list[str], *, train: bool, threads: int, ro
                 if not error <= AGREEMENT:  # nan too
                     raise CandidateFailed(f"output differs from eager_nchw's by {error:.2g} of its largest value")
                 timing.max_error = error
-            timing.calls_per_block = _calibrate(fn, block_s)
+            timing.calls_per_block = _timer.calibrate(fn, block_s)
         except Exception as error:  # noqa: BLE001 -- recorded, the other candidates go on
             timing.error = one_line(error)
             continue
         fns[name] = fn
-    if fns:
-        time_interleaved(fns, result.timings, rounds, advance)
-    else:
-        for _ in range(rounds):
-            advance()
+    _time_rounds(fns, result.timings, rounds, advance)  # with no candidate left, the rounds still advance the bar
     return result
 
 

@@ -1,6 +1,7 @@
-"""What ``sepconv bench`` times: the depthwise layer suite (issue 7's shapes, shared with
-``benchmarks/bench_kernels.py``) and the whole-model suite, as :class:`Case` rows (a model builder and an input
-shape)."""
+"""What ``sepconv bench`` times, as :class:`Case` rows (a model builder and an input shape): two layer suites,
+``depthwise`` (the depthwise layers of MobileNet, EfficientNet, ConvNeXt, RepLKNet and EEGNet, and a causal 1-D
+convolution) and ``separable`` (separable layers on MobileNetV1's shapes, a k5, a k7, a 1-D, a 3-D and a tiny
+one), and the whole-model suite."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Case", "DepthwiseShape", "DEPTHWISE_LAYERS", "depthwise_suite", "layer_cases", "model_cases", "select"]
+__all__ = ["Case", "DepthwiseShape", "DEPTHWISE_LAYERS", "LAYER_SUITES", "SEPARABLE_LAYERS", "SeparableShape",
+           "depthwise_suite", "layer_cases", "model_cases", "select", "separable_suite"]
 
 # name, C, spatial, kernel, stride, (before, after) padding per axis, depth multiplier
 DEPTHWISE_LAYERS = (
@@ -44,12 +46,6 @@ class DepthwiseShape:
     padding: tuple[tuple[int, int], ...]  # (before, after) per axis
     multiplier: int = 1
 
-    def describe(self) -> str:
-        size = "x".join(map(str, (self.n, self.c, *self.spatial)))
-        pad = ",".join(f"{b}{'' if a == b else '/' + str(a)}" for b, a in self.padding)
-        mult = f" M{self.multiplier}" if self.multiplier > 1 else ""
-        return f"{size} k{'x'.join(map(str, self.kernel))} s{self.stride} p{pad}{mult}"
-
     @property
     def input_shape(self) -> tuple[int, ...]:
         return (self.n, self.c, *self.spatial)
@@ -68,21 +64,79 @@ def depthwise_suite(batches) -> list[DepthwiseShape]:
             for n in batches for name, c, spatial, kernel, stride, padding, multiplier in DEPTHWISE_LAYERS]
 
 
+# name, C, spatial, kernel, stride, padding as a user writes it, C_out. "same" with stride 2 on an even size is
+# TensorFlow's asymmetric (0, 1) padding; 1 with stride 2 is PyTorch's symmetric one.
+SEPARABLE_LAYERS = (
+    ("mnv1.1", 32, (112, 112), 3, 1, 1, 64),
+    ("mnv1.2", 64, (112, 112), 3, 2, "same", 128),
+    ("mnv1.3", 128, (56, 56), 3, 1, 1, 128),
+    ("mnv1.4", 128, (56, 56), 3, 2, 1, 256),
+    ("mnv1.5", 256, (28, 28), 3, 1, "same", 256),
+    ("mnv1.6", 256, (28, 28), 3, 2, "same", 512),
+    ("mnv1.7", 512, (14, 14), 3, 1, 1, 512),
+    ("mnv1.8", 512, (14, 14), 3, 2, "same", 512),
+    ("mnv1.9", 512, (7, 7), 3, 1, 1, 512),
+    ("effnet.k5", 256, (28, 28), 5, 2, "same", 256),  # TensorFlow "same" here: (1, 2)
+    ("convnext.k7", 128, (56, 56), 7, 1, 3, 128),
+    ("eeg.k16", 16, (512,), 16, 1, "same", 16),  # an even kernel: "same" is (7, 8)
+    ("vol3d", 32, (8, 28, 28), 3, 1, 1, 64),
+    ("tiny", 8, (8, 8), 3, 1, 1, 8),  # the convolutions cost almost nothing: what remains is per-call overhead
+)
+
+
+@dataclass(frozen=True)
+class SeparableShape:
+    """One depthwise separable layer: batch, channels, spatial size, kernel, stride, padding, output channels."""
+
+    name: str
+    n: int
+    c: int
+    spatial: tuple[int, ...]
+    kernel: int
+    stride: int
+    padding: int | str
+    out: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.n, self.c, *self.spatial)
+
+    def build(self) -> nn.Module:
+        """The layer as a sepconv module (bias after the pointwise step), its weights from the current seed."""
+        from .. import SeparableConv1d, SeparableConv2d, SeparableConv3d
+
+        layer = (SeparableConv1d, SeparableConv2d, SeparableConv3d)[len(self.spatial) - 1]
+        return layer(self.c, self.out, self.kernel, self.stride, self.padding)
+
+
+def separable_suite(batches) -> list[SeparableShape]:
+    """Every layer of :data:`SEPARABLE_LAYERS` at each batch size."""
+    return [SeparableShape(name, n, *layer) for n in batches for name, *layer in SEPARABLE_LAYERS]
+
+
+# suite name -> (row name prefix, the suite's layers at given batch sizes)
+LAYER_SUITES = {"depthwise": ("dw", depthwise_suite), "separable": ("sep", separable_suite)}
+
+
 @dataclass(frozen=True)
 class Case:
-    """One benchmark row: ``build()`` makes the model (seeded by the runner), ``input_shape`` its input."""
+    """One benchmark row: ``build()`` makes the model (seeded by the runner), ``input_shape`` its input;
+    ``input_grad``: a training step also computes the input's gradient, as a layer inside a network does."""
 
     name: str
     build: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
+    input_grad: bool = False
 
     def describe(self) -> str:
         return f"{self.name} {'x'.join(map(str, self.input_shape))}"
 
 
-def layer_cases(batches=(1, 32)) -> list[Case]:
-    """The depthwise layer suite as rows: ``dw.<layer>.b<N>``."""
-    return [Case(f"dw.{shape.name}.b{shape.n}", shape.build, shape.input_shape) for shape in depthwise_suite(batches)]
+def layer_cases(batches=(1, 32), suite: str = "depthwise") -> list[Case]:
+    """A layer suite of :data:`LAYER_SUITES` as rows: ``dw.<layer>.b<N>`` or ``sep.<layer>.b<N>``."""
+    prefix, shapes = LAYER_SUITES[suite]
+    return [Case(f"{prefix}.{shape.name}.b{shape.n}", shape.build, shape.input_shape, input_grad=True)
+            for shape in shapes(batches)]
 
 
 def _registered(name: str, **kwargs) -> Callable[[], nn.Module]:

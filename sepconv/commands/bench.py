@@ -2,8 +2,9 @@
 sepconv's kernels, sepconv.optimize_for_inference, onnxruntime -- timed in interleaved rounds.
 
 MODEL is a registered name (``sepconv.models``) or ``package.module:factory``, timed on a random input of the
---input shape; --suite runs the depthwise layer suite and --models the whole-model suite instead (--filter
-selects rows). The table goes to stdout: per row and candidate the median ms ± IQR, speed-ups against the best
+--input shape; --suite runs a layer suite (depthwise, the default, or separable; a training step there also
+computes the input's gradient) and --models the whole-model suite instead (--filter selects rows). The table
+goes to stdout: per row and candidate the median ms ± IQR, speed-ups against the best
 eager layout, torch.compile and onnxruntime, and the share of the machine's roofline. --out DIR also writes
 results.json, table.txt and speedup.png there. Ctrl-C keeps the rows finished so far and exits with 130.
 """
@@ -31,7 +32,7 @@ def _candidates(args) -> list[str]:
     from ..benchmark.runner import CANDIDATES, COMPILED, INFERENCE_ONLY, TRAINING_ONLY, default_candidates
 
     if args.candidates is None:
-        chosen = list(SUITE_CANDIDATES) if args.suite else default_candidates(args.train)
+        chosen = list(SUITE_CANDIDATES) if args.suite is not None else default_candidates(args.train)
     else:
         chosen = list(dict.fromkeys(name.strip() for name in args.candidates.split(",") if name.strip()))
         unknown = [name for name in chosen if name not in CANDIDATES]
@@ -47,6 +48,13 @@ def _candidates(args) -> list[str]:
         if not chosen:
             raise UsageError("--no-compile leaves no candidate of --candidates")
     return chosen
+
+
+def _check_suite(suite: str | None) -> None:
+    from ..benchmark.suite import LAYER_SUITES
+
+    if suite is not None and suite not in LAYER_SUITES:
+        raise UsageError(f"--suite {suite!r}: unknown suite; choose from {', '.join(LAYER_SUITES)}")
 
 
 def _check_out(out: str | None, force: bool) -> Path | None:
@@ -72,11 +80,12 @@ def _cases(args, quick: bool):
     from .. import kernels
     from ..benchmark import Case, layer_cases, model_cases, select
 
-    if args.suite or args.models:
-        cases = select(layer_cases((1,) if quick else (1, 32)) if args.suite else model_cases(quick), args.filter)
+    if args.suite is not None or args.models:
+        batches = (1,) if quick else (1, 32)
+        cases = select(layer_cases(batches, args.suite) if args.suite is not None else model_cases(quick), args.filter)
         if not cases:
             raise UsageError(f"--filter {args.filter!r} selects no row")
-        return cases, "depthwise layer suite" if args.suite else "model suite"
+        return cases, "model suite" if args.models else f"{args.suite} layer suite"
     shape = args.input or (1, 3, 224, 224)
     check_memory(4 * math.prod(shape), f"--input {'x'.join(map(str, shape))}")
     torch.manual_seed(0)
@@ -92,9 +101,10 @@ def _cases(args, quick: bool):
 
 def bench_command(args) -> int:
     try:
-        sources = sum((args.model is not None, args.suite, args.models))
+        sources = sum((args.model is not None, args.suite is not None, args.models))
         if sources != 1:
             raise UsageError("give one of MODEL, --suite or --models")
+        _check_suite(args.suite)
         if args.filter is not None and args.model is not None:
             raise UsageError("--filter selects rows of --suite or --models; MODEL is one row")
         if args.input is not None and args.model is None:
@@ -155,7 +165,8 @@ def add_parser(commands) -> None:
                                  "and onnxruntime", description=__doc__)
     parser.add_argument("model", metavar="MODEL", nargs="?",
                         help="registry name (e.g. mobilenet_v2) or package.module:factory")
-    parser.add_argument("--suite", action="store_true", help="the depthwise layer suite (rows dw.<layer>.b<N>)")
+    parser.add_argument("--suite", nargs="?", const="depthwise", metavar="NAME", help="a layer suite: depthwise "
+                        "(the default; rows dw.<layer>.b<N>) or separable (rows sep.<layer>.b<N>)")
     parser.add_argument("--models", action="store_true", help="the whole-model suite (rows <model>.b<N>)")
     parser.add_argument("--filter", metavar="PATTERN", help="suite rows whose name matches (shell pattern, or a "
                         "substring)")
@@ -166,8 +177,8 @@ def add_parser(commands) -> None:
                       help="time a forward pass in eval mode under torch.inference_mode (default)")
     mode.add_argument("--train", dest="train", action="store_true",
                       help="time a training step: forward, loss, backward, SGD step")
-    parser.add_argument("--candidates", metavar="A,B,...", help="which to time (default: every one that applies; "
-                        "--suite: eager_nchw,eager_cl,sepconv)")
+    parser.add_argument("--candidates", metavar="A,B,...", help="which to time (default: every one that applies "
+                        "but sepconv_nchw, sepconv_cl, cpu_nchw and cpu_cl; --suite: eager_nchw,eager_cl,sepconv)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile candidates "
                         "(compiling takes seconds to minutes per row)")
     parser.add_argument("--threads", type=at_least(1, 4096), help="torch.set_num_threads and onnxruntime's "

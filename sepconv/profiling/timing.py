@@ -17,7 +17,7 @@ import torch
 
 from .counter import synchronize
 
-__all__ = ["Machine", "fastest", "measure_machine", "median_and_iqr", "time_calls"]
+__all__ = ["Machine", "measure_machine", "median_and_iqr", "time_calls"]
 
 
 def time_calls(function: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -30,20 +30,6 @@ def time_calls(function: Callable[[], object], repeats: int, warmup: int = 1) ->
         function()
         seconds.append(time.perf_counter() - start)
     return seconds
-
-
-def fastest(calls: dict[str, Callable[[], object]], rounds: int = 3) -> str:
-    """The name of the fastest of ``calls``: one warm-up call each, then the best of ``rounds`` interleaved calls (the
-    least disturbed by other processes)."""
-    for call in calls.values():
-        call()
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return min(best, key=best.get)
 
 
 def median_and_iqr(samples: Sequence[float]) -> tuple[float, float]:
