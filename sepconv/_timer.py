@@ -1,8 +1,8 @@
 """The one way sepconv times calls: blocks of calls in interleaved rounds, the least disturbed round kept.
 
 Everything that compares speeds uses it: the kernels registry's ``auto`` choice (:func:`fastest` with the
-reference as ``baseline``), ``optimize_for_inference``'s layout choice, ``sepconv bench`` and the scripts in
-``benchmarks/`` (:func:`calibrate` and :func:`interleaved`). Interleaving matters on a shared machine: a
+reference as ``baseline``), ``optimize_for_inference``'s layout choice and ``sepconv bench`` (:func:`calibrate` and
+:func:`interleaved`). Interleaving matters on a shared machine: a
 burst of load from another process then hits every candidate of a round, not one candidate's whole run.
 """
 

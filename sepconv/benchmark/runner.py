@@ -234,10 +234,8 @@ def _build_way(way: Way, model: nn.Module, x: torch.Tensor, *, train: bool,
 
 
 def _optimized(model: nn.Module, x: torch.Tensor, mode: str) -> nn.Module:
-    try:
-        from .. import optimize_for_inference
-    except ImportError:
-        raise CandidateFailed("sepconv.optimize_for_inference is not available in this version") from None
+    from .. import optimize_for_inference
+
     with kernels.use_kernels(mode), torch.no_grad():
         return optimize_for_inference(model.eval(), x)
 

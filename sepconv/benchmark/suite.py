@@ -128,9 +128,6 @@ class Case:
     input_shape: tuple[int, ...]
     input_grad: bool = False
 
-    def describe(self) -> str:
-        return f"{self.name} {'x'.join(map(str, self.input_shape))}"
-
 
 def layer_cases(batches=(1, 32), suite: str = "depthwise") -> list[Case]:
     """A layer suite of :data:`LAYER_SUITES` as rows: ``dw.<layer>.b<N>`` or ``sep.<layer>.b<N>``."""
