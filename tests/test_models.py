@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 import sepconv
-from sepconv.models import EEGNet, MobileNetV1, MobileNetV2, VGGCifar, Xception, _registry, create_model, list_models
+from sepconv.models import (EEGNet, MobileNetV1, MobileNetV2, VGGCifar, Xception, create_model, list_models,
+                            register_model, unregister_model)
 
 # --- helpers -----------------------------------------------------------------------------------------
 
@@ -112,21 +113,51 @@ def test_unknown_name_lists_close_matches():
         create_model(None)
 
 
-def test_register_model(monkeypatch):
-    monkeypatch.setattr(_registry, "_BUILDERS", dict(_registry._BUILDERS))
+@pytest.fixture
+def registry_names():
+    """The names a test registers (it appends them); each is unregistered afterwards, even when the test fails."""
+    names = []
+    yield names
+    for name in names:
+        if name in list_models():
+            unregister_model(name)
 
-    @_registry.register_model
+
+def test_register_model(registry_names):
+    registry_names += ["tiny_net", "tiny_net_5"]
+
+    @register_model
     def tiny_net(num_classes=3):
         return nn.Linear(4, num_classes)
 
-    _registry.register_model("tiny_net_5", num_classes=5)(tiny_net)
+    register_model("tiny_net_5", num_classes=5)(tiny_net)
     assert create_model("tiny_net").out_features == 3
     assert create_model("tiny_net_5").out_features == 5
     assert "tiny_net" in list_models("tiny*")
     with pytest.raises(ValueError, match=r"a model named 'tiny_net' is already registered"):
-        _registry.register_model("tiny_net")(tiny_net)
+        register_model("tiny_net")(tiny_net)
     with pytest.raises(TypeError, match=r"name must be a non-empty str; got ''"):
-        _registry.register_model("")
+        register_model("")
+
+
+def test_unregister_model(registry_names):
+    registry_names.append("tiny_net")
+    before = list_models()
+
+    @register_model
+    def tiny_net(num_classes=3):
+        return nn.Linear(4, num_classes)
+
+    unregister_model("tiny_net")
+    assert list_models() == before
+    with pytest.raises(ValueError, match=r"^unknown model name 'tiny_net'"):
+        create_model("tiny_net")
+    register_model(tiny_net)  # the name is free again
+    assert create_model("tiny_net").out_features == 3
+    with pytest.raises(ValueError, match=r"^no model named 'tiny_net_7' is registered$"):
+        unregister_model("tiny_net_7")
+    with pytest.raises(TypeError, match=r"^name must be a str; got None$"):
+        unregister_model(None)
 
 
 # --- parameter counts --------------------------------------------------------------------------------
