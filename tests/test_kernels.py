@@ -17,10 +17,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from test_functional import geometry_case
-
 import sepconv
 import sepconv.functional as F
+from helpers import geometry_case
 from sepconv import kernels
 from sepconv.kernels import cpu, ops, reference, registry
 

@@ -23,15 +23,9 @@ from torch import nn
 import sepconv
 from sepconv.models import (EEGNet, MobileNetV1, MobileNetV2, VGGCifar, Xception, create_model, list_models,
                             register_model, unregister_model)
+from helpers import count_parameters
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` as Keras counts them: total adds the BN moving mean and variance."""
-    trainable = sum(p.numel() for p in model.parameters())
-    statistics = sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var")))
-    return trainable, trainable + statistics
 
 
 def weights_only(model: nn.Module) -> int:
