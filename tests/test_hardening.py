@@ -289,7 +289,6 @@ def test_compare_out_under_a_file_fails_before_training(tmp_path, capsys, monkey
 
 
 def test_compare_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, capsys, monkeypatch):
-    import sepconv._io
     saves = []
     original_save = torch.save
 
@@ -300,7 +299,7 @@ def test_compare_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path
                                "PytorchStreamWriter failed writing file data/0: file write failed")
         original_save(obj, path)
 
-    monkeypatch.setattr(sepconv._io.torch, "save", save_until_the_disk_is_full)
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)  # what sepconv's checkpoint writer calls
     out = tmp_path / "run"
     code, _, err = run_cli(["compare", *TINY, "--epochs", "2", "--out", str(out)], capsys)
     assert code == 1
@@ -347,11 +346,9 @@ def test_decompose_bad_files_and_paths_are_one_line(state_dict, make, argv, mess
 
 
 def test_decompose_full_disk_is_one_line(state_dict, capsys, monkeypatch):
-    import sepconv._io
-
     def full(obj, path):
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
-    monkeypatch.setattr(sepconv._io.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)
     out = state_dict.parent / "out.pt"
     code, _, err = run_cli(["decompose", str(state_dict), "-o", str(out), "--model", "digits_cnn"], capsys)
     assert code == 1
