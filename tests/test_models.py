@@ -1,7 +1,8 @@
 """Reference models (``sepconv.models``): registry, parameter counts, forward/backward, constraints, compile,
 ONNX and argument errors. Keras itself is the oracle in ``test_models_keras.py``.
 
-Numbers checked here come from ``/work/shared/REFERENCE.md``: the Keras counts (BN moving statistics count
+Numbers checked here come from REFERENCE.md, the project's shared reference (kept outside this repository;
+nothing here reads it, the numbers are written out in the tests): the Keras counts (BN moving statistics count
 in Keras' total, not in its trainable count; here they are buffers, so ``parameters()`` gives the trainable
 count), the MobileNetV1 paper's parameter counts (Table 4, Table 6 and the 4,209,088 weights of the paper
 network) and mult-adds (Tables 1, 4, 6 and 7, counted by ``sepconv.profile``). Other counts are written out
