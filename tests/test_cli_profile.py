@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sepconv import cli
+from helpers import run_cli
 
 FACTORIES = '''
 import torch.nn as nn
@@ -37,18 +37,8 @@ def factories(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run(argv, capsys) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of ``sepconv ARGV``, whether the command returns or argparse exits."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_table(factories, capsys):
-    code, out, err = run(["profile", "tiny_models:build", "--input", "1x3x8x8"], capsys)
+    code, out, err = run_cli(["profile", "tiny_models:build", "--input", "1x3x8x8"], capsys)
     assert code == 0 and err == ""
     assert "Sequential on input 1x3x8x8 (float32): 3 counted ops" in out
     assert "0[0]" in out and "depthwise conv" in out and "fully connected" in out
@@ -57,7 +47,7 @@ def test_table(factories, capsys):
 
 @pytest.mark.parametrize("output_format", ["csv", "json", "markdown"])
 def test_formats(factories, capsys, output_format):
-    code, out, _ = run(["profile", "tiny_models:build", "--input", "1x3x8x8", "--format", output_format], capsys)
+    code, out, _ = run_cli(["profile", "tiny_models:build", "--input", "1x3x8x8", "--format", output_format], capsys)
     assert code == 0
     if output_format == "csv":
         rows = list(csv.DictReader(io.StringIO(out)))
@@ -71,8 +61,8 @@ def test_formats(factories, capsys, output_format):
 
 def test_measure_backward_roofline(factories, capsys):
     png = factories / "out" / "roofline.png"
-    code, out, err = run(["profile", "tiny_models:build", "--input", "1x3x8x8", "--backward", "--roofline", str(png),
-                          "--format", "json", "--repeats", "2", "--warmup", "0"], capsys)
+    code, out, err = run_cli(["profile", "tiny_models:build", "--input", "1x3x8x8", "--backward", "--roofline",
+                              str(png), "--format", "json", "--repeats", "2", "--warmup", "0"], capsys)
     assert code == 0, err
     document = json.loads(out)  # stdout stays machine-readable; the note about the file goes to stderr
     assert all(row["forward_ms"] is not None and row["backward_ms"] is not None for row in document["rows"])
@@ -84,7 +74,7 @@ def test_registry_name(capsys):
     models = pytest.importorskip("sepconv.models")
     if "mobilenet_v1" not in models.list_models():
         pytest.skip("no mobilenet_v1 in the registry")
-    code, out, _ = run(["profile", "mobilenet_v1", "--format", "json"], capsys)
+    code, out, _ = run_cli(["profile", "mobilenet_v1", "--format", "json"], capsys)
     assert code == 0 and json.loads(out)["totals"]["macs"] == 568_740_352  # MobileNets paper, Table 1 / 4
 
 
@@ -110,12 +100,12 @@ def one_error_line(code, out, err) -> str:
     ([], "the following arguments are required: MODEL"),
 ])
 def test_user_errors_are_one_line_exit_2(factories, capsys, argv, message):
-    assert message in one_error_line(*run(["profile", *argv], capsys))
+    assert message in one_error_line(*run_cli(["profile", *argv], capsys))
 
 
 def test_unknown_registry_name_lists_what_is_accepted(capsys):
     pytest.importorskip("sepconv.models")
-    err = one_error_line(*run(["profile", "no_such_model"], capsys))
+    err = one_error_line(*run_cli(["profile", "no_such_model"], capsys))
     assert "MODEL 'no_such_model': unknown model name 'no_such_model'" in err
     assert "MODEL must be a registered name (" in err and "or package.module:factory" in err
 
@@ -123,8 +113,8 @@ def test_unknown_registry_name_lists_what_is_accepted(capsys):
 def test_unwritable_roofline(factories, capsys):
     blocker = factories / "a_file"
     blocker.write_text("")
-    err = one_error_line(*run(["profile", "tiny_models:build", "--input", "1x3x8x8", "--repeats", "1",
-                               "--warmup", "0", "--roofline", str(blocker / "roofline.png")], capsys))
+    err = one_error_line(*run_cli(["profile", "tiny_models:build", "--input", "1x3x8x8", "--repeats", "1",
+                                   "--warmup", "0", "--roofline", str(blocker / "roofline.png")], capsys))
     assert f"cannot write --roofline {blocker / 'roofline.png'}" in err
 
 
@@ -140,11 +130,11 @@ def test_roofline_path_is_checked_before_measuring_and_a_replaced_file_is_said(f
     import sepconv.commands.profile as profile_module
     monkeypatch.setattr(profile_module, "profile", lambda *args, **kwargs: pytest.fail("measured"))
     for path in ("", str(factories)):
-        err = one_error_line(*run(["profile", "tiny_models:build", "--roofline", path], capsys))
+        err = one_error_line(*run_cli(["profile", "tiny_models:build", "--roofline", path], capsys))
         assert "must name a PNG file" in err
     monkeypatch.undo()
     png = factories / "mine.png"
     png.write_bytes(b"the user's plot")
-    code, _, err = run(["profile", "tiny_models:build", "--input", "1x3x8x8", "--repeats", "1", "--warmup", "0",
-                        "--roofline", str(png)], capsys)
+    code, _, err = run_cli(["profile", "tiny_models:build", "--input", "1x3x8x8", "--repeats", "1", "--warmup", "0",
+                            "--roofline", str(png)], capsys)
     assert code == 0 and f"wrote the roofline plot to {png} (it replaced the file there)" in err

@@ -19,6 +19,7 @@ from sepconv.experiment import measure
 from sepconv.experiment import train as train_module
 from sepconv.experiment.data import CIFAR_FILES, eeg_synthetic_templates, make_eeg_synthetic
 from sepconv.models import create_model
+from helpers import write_cifar
 
 TINY = ["--epochs", "2", "--batch-size", "64", "--threads", "1"]  # 23 batches per epoch on digits
 BATCHES_PER_EPOCH = 23
@@ -199,24 +200,8 @@ def test_digits_cnn_twins_have_the_documented_sizes_and_rank_1_stem():
 
 # --- CIFAR-10 -------------------------------------------------------------------------------------
 
-def _write_cifar(directory: Path, images_per_batch: int = 6) -> None:
-    """A CIFAR-10 python directory in the real format (protocol-2 pickles of bytes-keyed dicts), small."""
-    directory.mkdir(parents=True)
-    generator = np.random.default_rng(0)
-    for index, name in enumerate(CIFAR_FILES[:-1]):
-        batch = {b"batch_label": f"batch {index}".encode(), b"labels": [int(n) for n in
-                 generator.integers(0, 10, images_per_batch)],
-                 b"data": generator.integers(0, 256, (images_per_batch, 3072), dtype=np.uint8),
-                 b"filenames": [f"image_{i}.png".encode() for i in range(images_per_batch)]}
-        (directory / name).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {b"label_names": [name.encode() for name in ("airplane", "automobile", "bird", "cat", "deer", "dog",
-                                                         "frog", "horse", "ship", "truck")],
-            b"num_cases_per_batch": images_per_batch, b"num_vis": 3072}
-    (directory / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-
-
 def test_cifar10_loader_reads_the_python_batches(tmp_path):
-    _write_cifar(tmp_path / "cifar-10-batches-py")
+    write_cifar(tmp_path / "cifar-10-batches-py")
     raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())
     for directory in (tmp_path / "cifar-10-batches-py", tmp_path):  # the folder, or the folder it unpacked into
         dataset = load_dataset("cifar10", directory)
@@ -244,7 +229,7 @@ EXPECTED_FILES = "exactly these files: data_batch_1, data_batch_2, data_batch_3,
 ])
 def test_cifar10_missing_or_corrupt_directory_says_what_is_expected(tmp_path, damage, problem, capsys):
     directory = tmp_path / "cifar-10-batches-py"
-    _write_cifar(directory)
+    write_cifar(directory)
     damage(directory)
     with pytest.raises(DataError, match="CIFAR-10 needs") as error:
         load_dataset("cifar10", directory)

@@ -1,4 +1,7 @@
-"""Analytic cost model (sepconv.cost) against the published figures (../shared/REFERENCE.md) and hand formulas.
+"""Analytic cost model (sepconv.cost) against the published figures and hand formulas.
+
+The figures are written out here, as quoted in the project's shared reference, REFERENCE.md (kept outside this
+repository; nothing here reads it).
 
 MobileNetV1 is built here as in the paper (Table 1, weights only: no bias, no batch norm, the FC layer
 included; the last depthwise layer has stride 1, the paper's "s2" there being a typo) and counted both

@@ -19,7 +19,7 @@ import pytest
 from sepconv import cli
 from sepconv.experiment import DataError, download, load_dataset
 from sepconv.experiment.data import CIFAR_FILES, CIFAR_FOLDER, stratified_split
-from test_compare import _write_cifar
+from helpers import write_cifar
 
 ARCHIVE = "cifar-10-python.tar.gz"
 
@@ -27,7 +27,7 @@ ARCHIVE = "cifar-10-python.tar.gz"
 def _tarball(tmp_path, extra=None) -> bytes:
     """A gzipped tarball in the real CIFAR-10 layout (``cifar-10-batches-py/...``), a few images per batch;
     ``extra(tar)`` may add members."""
-    _write_cifar(tmp_path / "source" / CIFAR_FOLDER)
+    write_cifar(tmp_path / "source" / CIFAR_FOLDER)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(tmp_path / "source" / CIFAR_FOLDER, arcname=CIFAR_FOLDER)

@@ -1,51 +1,25 @@
 """Every functional op equals the dense convolution with its materialised weight (forward and gradients).
 
-The reference here is independent of sepconv: padding amounts follow the formulas in
-../shared/REFERENCE.md ('same': out = ceil(n/s), total = max((out-1)*s + k_eff - n, 0), extra after;
-'causal': k_eff - 1 before), the input is padded with ``torch.nn.functional.pad`` and convolved with
-``torch.nn.functional.convNd`` (groups=1) using a dense kernel built by explicit loops / einsum.
+The reference here is independent of sepconv: padding amounts follow the formulas of the project's shared
+reference, REFERENCE.md (``helpers.reference_pairs``; 'same': out = ceil(n/s), total = max((out-1)*s + k_eff - n,
+0), extra after; 'causal': k_eff - 1 before), the input is padded with ``torch.nn.functional.pad`` and convolved
+with ``torch.nn.functional.convNd`` (groups=1) using a dense kernel built by explicit loops / einsum.
 """
-
-import math
 
 import pytest
 import torch
 import torch.nn.functional as TF
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import sepconv.functional as F
+from helpers import geometry_case, reference_pairs
 
 TORCH_CONV = {1: TF.conv1d, 2: TF.conv2d, 3: TF.conv3d}
 TORCH_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
 # --- independent reference ------------------------------------------------------------------------
-
-def reference_pairs(padding, n, k, s, d):
-    rank = len(n)
-    if isinstance(padding, int):
-        padding = (padding,) * rank
-    elif padding == "causal":
-        padding = ("same",) * (rank - 1) + ("causal",)
-    elif isinstance(padding, str):
-        padding = (padding,) * rank
-    pairs = []
-    for p, ni, ki, si, di in zip(padding, n, k, s, d):
-        k_eff = (ki - 1) * di + 1
-        if p == "valid":
-            pairs.append((0, 0))
-        elif p == "causal":
-            pairs.append((k_eff - 1, 0))
-        elif p == "same":
-            total = max((math.ceil(ni / si) - 1) * si + k_eff - ni, 0)
-            pairs.append((total // 2, total - total // 2))
-        elif isinstance(p, int):
-            pairs.append((p, p))
-        else:
-            pairs.append(tuple(p))
-    return pairs
-
 
 def reference_conv(x, dense_weight, bias, stride, padding, dilation, padding_mode):
     rank = dense_weight.ndim - 2
@@ -86,34 +60,7 @@ def dense_spatial(factors, in_channels):
     return torch.einsum("oqx,qpy,piz->oizyx", dense[2], dense[1], dense[0])
 
 
-# --- strategies ------------------------------------------------------------------------------------
-
-PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
-
-
-@st.composite
-def geometry_case(draw, rank=None, max_kernel=4):
-    rank = draw(st.integers(1, 3)) if rank is None else rank
-    max_size = {1: 14, 2: 9, 3: 6}[rank]
-    kernel = tuple(draw(st.integers(1, max_kernel)) for _ in range(rank))
-    stride = tuple(draw(st.integers(1, 3)) for _ in range(rank))
-    dilation = tuple(draw(st.integers(1, 3)) for _ in range(rank))
-    size = tuple(draw(st.integers(1, max_size)) for _ in range(rank))
-    padding = draw(st.one_of(
-        st.sampled_from(["valid", "same", "causal"]),
-        st.integers(0, 2),
-        st.tuples(*[st.one_of(st.tuples(st.integers(0, 3), st.integers(0, 3)),
-                              st.sampled_from(["same", "valid", "causal"]),
-                              st.integers(0, 2)) for _ in range(rank)]),
-    ))
-    mode = draw(st.sampled_from(PADDING_MODES))
-    pairs = reference_pairs(padding, size, kernel, stride, dilation)
-    for n, k, d, (before, after) in zip(size, kernel, dilation, pairs):
-        assume(n + before + after >= (k - 1) * d + 1)
-        assume(mode != "reflect" or max(before, after) < n)
-        assume(mode != "circular" or max(before, after) <= n)
-    return dict(size=size, kernel=kernel, stride=stride, dilation=dilation, padding=padding, padding_mode=mode)
-
+# --- inputs and checks (the geometry strategy is helpers.geometry_case) -----------------------------
 
 def leaf(*shape):
     return torch.randn(*shape, dtype=torch.float64, requires_grad=True)

@@ -1,4 +1,5 @@
-"""Geometry: padding amounts and output sizes (TF/Keras 'same' examples from ../shared/REFERENCE.md)."""
+"""Geometry: padding amounts and output sizes (TF/Keras 'same' examples from REFERENCE.md, the project's shared
+reference: kept outside this repository, its numbers written out here)."""
 
 import math
 

@@ -18,22 +18,18 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_cli_profile import run
 
 import sepconv.models.digits_cnn  # noqa: F401  (registers "digits_cnn")
 from sepconv import cli, load_converted
 from sepconv._io import CheckpointError, load_checkpoint, save_checkpoint
 from sepconv.experiment import DataError, load_dataset
 from sepconv.experiment import train as train_module
-from sepconv.experiment.data import CIFAR_FILES
 from sepconv.experiment.plots import plot_learned_filters, plot_training_curves
 from sepconv.models import create_model
+from helpers import run_cli, write_cifar
 
 TINY = ["--batch-size", "64", "--threads", "1"]  # digits: 23 batches per epoch
 BATCHES_PER_EPOCH = 23
-
-
-run_cli = run  # exit code, stdout and stderr of ``sepconv ARGV`` (a parser error is SystemExit(2))
 
 
 def assert_one_line_error(err: str, message: str) -> None:
@@ -192,14 +188,6 @@ def test_plots_survive_non_finite_weights_and_metrics(tmp_path):
 
 # --- 4. a CIFAR-10 pickle cannot make the loader allocate more than a batch -----------------------------
 
-def _write_cifar(directory: Path) -> None:
-    directory.mkdir(parents=True)
-    for name in CIFAR_FILES[:-1]:
-        batch = {b"labels": [0, 1, 2], b"data": np.zeros((3, 3072), np.uint8)}
-        (directory / name).write_bytes(pickle.dumps(batch, protocol=2))
-    (directory / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
-
-
 class _ArrayBomb:
     """Pickles as a call of the numpy.ndarray constructor: 300 bytes that ask for gigabytes."""
 
@@ -220,7 +208,7 @@ class _StateBomb:
 
 def test_cifar_pickle_asking_for_a_huge_array_is_refused_before_allocating(tmp_path):
     directory = tmp_path / "cifar-10-batches-py"
-    _write_cifar(directory)
+    write_cifar(directory, images_per_batch=3)
     bomb = pickle.dumps({b"data": _ArrayBomb((150_000, 3072)), b"labels": [0] * 3}, protocol=2)
     assert len(bomb) < 400
     (directory / "data_batch_1").write_bytes(bomb)
@@ -238,7 +226,7 @@ def test_cifar_pickle_asking_for_a_huge_array_is_refused_before_allocating(tmp_p
 def test_cifar_pickle_with_a_hostile_array_state_is_refused(tmp_path):
     """numpy's __setstate__ trusts its state (this one crashed the process); run apart, in case it still does."""
     directory = tmp_path / "cifar-10-batches-py"
-    _write_cifar(directory)
+    write_cifar(directory, images_per_batch=3)
     (directory / "data_batch_2").write_bytes(pickle.dumps({b"data": _StateBomb(), b"labels": []}, protocol=2))
     result = subprocess.run([sys.executable, "-m", "sepconv", "compare", "--dataset", "cifar10", "--data-dir",
                              str(directory), "--out", str(tmp_path / "run")], capture_output=True, text=True,
@@ -301,7 +289,6 @@ def test_compare_out_under_a_file_fails_before_training(tmp_path, capsys, monkey
 
 
 def test_compare_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, capsys, monkeypatch):
-    import sepconv._io
     saves = []
     original_save = torch.save
 
@@ -312,7 +299,7 @@ def test_compare_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path
                                "PytorchStreamWriter failed writing file data/0: file write failed")
         original_save(obj, path)
 
-    monkeypatch.setattr(sepconv._io.torch, "save", save_until_the_disk_is_full)
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)  # what sepconv's checkpoint writer calls
     out = tmp_path / "run"
     code, _, err = run_cli(["compare", *TINY, "--epochs", "2", "--out", str(out)], capsys)
     assert code == 1
@@ -359,11 +346,9 @@ def test_decompose_bad_files_and_paths_are_one_line(state_dict, make, argv, mess
 
 
 def test_decompose_full_disk_is_one_line(state_dict, capsys, monkeypatch):
-    import sepconv._io
-
     def full(obj, path):
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
-    monkeypatch.setattr(sepconv._io.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)
     out = state_dict.parent / "out.pt"
     code, _, err = run_cli(["decompose", str(state_dict), "-o", str(out), "--model", "digits_cnn"], capsys)
     assert code == 1

@@ -1,6 +1,7 @@
 """Parity with Keras 3: outputs, weight layouts, parameter counts, initialisation, padding.
 
-Source checked: ``/work/shared/REFERENCE.md``, section "Semantics to match (Keras 3 / TensorFlow)":
+Source checked: REFERENCE.md, the project's shared reference (kept outside this repository; nothing here reads
+it), section "Semantics to match (Keras 3 / TensorFlow)":
 
 * depthwise kernel ``(*k, C, M)``, pointwise kernel ``(*1, C * M, filters)``, output channel ``c * M + m``;
 * ``SeparableConv`` has ONE bias, after the pointwise step; stride and dilation act on the depthwise step;

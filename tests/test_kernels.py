@@ -17,10 +17,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from test_functional import geometry_case
-
 import sepconv
 import sepconv.functional as F
+from helpers import geometry_case
 from sepconv import kernels
 from sepconv.kernels import cpu, ops, reference, registry
 
@@ -304,22 +303,29 @@ def test_two_threads_calling_at_once():
         torch.testing.assert_close(out, want, **TOLERANCE[torch.float32])
 
 
-def test_a_failed_build_warns_once_and_falls_back_to_the_reference(monkeypatch):
+def test_a_failed_build_warns_once_and_falls_back_to_the_reference():
     def no_compiler():
         raise RuntimeError("Error building extension 'sepconv_cpu': c++: command not found")
 
-    monkeypatch.setattr(cpu, "_module", None)
-    monkeypatch.setattr(cpu, "_failure", None)
-    monkeypatch.setattr(cpu, "_build", no_compiler)
+    before = cpu.failure()
     kernels.set_kernels("auto")
     x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3)
-    with pytest.warns(RuntimeWarning, match=r"could not be built \(.*command not found\).*Install a C\+\+ compiler"):
-        out = F.depthwise_conv(x, w, padding=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        F.depthwise_conv(x, w, padding=1)  # once only
-    torch.testing.assert_close(out, reference.conv(x, w, None, F._geometry(x, (3, 3), 1, 1, 1, "zeros"), 4, "zeros"))
-    assert kernels.choices() and set(kernels.choices().values()) == {"reference"}
+    with cpu.simulated_build(no_compiler):
+        kernels.clear_choices()  # what "auto" chose with the real build
+        try:
+            with pytest.warns(RuntimeWarning,
+                              match=r"could not be built \(.*command not found\).*Install a C\+\+ compiler"):
+                out = F.depthwise_conv(x, w, padding=1)
+            assert cpu.failure() == "Error building extension 'sepconv_cpu': c++: command not found"
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                F.depthwise_conv(x, w, padding=1)  # once only
+            torch.testing.assert_close(out, reference.conv(x, w, None, F._geometry(x, (3, 3), 1, 1, 1, "zeros"), 4,
+                                                           "zeros"))
+            assert kernels.choices() and set(kernels.choices().values()) == {"reference"}
+        finally:
+            kernels.clear_choices()  # made without the real build
+    assert cpu.failure() == before
 
 
 def test_mode_errors_name_the_value_and_the_source(monkeypatch):

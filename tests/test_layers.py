@@ -1,4 +1,5 @@
-"""Layers: dense twins, initialisation, reprs, constraints, parameter counts (../shared/REFERENCE.md)."""
+"""Layers: dense twins, initialisation, reprs, constraints, parameter counts (REFERENCE.md, the project's shared
+reference: kept outside this repository, its numbers written out here)."""
 
 import math
 import os

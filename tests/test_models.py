@@ -1,7 +1,8 @@
 """Reference models (``sepconv.models``): registry, parameter counts, forward/backward, constraints, compile,
 ONNX and argument errors. Keras itself is the oracle in ``test_models_keras.py``.
 
-Numbers checked here come from ``/work/shared/REFERENCE.md``: the Keras counts (BN moving statistics count
+Numbers checked here come from REFERENCE.md, the project's shared reference (kept outside this repository;
+nothing here reads it, the numbers are written out in the tests): the Keras counts (BN moving statistics count
 in Keras' total, not in its trainable count; here they are buffers, so ``parameters()`` gives the trainable
 count), the MobileNetV1 paper's parameter counts (Table 4, Table 6 and the 4,209,088 weights of the paper
 network) and mult-adds (Tables 1, 4, 6 and 7, counted by ``sepconv.profile``). Other counts are written out
@@ -21,16 +22,11 @@ import torch
 from torch import nn
 
 import sepconv
-from sepconv.models import EEGNet, MobileNetV1, MobileNetV2, VGGCifar, Xception, _registry, create_model, list_models
+from sepconv.models import (EEGNet, MobileNetV1, MobileNetV2, VGGCifar, Xception, create_model, list_models,
+                            register_model, unregister_model)
+from helpers import count_parameters
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` as Keras counts them: total adds the BN moving mean and variance."""
-    trainable = sum(p.numel() for p in model.parameters())
-    statistics = sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var")))
-    return trainable, trainable + statistics
 
 
 def weights_only(model: nn.Module) -> int:
@@ -112,21 +108,51 @@ def test_unknown_name_lists_close_matches():
         create_model(None)
 
 
-def test_register_model(monkeypatch):
-    monkeypatch.setattr(_registry, "_BUILDERS", dict(_registry._BUILDERS))
+@pytest.fixture
+def registry_names():
+    """The names a test registers (it appends them); each is unregistered afterwards, even when the test fails."""
+    names = []
+    yield names
+    for name in names:
+        if name in list_models():
+            unregister_model(name)
 
-    @_registry.register_model
+
+def test_register_model(registry_names):
+    registry_names += ["tiny_net", "tiny_net_5"]
+
+    @register_model
     def tiny_net(num_classes=3):
         return nn.Linear(4, num_classes)
 
-    _registry.register_model("tiny_net_5", num_classes=5)(tiny_net)
+    register_model("tiny_net_5", num_classes=5)(tiny_net)
     assert create_model("tiny_net").out_features == 3
     assert create_model("tiny_net_5").out_features == 5
     assert "tiny_net" in list_models("tiny*")
     with pytest.raises(ValueError, match=r"a model named 'tiny_net' is already registered"):
-        _registry.register_model("tiny_net")(tiny_net)
+        register_model("tiny_net")(tiny_net)
     with pytest.raises(TypeError, match=r"name must be a non-empty str; got ''"):
-        _registry.register_model("")
+        register_model("")
+
+
+def test_unregister_model(registry_names):
+    registry_names.append("tiny_net")
+    before = list_models()
+
+    @register_model
+    def tiny_net(num_classes=3):
+        return nn.Linear(4, num_classes)
+
+    unregister_model("tiny_net")
+    assert list_models() == before
+    with pytest.raises(ValueError, match=r"^unknown model name 'tiny_net'"):
+        create_model("tiny_net")
+    register_model(tiny_net)  # the name is free again
+    assert create_model("tiny_net").out_features == 3
+    with pytest.raises(ValueError, match=r"^no model named 'tiny_net_7' is registered$"):
+        unregister_model("tiny_net_7")
+    with pytest.raises(TypeError, match=r"^name must be a str; got None$"):
+        unregister_model(None)
 
 
 # --- parameter counts --------------------------------------------------------------------------------

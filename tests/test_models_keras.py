@@ -28,9 +28,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from test_models import count_parameters  # noqa: E402
 
 import sepconv  # noqa: E402
+from helpers import count_parameters  # noqa: E402
 from sepconv.models import EEGNet, MobileNetV1, MobileNetV2, VGGCifar, Xception, load_keras_weights  # noqa: E402
 
 BATCH = 2

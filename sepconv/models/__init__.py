@@ -26,7 +26,7 @@ adding the ``running_mean``/``running_var`` buffers gives Keras' total.
 :func:`load_keras_weights` ports the weights of the Keras model into its sepconv counterpart.
 """
 
-from ._registry import create_model, list_models, register_model
+from ._registry import create_model, list_models, register_model, unregister_model
 from .convnext_k7 import ConvNeXtK7
 from .digits_cnn import DigitsCNN
 from .eegnet import EEGNet
@@ -37,6 +37,6 @@ from .replknet_k31 import RepLKNetK31
 from .vgg_cifar import VGGCifar
 from .xception import Xception
 
-__all__ = ["create_model", "list_models", "register_model", "load_keras_weights",
+__all__ = ["create_model", "list_models", "register_model", "unregister_model", "load_keras_weights",
            "MobileNetV1", "MobileNetV2", "Xception", "EEGNet", "VGGCifar", "DigitsCNN",
            "ConvNeXtK7", "RepLKNetK31"]

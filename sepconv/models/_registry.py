@@ -33,6 +33,23 @@ def register_model(name: str | Callable | None = None, /, **fixed):
     return decorator
 
 
+def unregister_model(name: str) -> None:
+    """Remove the registered model ``name`` (e.g. one a test registered); the name can be registered again.
+
+    >>> @register_model("scratch_net")
+    ... def scratch_net(num_classes=2):
+    ...     return nn.Linear(3, num_classes)
+    >>> unregister_model("scratch_net")
+    >>> list_models("scratch*")
+    []
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str; got {name!r}")
+    if name not in _BUILDERS:
+        raise ValueError(f"no model named {name!r} is registered")
+    del _BUILDERS[name]
+
+
 def _variant(name: str, builder, fixed: dict):
     def build(**kwargs):
         clashes = [f"{key}={kwargs[key]!r}" for key in fixed if key in kwargs and kwargs[key] != fixed[key]]
