@@ -1,8 +1,8 @@
 """The one way sepconv times calls: blocks of calls in interleaved rounds, the least disturbed round kept.
 
 Everything that compares speeds uses it: the kernels registry's ``auto`` choice (:func:`fastest` with the
-reference as ``baseline``), ``optimize_for_inference``'s layout choice and ``sepconv bench`` (:func:`calibrate` and
-:func:`interleaved`). Interleaving matters on a shared machine: a
+reference as ``baseline``), ``optimize_for_inference``'s layout choice, ``sepconv bench`` (:func:`calibrate` and
+:func:`interleaved`) and the profiler's whole-model times and machine probes (:func:`samples`). Interleaving matters on a shared machine: a
 burst of load from another process then hits every candidate of a round, not one candidate's whole run.
 """
 
@@ -12,7 +12,7 @@ import gc
 import time
 from collections.abc import Callable
 
-__all__ = ["MARGIN", "block", "calibrate", "fastest", "interleaved"]
+__all__ = ["MARGIN", "block", "calibrate", "fastest", "interleaved", "samples"]
 
 MARGIN = 0.9  # a candidate replaces the baseline only below MARGIN x its time, so noise does not flip a tie
 WARMUP = 2  # first calls load extensions, build oneDNN primitives and grow the allocator's pools
@@ -67,6 +67,16 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, numbers: dict
         if gc_was_enabled:
             gc.enable()
     return samples, errors
+
+
+def samples(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (garbage collector off)."""
+    for _ in range(warmup):
+        fn()
+    times, errors = interleaved({"fn": fn}, repeats)
+    if errors:
+        raise errors["fn"]
+    return times["fn"]
 
 
 def fastest(fns: dict[str, Callable[[], object]], baseline: str | None = None, *, margin: float = MARGIN,

@@ -12,7 +12,8 @@ from torch.utils._pytree import tree_flatten
 from ..cost import format_shape
 from .counter import OpCounter, OpRecord
 from .report import Profile, Row
-from .timing import Machine, measure_machine, median_and_iqr, time_calls
+from .._timer import samples
+from .timing import Machine, measure_machine, median_and_iqr
 
 __all__ = ["profile"]
 
@@ -187,7 +188,7 @@ def profile(model: nn.Module, input_or_shape, measure: bool = False, backward: b
         result = Profile(type(model).__name__, tuple(inputs[0].shape), str(inputs[0].dtype).removeprefix("torch."),
                          rows, sum(p.numel() for p in parameters), counted_params, backward)
         if measure:
-            model_seconds = time_calls(lambda: _run(model, inputs, backward), repeats, warmup)
+            model_seconds = samples(lambda: _run(model, inputs, backward), repeats, warmup)
             result.model_ms, result.model_iqr_ms = (1e3 * s for s in median_and_iqr(model_seconds))
             result.repeats = repeats
             _time_rows(rows, [_count(model, inputs, backward) for _ in range(repeats)], backward)

@@ -9,27 +9,15 @@ warm-up and the best run is kept: a roof is what the machine can reach, not what
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .._timer import samples
 from .counter import synchronize
 
-__all__ = ["Machine", "measure_machine", "median_and_iqr", "time_calls"]
-
-
-def time_calls(function: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    """Wall times in seconds of ``repeats`` calls of ``function`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        function()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+__all__ = ["Machine", "measure_machine", "median_and_iqr"]
 
 
 def median_and_iqr(samples: Sequence[float]) -> tuple[float, float]:
@@ -74,7 +62,7 @@ def measure_machine(copy_mib: int = 64, matmul_size: int = 1024, repeats: int = 
                     device: torch.device | str = "cpu") -> Machine:
     """Probe memory bandwidth (a ``copy_mib`` MiB copy) and peak fp32 (an ``n x n`` matrix product).
 
-    The defaults take about a quarter of a second on a 2-core CPU; 64 MiB exceeds its 32 MiB L3 cache.
+    64 MiB exceeds the last-level caches of most CPUs (32 MiB on the 2-core CPU this was written on).
     """
     source = torch.ones(copy_mib * 2**20 // 4, device=device)
     target = torch.empty_like(source)
@@ -83,7 +71,7 @@ def measure_machine(copy_mib: int = 64, matmul_size: int = 1024, repeats: int = 
         target.copy_(source)
         synchronize([target])
 
-    copy_seconds = min(time_calls(copy, repeats, warmup=2))
+    copy_seconds = min(samples(copy, repeats, warmup=2))
     left, right = torch.randn(matmul_size, matmul_size, device=device), torch.randn(matmul_size, matmul_size,
                                                                                     device=device)
     product = torch.empty_like(left)
@@ -92,7 +80,7 @@ def measure_machine(copy_mib: int = 64, matmul_size: int = 1024, repeats: int = 
         torch.mm(left, right, out=product)
         synchronize([product])
 
-    multiply_seconds = min(time_calls(multiply, repeats, warmup=2))
+    multiply_seconds = min(samples(multiply, repeats, warmup=2))
     description = (f"best of {repeats}: copy of {copy_mib} MiB counting read + write; "
                    f"{matmul_size}x{matmul_size} fp32 matmul, 2n^3 FLOPs")
     return Machine(2 * source.nbytes / copy_seconds, 2 * matmul_size**3 / multiply_seconds, torch.get_num_threads(),
