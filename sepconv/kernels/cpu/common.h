@@ -1,29 +1,18 @@
-// What the C++ kernels share: the vector unit's capability (ATen's Vectorized picks its implementation from
-// CPU_CAPABILITY, so it must be set before vec.h), and the activations that kernels apply in their epilogue.
+// What the C++ kernels share: the vector unit (vectors.h), the activations that kernels apply in their epilogue,
+// the output pool, and the entry points of the sources other than the depthwise ones.
 #pragma once
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY_AVX512 1
-#define CPU_CAPABILITY AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY_AVX2 1
-#define CPU_CAPABILITY AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
-
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
+#include "vectors.h"
 
 #include <cmath>
 #include <vector>
 
 namespace sepconv_cpu {
 
-using at::vec::Vectorized;
+// Parallel tasks per thread where work is split on purpose: enough that uneven tasks still balance.
+inline constexpr int64_t kTasksPerThread = 4;
 
-// Codes shared with sepconv/kernels/ops.py (ACTIVATIONS); `alpha` is ELU's alpha or LeakyReLU's slope.
+// Codes shared with sepconv/activations.py (FUSED, index = code); `alpha` is ELU's alpha or LeakyReLU's slope.
 enum class Act : int64_t { None = 0, ReLU, ReLU6, ELU, SiLU, Hardswish, GELU, LeakyReLU };
 
 struct Activation {
@@ -36,6 +25,12 @@ inline Activation read_activation(int64_t code, double alpha) {
   TORCH_CHECK(code >= 0 && code <= static_cast<int64_t>(Act::LeakyReLU), "sepconv: unknown activation code ", code);
   return {static_cast<Act>(code), alpha};
 }
+
+// What a forward kernel does to each finished vector of outputs on its way to memory.
+struct Epilogue {
+  Activation act;
+  bool stream = false;  // outputs far larger than the caches: store around them (see store_output)
+};
 
 template <typename T>
 inline Vectorized<T> activate(const Vectorized<T>& x, Act kind, T alpha) {
@@ -55,27 +50,27 @@ inline Vectorized<T> activate(const Vectorized<T>& x, Act kind, T alpha) {
   }
 }
 
-// p[0, n) = act(p[0, n) + bias[0, n)) in place (bias may be null), while the values are still in cache. The
-// activation is chosen once per call, outside the loop.
+// p[0, n) = act(p[0, n) + bias[0, n)) in place (bias may be null, then the constant b), while the values are still
+// in cache. The activation is chosen once per call, outside the loop.
 template <typename T, Act KIND>
-void activate_loop(T* p, int64_t n, const T* bias, T b, T alpha) {
-  using V = Vectorized<T>;
+void activate_loop(T* p, int64_t n, const T* bias, acc_t<T> b, acc_t<T> alpha) {
+  using V = Vectorized<acc_t<T>>;
   constexpr int64_t L = V::size();
   const V bv(b);
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    const V v = V::loadu(p + i) + (bias ? V::loadu(bias + i) : bv);
-    activate(v, KIND, alpha).store(p + i);
+    const V v = load_vec(p + i) + (bias ? load_vec(bias + i) : bv);
+    store_vec(activate(v, KIND, alpha), p + i);
   }
   if (i < n) {
-    const V v = V::loadu(p + i, n - i) + (bias ? V::loadu(bias + i, n - i) : bv);
-    activate(v, KIND, alpha).store(p + i, n - i);
+    const V v = load_vec(p + i, n - i) + (bias ? load_vec(bias + i, n - i) : bv);
+    store_vec(activate(v, KIND, alpha), p + i, n - i);
   }
 }
 
 template <typename T>
-void activate_inplace(T* p, int64_t n, const T* bias, const Activation& a, T b = T(0)) {
-  const T alpha = static_cast<T>(a.alpha);
+void activate_inplace(T* p, int64_t n, const T* bias, const Activation& a, acc_t<T> b = acc_t<T>(0)) {
+  const acc_t<T> alpha = static_cast<acc_t<T>>(a.alpha);
   switch (a.kind) {
     case Act::ReLU: return activate_loop<T, Act::ReLU>(p, n, bias, b, alpha);
     case Act::ReLU6: return activate_loop<T, Act::ReLU6>(p, n, bias, b, alpha);
@@ -86,6 +81,12 @@ void activate_inplace(T* p, int64_t n, const T* bias, const Activation& a, T b =
     case Act::LeakyReLU: return activate_loop<T, Act::LeakyReLU>(p, n, bias, b, alpha);
     default: return activate_loop<T, Act::None>(p, n, bias, b, alpha);
   }
+}
+
+// A tensor's data, or nullptr for an undefined tensor (no bias).
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
 // An empty output tensor. glibc maps a large block afresh on every call and returns it on free, so filling a

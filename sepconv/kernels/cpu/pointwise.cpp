@@ -15,17 +15,17 @@ namespace sepconv_cpu {
 
 namespace {
 
-constexpr int64_t kBlasFrom = 512;  // input and output channels from which BLAS's product measured faster here
+constexpr int64_t kBlasFrom = 512;  // input and output channels from which BLAS's packed product beats the blocks
 
 template <typename T>
 void pointwise_nhwc(const T* x, const T* wt, int64_t ldw, const T* bias, T* y, int64_t P, int64_t K, int64_t O,
                     const Activation& a) {
-  constexpr int64_t L = Vectorized<T>::size();
+  constexpr int64_t L = Vectorized<acc_t<T>>::size();
   const int64_t chunk = kVectors * L;  // output channels per register block
   const int64_t pixel_tasks = (P + kPixelTask - 1) / kPixelTask;
   // enough channel blocks per pixel block that every thread has a few tasks
   const int64_t chunks = (O + chunk - 1) / chunk;
-  const int64_t want = std::max<int64_t>(1, 4 * at::get_num_threads() / pixel_tasks);
+  const int64_t want = std::max<int64_t>(1, kTasksPerThread * at::get_num_threads() / pixel_tasks);
   const int64_t chunks_per_task = std::max<int64_t>(1, chunks / std::min(chunks, want));
   const int64_t channel_tasks = (chunks + chunks_per_task - 1) / chunks_per_task;
   at::parallel_for(0, pixel_tasks * channel_tasks, 1, [&](int64_t begin, int64_t end) {

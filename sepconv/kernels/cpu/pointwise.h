@@ -1,8 +1,9 @@
 // The pointwise (1x1) convolution's register-blocked product, shared by pointwise.cpp and the fused separable
-// kernel in depthwise.cpp: Y = act(X W^T + b) for channels-last X (pixels, C) and W^T rows (C, C_out).
+// kernel in separable.cpp: Y = act(X W^T + b) for channels-last X (pixels, C) and W^T rows (C, C_out).
 #pragma once
 
 #include "common.h"
+#include "width.h"
 
 #include <algorithm>
 #include <vector>
@@ -16,28 +17,29 @@ inline constexpr int64_t kPixelTask = 64;  // pixels per task: their input rows 
 inline constexpr int64_t kDepth = 128;  // input channels per pass: a block of W^T's rows (128 x 48) stays in L1
 
 // Y[r, 0:n) = act(b + sum_k X[r, k] * Wt[k, 0:n)) for R pixels and NV vectors of outputs (the last holds `tail`).
-template <typename T, int R, int NV, bool FULL>
-void pointwise_block(const T* x, int64_t ldx, const T* wt, int64_t ldw, int64_t K, const T* bias, T* y, int64_t ldy,
-                     int64_t tail, bool accumulate, Act act, T alpha) {
-  using V = Vectorized<T>;
+// X may be stored in the accumulator type (the fused separable's hidden block) rather than in T.
+template <typename T, typename In, int R, int NV, bool FULL>
+void pointwise_block(const In* x, int64_t ldx, const T* wt, int64_t ldw, int64_t K, const T* bias, T* y, int64_t ldy,
+                     int64_t tail, bool accumulate, Act act, acc_t<T> alpha) {
+  using V = Vectorized<acc_t<T>>;
   constexpr int64_t L = V::size();
   V acc[R][NV];
 #pragma GCC unroll 4
   for (int j = 0; j < NV; ++j) {
     const bool part = !FULL && j == NV - 1;
-    const V b = bias ? (part ? V::loadu(bias + j * L, tail) : V::loadu(bias + j * L)) : V(T(0));
+    const V b = bias ? (part ? load_vec(bias + j * L, tail) : load_vec(bias + j * L)) : V(acc_t<T>(0));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
-      acc[r][j] = !accumulate ? b : part ? V::loadu(y + r * ldy + j * L, tail) : V::loadu(y + r * ldy + j * L);
+      acc[r][j] = !accumulate ? b : part ? load_vec(y + r * ldy + j * L, tail) : load_vec(y + r * ldy + j * L);
   }
   for (int64_t k = 0; k < K; ++k) {
     V w[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j)
-      w[j] = (!FULL && j == NV - 1) ? V::loadu(wt + k * ldw + j * L, tail) : V::loadu(wt + k * ldw + j * L);
+      w[j] = (!FULL && j == NV - 1) ? load_vec(wt + k * ldw + j * L, tail) : load_vec(wt + k * ldw + j * L);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const V a(x[r * ldx + k]);
+      const V a(to_acc(x[r * ldx + k]));
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[r][j] = at::vec::fmadd(a, w[j], acc[r][j]);
     }
@@ -47,36 +49,39 @@ void pointwise_block(const T* x, int64_t ldx, const T* wt, int64_t ldw, int64_t 
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
       const V v = act == Act::None ? acc[r][j] : activate(acc[r][j], act, alpha);
-      if (!FULL && j == NV - 1) v.store(y + r * ldy + j * L, tail);
-      else v.store(y + r * ldy + j * L);
+      if (!FULL && j == NV - 1) store_vec(v, y + r * ldy + j * L, tail);
+      else store_vec(v, y + r * ldy + j * L);
     }
   }
 }
 
-template <typename T, int R>
-using Block = void (*)(const T*, int64_t, const T*, int64_t, int64_t, const T*, T*, int64_t, int64_t, bool, Act, T);
+template <typename T, typename In, int R>
+using Block = void (*)(const In*, int64_t, const T*, int64_t, int64_t, const T*, T*, int64_t, int64_t, bool, Act,
+                       acc_t<T>);
 
-template <typename T, int R>
-Block<T, R> pick(int64_t vectors, bool full) {
-  switch (vectors) {
-    case 3: return full ? pointwise_block<T, R, 3, true> : pointwise_block<T, R, 3, false>;
-    case 2: return full ? pointwise_block<T, R, 2, true> : pointwise_block<T, R, 2, false>;
-    default: return full ? pointwise_block<T, R, 1, true> : pointwise_block<T, R, 1, false>;
-  }
+// The block for this many vectors of outputs (1 to kVectors), the last one full or not.
+template <typename T, typename In, int R>
+Block<T, In, R> pick(int64_t vectors, bool full) {
+  Block<T, In, R> block = nullptr;
+  with_width<kVectors>(vectors, [&](auto width) {
+    constexpr int NV = decltype(width)::value;
+    block = full ? pointwise_block<T, In, R, NV, true> : pointwise_block<T, In, R, NV, false>;
+  });
+  return block;
 }
 
 // Rows [p0, p1) of Y (rows `ldy` apart), output channels [o_begin, o_end), on the calling thread. W^T's rows
 // are `ldw` apart.
-template <typename T>
-void pointwise_rows(const T* x, const T* wt, int64_t ldw, const T* bias, T* y, int64_t ldy, int64_t p0, int64_t p1,
+template <typename T, typename In>
+void pointwise_rows(const In* x, const T* wt, int64_t ldw, const T* bias, T* y, int64_t ldy, int64_t p0, int64_t p1,
                     int64_t o_begin, int64_t o_end, int64_t K, const Activation& a) {
-  constexpr int64_t L = Vectorized<T>::size();
+  constexpr int64_t L = Vectorized<acc_t<T>>::size();
   const int64_t chunk = kVectors * L;
-  const T alpha = static_cast<T>(a.alpha);
+  const acc_t<T> alpha = static_cast<acc_t<T>>(a.alpha);
   for (int64_t o = o_begin; o < o_end; o += chunk) {
     const int64_t n = std::min(chunk, o_end - o), vectors = (n + L - 1) / L, tail = n - (vectors - 1) * L;
-    const auto block8 = pick<T, kPixels>(vectors, tail == L);
-    const auto block1 = pick<T, 1>(vectors, tail == L);
+    const auto block8 = pick<T, In, kPixels>(vectors, tail == L);
+    const auto block1 = pick<T, In, 1>(vectors, tail == L);
     const T* b = bias ? bias + o : nullptr;
     // passes over kDepth input channels at a time: partial sums wait in Y, the last pass applies the activation
     for (int64_t k0 = 0; k0 < K; k0 += kDepth) {

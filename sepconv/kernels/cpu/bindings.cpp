@@ -1,0 +1,169 @@
+// The extension's Python interface: the depthwise entry points, which choose the kernel family (planar.h or
+// channels_last.h) by the tensors' memory layout, and the one PYBIND11_MODULE of all the sources.
+//
+// Tensors are 4-D (N, C, H, W); 1-D calls arrive as 2-D ones with one row. The geometry arrives as the 12 integers
+// of read_geometry (geometry.h). Threads come from PyTorch's own pool (at::parallel_for), so there is no second
+// OpenMP runtime.
+
+#include "channels_last.h"
+#include "common.h"
+#include "geometry.h"
+#include "planar.h"
+
+#include <atomic>
+#include <optional>
+
+namespace sepconv_cpu {
+
+namespace {
+
+std::atomic<int64_t> kernel_calls{0};
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+              "sepconv cpu kernels: ", name, " must be a 4-D float32/float64 CPU tensor; got ", t.sizes(), " ",
+              t.scalar_type());
+}
+
+// float32 lanes of a vector: the layout choices below count channels and columns in vectors.
+constexpr int64_t kLanes = Vectorized<float>::size();
+
+// PyTorch's convolutions answer a channels-last input or weight with a channels-last output.
+bool channels_last_output(const at::Tensor& t, const at::Tensor& weight) {
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+         weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// The channels-last kernels vectorise along channels: worth it from about half a vector of them on. They also
+// take contiguous inputs whose output rows are short (the planar kernels' vectors run along rows), through a
+// transposed copy in and out.
+bool use_channels_last(bool cl, int64_t C, int64_t M, int64_t out_width) {
+  return M == 1 && C >= std::max<int64_t>(4, kLanes / 2) && (cl || (C >= 2 * kLanes && out_width < 2 * kLanes));
+}
+
+// The planar kernels' output: NCHW, which for one channel already has PyTorch's channels-last strides.
+at::Tensor planar_output(at::IntArrayRef size, const at::TensorOptions& options, bool cl) {
+  const bool one_channel = cl && size[1] == 1;
+  return empty_output(size,
+                      options.memory_format(one_channel ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+}
+
+at::Tensor empty_channels_last(at::IntArrayRef size, const at::TensorOptions& options) {
+  return empty_output(size, options.memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor in_layout(const at::Tensor& t, bool cl) {
+  return cl ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
+}
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   at::IntArrayRef geometry, int64_t activation, double alpha, bool prefer_channels_last) {
+  check(x, "x");
+  const Activation act = read_activation(activation, alpha);
+  check(weight, "weight");
+  ++kernel_calls;
+  const Geometry g = read_geometry(geometry);
+  const int64_t N = x.size(0), C = x.size(1), CM = weight.size(0), M = CM / C;
+  const at::Tensor b = contiguous_or_undefined(bias);
+  const bool cl = channels_last_output(x, weight);
+  if (C == 1 && M >= kLanes && g.kernel_h * g.kernel_w <= channels_last::kBroadcastMaxTaps && prefer_channels_last) {
+    // one input channel has no layout of its own; a caller running channels-last asks for that output
+    auto y = empty_channels_last({N, CM, g.out_h, g.out_w}, x.options());
+    channels_last::broadcast_forward(x.contiguous(), weight, b, y, g, act);
+    return y;
+  }
+  if (use_channels_last(cl, C, M, g.out_w)) {
+    auto y = empty_channels_last({N, CM, g.out_h, g.out_w}, x.options());
+    channels_last::forward(x.contiguous(at::MemoryFormat::ChannelsLast), weight, b, y, g, act);
+    return cl ? y : y.contiguous();
+  }
+  auto y = planar_output({N, CM, g.out_h, g.out_w}, x.options(), cl);
+  planar::forward(x.contiguous(), weight.contiguous(), b, y, g, act);
+  return in_layout(y, cl);
+}
+
+// Depthwise (with its activation) then pointwise (with its own), fused where the depthwise kernels run
+// channels-last with unpadded rows; otherwise the two kernels one after the other.
+at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     at::IntArrayRef geometry, int64_t dw_activation, double dw_alpha, const at::Tensor& pw_weight,
+                     const std::optional<at::Tensor>& pw_bias, int64_t activation, double alpha) {
+  check(x, "x");
+  check(weight, "weight");
+  const Geometry g = read_geometry(geometry);
+  const int64_t N = x.size(0), C = x.size(1), W = x.size(3), M = weight.size(0) / C, O = pw_weight.size(0);
+  TORCH_CHECK(pw_weight.dim() == 4 && pw_weight.size(1) == weight.size(0) && pw_weight.scalar_type() == x.scalar_type(),
+              "sepconv cpu separable: pw_weight must be (C_out, ", weight.size(0), ", 1, 1); got ", pw_weight.sizes());
+  const bool fused = use_channels_last(true, C, M, g.out_w) &&
+                     x.suggest_memory_format() == at::MemoryFormat::ChannelsLast &&
+                     !channels_last::reads_padded_rows(g, W);
+  if (!fused)
+    return pointwise(forward(x, weight, bias, geometry, dw_activation, dw_alpha, false), pw_weight, pw_bias,
+                     activation, alpha);
+  ++kernel_calls;
+  const Activation dw_act = read_activation(dw_activation, dw_alpha);
+  const Activation act = read_activation(activation, alpha);
+  auto y = empty_channels_last({N, O, g.out_h, g.out_w}, x.options());
+  channels_last::separable_forward(x.contiguous(at::MemoryFormat::ChannelsLast), weight, contiguous_or_undefined(bias),
+                                   dw_act, pw_weight, contiguous_or_undefined(pw_bias), y, g, act);
+  return y;
+}
+
+at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef input_size,
+                      at::IntArrayRef geometry) {
+  check(grad_out, "grad_out");
+  check(weight, "weight");
+  ++kernel_calls;
+  const Geometry g = read_geometry(geometry);
+  const int64_t N = input_size[0], C = input_size[1], H = input_size[2], W = input_size[3];
+  const int64_t M = weight.size(0) / C;
+  const bool cl = channels_last_output(grad_out, weight);
+  if (use_channels_last(cl, C, M, W)) {
+    auto dinput = empty_channels_last({N, C, H, W}, grad_out.options());
+    channels_last::input_grad(grad_out.contiguous(at::MemoryFormat::ChannelsLast), weight, dinput, g);
+    return cl ? dinput : dinput.contiguous();
+  }
+  auto dinput = planar_output({N, C, H, W}, grad_out.options(), cl);
+  planar::input_grad(grad_out.contiguous(), weight.contiguous(), dinput, g);
+  return in_layout(dinput, cl);
+}
+
+at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntArrayRef weight_size,
+                       at::IntArrayRef geometry) {
+  check(x, "x");
+  check(grad_out, "grad_out");
+  ++kernel_calls;
+  const Geometry g = read_geometry(geometry);
+  const int64_t C = x.size(1), CM = weight_size[0], M = CM / C;
+  if (use_channels_last(x.suggest_memory_format() == at::MemoryFormat::ChannelsLast, C, M, g.out_w)) {
+    auto dweight_rows = at::empty({g.kernel_h, g.kernel_w, C}, x.options());
+    channels_last::weight_grad(x.contiguous(at::MemoryFormat::ChannelsLast),
+                               grad_out.contiguous(at::MemoryFormat::ChannelsLast), dweight_rows, g);
+    return dweight_rows.permute({2, 0, 1}).unsqueeze(1).contiguous();
+  }
+  auto dweight = at::empty({CM, 1, g.kernel_h, g.kernel_w}, x.options());
+  planar::weight_grad(x.contiguous(), grad_out.contiguous(), dweight, g);
+  return dweight;
+}
+
+}  // namespace
+
+}  // namespace sepconv_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace sepconv_cpu;
+  m.def("forward", &forward, "depthwise convolution, forward, with an activation in the epilogue", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("geometry"), py::arg("activation") = 0, py::arg("alpha") = 1.0,
+        py::arg("prefer_channels_last") = false);
+  m.def("pointwise", &pointwise, "pointwise convolution with bias and activation in the epilogue");
+  m.def("batch_norm_act_forward", &batch_norm_act_forward, "batch norm (batch statistics) + activation");
+  m.def("batch_norm_act_backward", &batch_norm_act_backward, "its gradients of x, weight and bias");
+  m.def("release_memory", &release_pool, "frees the output pool's free blocks; returns the bytes");
+  m.def("separable", &separable, "depthwise then pointwise convolution, fused, each with bias and activation");
+  m.def("input_grad", &input_grad, "depthwise convolution, gradient of the input");
+  m.def("weight_grad", &weight_grad, "depthwise convolution, gradient of the weight");
+  m.def("kernel_calls", [] { return kernel_calls.load(); }, "how many times a kernel ran (tests read it)");
+}

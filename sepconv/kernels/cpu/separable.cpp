@@ -1,0 +1,59 @@
+// Depthwise then pointwise (inference), channels-last, a block of output rows at a time: the block's depthwise
+// output, with its bias and activation, stays in a per-thread buffer in cache and feeds the pointwise product
+// (pointwise.h), so the hidden tensor never goes to memory.
+
+#include "channels_last.h"
+#include "pointwise.h"
+
+namespace sepconv_cpu::channels_last {
+
+namespace {
+
+// Register blocks of the pointwise product per block of rows: enough pixels that few of them are partial.
+constexpr int64_t kProductBlocks = 4;
+
+// Rows per block: enough pixels for the product's register blocks, enough blocks for the threads. The hidden
+// block holds sums in the accumulator type, which the product reads as they are.
+template <typename T>
+void separable_kernel(const T* x, const T* wt, const T* bias, const Activation& dw_act, const T* pwt, int64_t ldw,
+                      const T* pw_bias, T* y, int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, const Geometry& g,
+                      const Activation& act) {
+  const Bounds inside = interior(W, g.out_w, g.kernel_w, g.stride_w, g.pad_left, g.dilation_w);
+  const int64_t enough_pixels = (kProductBlocks * kPixels + g.out_w - 1) / g.out_w;
+  const int64_t enough_tasks = std::max<int64_t>(1, N * g.out_h / (kTasksPerThread * at::get_num_threads()));
+  const int64_t rows = std::max<int64_t>(1, std::min({enough_pixels, enough_tasks, g.out_h}));
+  const int64_t blocks = (g.out_h + rows - 1) / rows;
+  const Epilogue e{dw_act, false};
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    KernelRows<T> kernel_rows(g.kernel_h);
+    std::vector<acc_t<T>> hidden(rows * g.out_w * C);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image = task / blocks, oh0 = (task % blocks) * rows, oh1 = std::min(g.out_h, oh0 + rows);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        kernel_rows.gather(x, wt, image, oh, H, W, C, g, nullptr);
+        kernel_rows.row(wt, bias, hidden.data() + (oh - oh0) * g.out_w * C, C, W, inside, g, e);
+      }
+      pointwise_rows(hidden.data(), pwt, ldw, pw_bias, y + (image * g.out_h + oh0) * g.out_w * O, O, 0,
+                     (oh1 - oh0) * g.out_w, 0, O, C, act);
+    }
+  });
+}
+
+}  // namespace
+
+void separable_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       const Activation& dw_act, const at::Tensor& pw_weight, const at::Tensor& pw_bias,
+                       at::Tensor& y, const Geometry& g, const Activation& act) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = pw_weight.size(0);
+  const auto wt = weight_rows(weight, false);
+  const auto columns = weight_columns(pw_weight);
+  const at::Tensor& pwt = columns.first;
+  const int64_t ldw = columns.second;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_separable_nhwc", [&] {
+    separable_kernel<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), dw_act,
+                               pwt.data_ptr<scalar_t>(), ldw, data_or_null<scalar_t>(pw_bias), y.data_ptr<scalar_t>(),
+                               N, C, H, W, O, g, act);
+  });
+}
+
+}  // namespace sepconv_cpu::channels_last
