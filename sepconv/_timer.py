@@ -1,9 +1,10 @@
 """The one way sepconv times calls: blocks of calls in interleaved rounds, the least disturbed round kept.
 
-Everything that compares speeds uses it: the kernels registry's ``auto`` choice (:func:`fastest` with the
-reference as ``baseline``), ``optimize_for_inference``'s layout choice, ``sepconv bench`` (:func:`calibrate` and
-:func:`interleaved`) and the profiler's whole-model times and machine probes (:func:`samples`). Interleaving matters on a shared machine: a
-burst of load from another process then hits every candidate of a round, not one candidate's whole run.
+Users: the kernels registry's ``auto`` choice (:func:`fastest` with the reference as ``baseline``),
+``optimize_for_inference``'s layout choice, ``sepconv bench`` (:func:`calibrate` and :func:`interleaved`) and the
+profiler's whole-model times and machine probes (:func:`samples`). ``sepconv compare`` reports times from
+:mod:`torch.utils.benchmark` instead, which its report names. Interleaving matters on a shared machine: a burst of
+load from another process then hits every candidate of a round, not one candidate's whole run.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ Three more serve inference (:mod:`sepconv.inference`), forward only, with the bi
 
 Their default implementation is the reference (PyTorch's convolution, then the activation).
 
-Each has a fake implementation (shapes only, so ``torch.compile``/``torch.export`` trace them as one node)
-and registered autograd written with the three ops themselves, so gradients of any order stay on them. The
-backends register the device implementations (the C++ CPU backend: :mod:`sepconv.kernels.cpu`); vmap runs
-an op once per batch entry.
+Every op has a fake implementation (shapes only, so ``torch.compile``/``torch.export`` trace it as one node). The
+three depthwise ops also have registered autograd written with themselves, so gradients of any order stay on them,
+and vmap (the op once per batch entry); the fused ops have neither (inference only). The backends register the
+device implementations (the C++ CPU backend: :mod:`sepconv.kernels.cpu`).
 """
 
 from __future__ import annotations

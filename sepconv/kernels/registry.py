@@ -125,8 +125,9 @@ def exporting() -> bool:
     return torch.jit.is_tracing() or (onnx is not None and onnx.is_in_onnx_export())
 
 
-# Mode auto in compiled graphs: depthwise convolutions up to 3x3 stay PyTorch's, around which inductor fuses the
-# norm and activation (the opaque sepconv op would prevent it); larger kernels and 1-D ones go to the backends.
+# Mode auto in compiled graphs: depthwise convolutions of at most 9 taps (2-D or 3-D) stay PyTorch's, around which
+# inductor fuses the norm and activation (the opaque sepconv op would prevent it); larger kernels and 1-D ones go
+# to the backends.
 _COMPILED_REFERENCE_TAPS = 9
 
 

@@ -173,7 +173,7 @@ def _has_storage(t: torch.Tensor) -> bool:
 
 @memoised
 def _kernel_args(input_size, kernel_size, stride, padding, dilation) -> list[int]:
-    """The kernels' 12 geometry integers (see depthwise.cpp's Geometry) for an op call's arguments."""
+    """The kernels' 12 geometry integers (see geometry.h) for an op call's arguments."""
     g = ops.resolve(input_size, kernel_size, stride, padding, dilation)
     if len(g.kernel_size) == 1:
         g = g._replace(input_size=(1, *g.input_size), kernel_size=(1, *g.kernel_size), stride=(1, *g.stride),
