@@ -1,10 +1,10 @@
 """The C++ CPU backend: depthwise, pointwise, fused separable and batch-norm kernels compiled on the user's machine.
 
-The sources of this folder are built on first use by :func:`torch.utils.cpp_extension.load` (ninja, ``-O3`` for the
-host's instruction set, cached in PyTorch's extensions directory, so later processes load it in well under a
-second) and registered as the CPU implementation of the ``torch.ops.sepconv`` ops (:mod:`..ops`). Its threads are
-PyTorch's own (``at::parallel_for``). Where the build fails (no compiler, no ninja), sepconv warns once, naming the
-cause and the fix, and every call takes the reference.
+The sources of this folder are built on first use or by ``sepconv build`` (:mod:`.build`: ``-O3`` for the host's
+instruction set, said on stderr, cached per CPU, so later processes load them in well under a second) and registered
+as the CPU implementation of the ``torch.ops.sepconv`` ops (:mod:`..ops`). Its threads are PyTorch's own
+(``at::parallel_for``). Where the build fails (no compiler, no ninja), sepconv warns once, naming the cause and the
+fix, and every call takes the reference.
 
 Covered (:func:`supports`): 1-D and 2-D depthwise convolutions, float32 and float64, any kernel size, stride,
 dilation and depth multiplier, any padding mode (others than zeros padded first), contiguous and channels-last
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import platform
 import threading
 import warnings
 
@@ -26,28 +25,19 @@ import torch
 from ..._memo import memoised
 from ... import activations
 from .. import ops, reference, registry
+from . import build
 
 NAME = "cpu"
-_SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.cpp")))
+_FOLDER = os.path.dirname(os.path.abspath(__file__))
+KERNELS = build.Extension("sepconv_cpu", tuple(sorted(glob.glob(os.path.join(_FOLDER, "*.cpp")))),
+                          tuple(sorted(glob.glob(os.path.join(_FOLDER, "*.h")))))
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None
 
 
-def _flags() -> list[str]:
-    native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
-    # -fopenmp compiles at::parallel_for's parallel region; libgomp resolves to the copy PyTorch already loaded
-    return ["-O3", native, "-fno-math-errno", "-fopenmp"]
-
-
 def _build():
-    from torch.utils import cpp_extension
-
-    build_dir = os.environ.get("SEPCONV_BUILD_DIR") or None
-    if build_dir:
-        os.makedirs(build_dir, exist_ok=True)
-    return cpp_extension.load(name="sepconv_cpu", sources=_SOURCES, extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
-                              build_directory=build_dir, verbose=False)
+    return build.load_or_build(KERNELS)
 
 
 def load():
@@ -61,7 +51,7 @@ def load():
                 _module = _build()
                 _register()
             except Exception as error:  # a compiler error, no ninja, no headers: all end on the reference
-                _failure = _cause(error)
+                _failure = build.cause(error)
                 warnings.warn(f"sepconv: the C++ CPU kernels could not be built ({_failure}); depthwise "
                               "convolutions run on PyTorch's own kernels. Install a C++ compiler (g++ or clang) and "
                               "ninja (`pip install ninja`), or set SEPCONV_KERNELS=reference to silence this.",
@@ -69,12 +59,10 @@ def load():
     return _module
 
 
-def _cause(error: Exception) -> str:
-    """The line of a build failure that says what went wrong (a compiler's first error), shortened to one line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    compiler = [line for line in lines if ": error" in line or ": fatal error" in line]
-    text = (compiler or lines or [type(error).__name__])[0]
-    return text if len(text) <= 300 else text[:297] + "..."
+@torch.compiler.assume_constant_result
+def _loaded_outside_the_graph() -> bool:
+    """Dynamo runs this as plain Python and keeps the answer: a first build or load inside a compiled region."""
+    return load() is not None
 
 
 @contextlib.contextmanager
@@ -91,6 +79,8 @@ def simulated_build(build):
 
 
 def available() -> bool:
+    if torch.compiler.is_compiling():  # dynamo must neither trace the load nor guard on the module
+        return _loaded_outside_the_graph()
     return load() is not None
 
 
