@@ -25,6 +25,14 @@ void check(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+// Every entry point's first step: its two tensors checked, its geometry read.
+Geometry checked_geometry(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                          at::IntArrayRef geometry) {
+  check(a, a_name);
+  check(b, b_name);
+  return read_geometry(geometry);
+}
+
 // float32 lanes of a vector: the layout choices below count channels and columns in vectors.
 constexpr int64_t kLanes = Vectorized<float>::size();
 
@@ -62,11 +70,9 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    at::IntArrayRef geometry, int64_t activation, double alpha, bool prefer_channels_last) {
-  check(x, "x");
+  const Geometry g = checked_geometry(x, "x", weight, "weight", geometry);
   const Activation act = read_activation(activation, alpha);
-  check(weight, "weight");
   ++kernel_calls;
-  const Geometry g = read_geometry(geometry);
   const int64_t N = x.size(0), C = x.size(1), CM = weight.size(0), M = CM / C;
   const at::Tensor b = contiguous_or_undefined(bias);
   const bool cl = channels_last_output(x, weight);
@@ -91,9 +97,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
 at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      at::IntArrayRef geometry, int64_t dw_activation, double dw_alpha, const at::Tensor& pw_weight,
                      const std::optional<at::Tensor>& pw_bias, int64_t activation, double alpha) {
-  check(x, "x");
-  check(weight, "weight");
-  const Geometry g = read_geometry(geometry);
+  const Geometry g = checked_geometry(x, "x", weight, "weight", geometry);
   const int64_t N = x.size(0), C = x.size(1), W = x.size(3), M = weight.size(0) / C, O = pw_weight.size(0);
   TORCH_CHECK(pw_weight.dim() == 4 && pw_weight.size(1) == weight.size(0) && pw_weight.scalar_type() == x.scalar_type(),
               "sepconv cpu separable: pw_weight must be (C_out, ", weight.size(0), ", 1, 1); got ", pw_weight.sizes());
@@ -114,10 +118,8 @@ at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::o
 
 at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef input_size,
                       at::IntArrayRef geometry) {
-  check(grad_out, "grad_out");
-  check(weight, "weight");
+  const Geometry g = checked_geometry(grad_out, "grad_out", weight, "weight", geometry);
   ++kernel_calls;
-  const Geometry g = read_geometry(geometry);
   const int64_t N = input_size[0], C = input_size[1], H = input_size[2], W = input_size[3];
   const int64_t M = weight.size(0) / C;
   const bool cl = channels_last_output(grad_out, weight);
@@ -133,10 +135,8 @@ at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::
 
 at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntArrayRef weight_size,
                        at::IntArrayRef geometry) {
-  check(x, "x");
-  check(grad_out, "grad_out");
+  const Geometry g = checked_geometry(x, "x", grad_out, "grad_out", geometry);
   ++kernel_calls;
-  const Geometry g = read_geometry(geometry);
   const int64_t C = x.size(1), CM = weight_size[0], M = CM / C;
   if (use_channels_last(x.suggest_memory_format() == at::MemoryFormat::ChannelsLast, C, M, g.out_w)) {
     auto dweight_rows = at::empty({g.kernel_h, g.kernel_w, C}, x.options());
