@@ -399,3 +399,44 @@ def test_large_outputs_come_from_a_pool_that_never_hands_out_live_memory():
     del first, third
     assert cpu.release_memory() >= 2 * x.nbytes
     assert cpu.release_memory() == 0
+
+
+@requires_cpu_backend
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pool_outputs_behave_like_pytorchs_in_every_way_a_user_reaches(layout, tmp_path):
+    """Defect: pool outputs had storages that could not be resized (resize_, out= raised)."""
+    import io
+    import pickle
+
+    x, w = torch.randn(4, 64, 112, 112), torch.randn(64, 1, 3, 3)  # a 12.25 MiB output: from the pool
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with kernels.use_kernels("cpu"):
+        calls = cpu.kernel_calls()
+        make = lambda: F.depthwise_conv(x, w, padding=1)  # noqa: E731
+        want = make()
+        assert cpu.kernel_calls() > calls
+    y = make()
+    y.resize_(5, 64, 112, 112)  # larger: a new block, the old values kept in memory order
+    torch.testing.assert_close(y.view(-1)[:want.numel()], want.as_strided((want.numel(),), (1,)))
+    y = make()
+    torch.cat([want[:2], want[2:]], out=y)
+    torch.testing.assert_close(y, want)
+    y = make()
+    torch.add(want, 1, out=y.resize_(0))  # out= resizes an emptied output back up
+    torch.testing.assert_close(y, want + 1)
+    other = torch.empty(0).set_(make())
+    torch.testing.assert_close(other, want)
+    y = make()
+    y.add_(1).mul_(2)
+    torch.testing.assert_close(y, (want + 1) * 2)
+    y[:, :3].fill_(7.0)  # through a view
+    assert y[:, :3].eq(7).all() and not y[:, 3:].eq(7).all()
+    shared = make().share_memory_()
+    assert shared.is_shared()
+    torch.testing.assert_close(shared, want)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(make())), want)
+    buffer = io.BytesIO()
+    torch.save(make(), buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer), want)

@@ -2,10 +2,12 @@
 
 #include "common.h"
 
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/strides.h>
+
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -79,31 +81,44 @@ void give_back(void* data) {
   pool().give(block, *reinterpret_cast<size_t*>(block));
 }
 
+// The pool as an allocator, so that its storages are resizable like PyTorch's: resize_, out= and set_ reach it.
+struct PoolAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    if (n >= kPoolFrom) {
+      const size_t bytes = (n + kHeader + kHuge - 1) / kHuge * kHuge;
+      if (char* block = static_cast<char*>(pool().take(bytes))) {
+        *reinterpret_cast<size_t*>(block) = bytes;
+        return {block + kHeader, block + kHeader, &give_back, c10::Device(c10::DeviceType::CPU)};
+      }
+    }
+    return c10::GetCPUAllocator()->allocate(n);
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+PoolAllocator& allocator() {
+  static PoolAllocator* instance = new PoolAllocator();  // never destroyed, as the pool
+  return *instance;
+}
+
 }  // namespace
 
 at::Tensor empty_output(at::IntArrayRef size, const at::TensorOptions& options) {
-  const bool channels_last = size.size() == 4 &&
-                             options.memory_format_opt().value_or(at::MemoryFormat::Contiguous) ==
-                                 at::MemoryFormat::ChannelsLast;
+  const auto format = options.memory_format_opt().value_or(at::MemoryFormat::Contiguous);
   int64_t elements = 1;
   for (const auto n : size) elements *= n;
   const size_t data_bytes = static_cast<size_t>(elements) * options.dtype().itemsize();
   if (data_bytes < kPoolFrom) return at::empty(size, options);
-  const size_t bytes = (data_bytes + kHeader + kHuge - 1) / kHuge * kHuge;
-  char* block = static_cast<char*>(pool().take(bytes));
-  if (block == nullptr) return at::empty(size, options);
-  *reinterpret_cast<size_t*>(block) = bytes;
-  std::vector<int64_t> strides(size.size());
-  if (channels_last) {
-    strides = c10::get_channels_last_strides_2d(size);
-  } else {
-    int64_t stride = 1;
-    for (int64_t d = static_cast<int64_t>(size.size()) - 1; d >= 0; --d) {
-      strides[d] = stride;
-      stride *= std::max<int64_t>(size[d], 1);
-    }
+  c10::Storage storage(c10::Storage::use_byte_size_t(), data_bytes, &allocator(), /*resizable=*/true);
+  c10::DimVector strides = c10::contiguous_strides(size);
+  if (format == at::MemoryFormat::ChannelsLast && size.size() == 4) {
+    const auto cl = c10::get_channels_last_strides_2d(size);
+    strides.assign(cl.begin(), cl.end());
   }
-  return at::from_blob(block + kHeader, size, strides, &give_back, options.memory_format(c10::nullopt));
+  return at::empty({0}, options.memory_format(c10::nullopt)).set_(storage, 0, size, strides);
 }
 
 int64_t release_pool() { return pool().release(); }
