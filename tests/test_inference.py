@@ -349,3 +349,40 @@ def test_onnx_export_holds_standard_nodes_and_onnxruntime_agrees():
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert_close_scaled(torch.from_numpy(out), model(x))
+
+
+def test_an_optimised_model_saves_whole_and_its_state_dict_loads_into_another_copy(tmp_path):
+    """Defect: torch.save(optimised) raised "cannot pickle 'module' object" (a memory format on each module)."""
+    from sepconv.models import create_model
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    optimised = sepconv.optimize_for_inference(create_model("mobilenet_v2").eval(), x)
+    with torch.inference_mode():
+        want = optimised(x)
+    torch.save(optimised, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    other = sepconv.optimize_for_inference(create_model("mobilenet_v2").eval(), x)  # other random weights
+    other.load_state_dict(optimised.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(other(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_an_optimised_model_refuses_another_dtype_in_one_line_naming_both(dtype):
+    """Defect: a float64 or bfloat16 input failed deep inside ("Input type (double) and bias type (float)")."""
+    model = nn.Sequential(sepconv.DepthwiseConv2d(8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    x = torch.randn(1, 8, 16, 16)
+    optimised = sepconv.optimize_for_inference(model, x)
+    with pytest.raises(ValueError) as error:
+        optimised(x.to(dtype))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"this optimised copy was made for torch.float32 input; "
+                                                      f"got {dtype}")
+    with pytest.raises(ValueError, match="example_input is torch.float64 but the model's weights are torch.float32"):
+        sepconv.optimize_for_inference(model, x.double())
+    if dtype == torch.float64:  # what the message proposes works
+        double = sepconv.optimize_for_inference(copy.deepcopy(model).to(dtype), x.to(dtype))
+        with torch.inference_mode():
+            torch.testing.assert_close(double(x.to(dtype)), model.to(dtype)(x.to(dtype)))

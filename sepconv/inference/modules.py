@@ -23,6 +23,9 @@ def _as_columns(weight: torch.Tensor) -> torch.Tensor:
     return columns[:, :out_channels].t().reshape(weight.shape)
 
 
+FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
 def _in_layout(y: torch.Tensor, memory_format: torch.memory_format | None) -> torch.Tensor:
     """A 4-D output in the model's layout: a kernel whose output has one channel, or a planar kernel, may answer
     in another, and everything after it (pooling too) would then run in that one."""
@@ -63,7 +66,12 @@ class FusedConv(nn.Module):
         self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
         self.groups, self.padding_mode = groups, padding_mode
         self.activation, self.alpha = activation, float(alpha)
-        self.memory_format: torch.memory_format | None = None  # the model's layout, which 4-D outputs keep
+        # the model's layout, which 4-D outputs keep: its name, since torch.save cannot pickle a memory format
+        self.layout: str | None = None
+
+    @property
+    def memory_format(self) -> torch.memory_format | None:
+        return None if self.layout is None else FORMATS[self.layout]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_gradients(self, x)

@@ -16,12 +16,11 @@ from ..layers.spatial import _SpatialSeparableConvNd
 from .._timer import fastest
 from ..activations import of_module as activation_of
 from ..weights import fold_batch_norm
-from .modules import FusedConv, FusedSeparable
+from .modules import FORMATS, FusedConv, FusedSeparable
 
 __all__ = ["optimize_for_inference", "LAYOUTS"]
 
 LAYOUTS = ("auto", "channels_last", "contiguous")
-_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
@@ -40,7 +39,10 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None 
     ``layout``: ``"channels_last"`` or ``"contiguous"`` for the whole model (the input is converted once, on
     entry); ``"auto"`` times both on ``example_input`` and keeps the faster (channels-last without one).
     Outputs equal the original's to float32 rounding (folding reorders the arithmetic: the tests hold them to
-    1e-4 relative to the output's scale). The copy composes with ``torch.compile`` and exports to ONNX as
+    1e-4 relative to the output's scale). The copy takes inputs of its weights' floating dtype (float32 for a
+    float32 model) and refuses others in one line, naming both; for float64, optimise ``model.to(torch.float64)``.
+    It saves whole with ``torch.save`` (load with ``weights_only=False``), and its state dict loads into another
+    optimised copy of the same model. The copy composes with ``torch.compile`` and exports to ONNX as
     standard convolutions and activations. ``model`` itself is not changed.
     """
     if not isinstance(model, nn.Module):
@@ -49,6 +51,10 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None 
         raise TypeError(f"example_input must be a torch.Tensor or None; got {type(example_input).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    dtype = _weights_dtype(model)
+    if example_input is not None and example_input.is_floating_point() and dtype not in (None, example_input.dtype):
+        raise ValueError(f"example_input is {example_input.dtype} but the model's weights are {dtype}; give both "
+                         "the dtype the copy should run in")
     optimised = copy.deepcopy(model).eval()
     optimised.requires_grad_(False)
     _rewrite(optimised)
@@ -185,29 +191,40 @@ def _foldable_norm(module: nn.Module, channels: int) -> bool:
 
 # --- layout --------------------------------------------------------------------------------------------------
 
-class _ToLayout:
-    """A forward pre-hook converting 4-D inputs to one memory format (a class, so the model still pickles)."""
+class _Entry:
+    """The copy's forward pre-hook: refuses inputs of another floating dtype than the copy's weights, in one line
+    before any work, and converts 4-D inputs to the copy's layout (a class, so the model still pickles)."""
 
-    def __init__(self, layout: str):
-        self.layout = layout
+    def __init__(self, layout: str, dtype: torch.dtype | None):
+        self.layout, self.dtype = layout, dtype
 
     def __call__(self, module, args):
-        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
-            return (args[0].contiguous(memory_format=_FORMATS[self.layout]), *args[1:])
-        return None
+        if not (args and isinstance(args[0], torch.Tensor)):
+            return None
+        x = args[0]
+        if self.dtype is not None and x.is_floating_point() and x.dtype != self.dtype:
+            raise ValueError(f"this optimised copy was made for {self.dtype} input; got {x.dtype} (make one for it "
+                             f"with optimize_for_inference(model.to({x.dtype}), example_input.to({x.dtype})))")
+        return (x.contiguous(memory_format=FORMATS[self.layout]), *args[1:]) if x.ndim == 4 else None
+
+
+def _weights_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of the copy's weights, which its inputs must have."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def _set_layout(model: nn.Module, layout: str) -> None:
     """Weights and the input in ``layout``: every 4-D convolution then answers in it, end to end."""
     for module in model.modules():
         if isinstance(module, FusedConv):
-            module.memory_format = _FORMATS[layout]
+            module.layout = layout
             if module.weight.ndim == 4 and module.kind == "conv":
-                module.weight = module.weight.contiguous(memory_format=_FORMATS[layout])
-    for hook in [h for h in model._forward_pre_hooks.values() if isinstance(h, _ToLayout)]:
+                module.weight = module.weight.contiguous(memory_format=FORMATS[layout])
+    for hook in [h for h in model._forward_pre_hooks.values() if isinstance(h, _Entry)]:
         hook.layout = layout
         return
-    model.register_forward_pre_hook(_ToLayout(layout))
+    model.register_forward_pre_hook(_Entry(layout, _weights_dtype(model)))
 
 
 def _fastest_layout(model: nn.Module, example_input: torch.Tensor) -> str:
@@ -222,4 +239,4 @@ def _fastest_layout(model: nn.Module, example_input: torch.Tensor) -> str:
         return call
 
     with torch.inference_mode():
-        return fastest({layout: run(layout) for layout in _FORMATS})
+        return fastest({layout: run(layout) for layout in FORMATS})
