@@ -155,3 +155,29 @@ def test_numpy_groups_work_in_layers_and_ops_alike():
     layer = sepconv.Conv2d(4, 6, 3, groups=np.int64(2))
     assert type(layer.groups) is int
     torch.testing.assert_close(layer(x2), F.conv(x2, layer.weight, layer.bias, groups=np.int64(2)))
+
+
+@pytest.mark.parametrize("make, sizing, shape", [
+    (lambda: sepconv.DepthwiseConv2d(8, kernel_size=10**6), "in_channels=8, depth_multiplier=1, "
+     "kernel_size=(1000000, 1000000)", "8 x 1 x 1000000 x 1000000 float32"),
+    (lambda: sepconv.DepthwiseConv1d(8, kernel_size=2 * 10**9, dtype=torch.float64), "kernel_size=(2000000000,)",
+     "8 x 1 x 2000000000 float64"),
+    (lambda: sepconv.PointwiseConv2d(10**6, 10**6), "in_channels=1000000, out_channels=1000000",
+     "1000000 x 1000000 x 1 x 1 float32"),
+    (lambda: sepconv.SeparableConv3d(8, 10**12, 3), "out_channels=1000000000000", "1000000000000 x 8 x 1 x 1 x 1"),
+    (lambda: sepconv.SpatialSeparableConv2d(8, 8, (10**6, 3), mid_channels=10**6), "kernel_size=(1000000, 3)",
+     "1000000 x 8 x 1000000 float32"),
+    (lambda: sepconv.Conv2d(8, 8, 10**6), "kernel_size=(1000000, 1000000)", "8 x 8 x 1000000 x 1000000 float32"),
+])
+def test_a_weight_larger_than_the_machine_is_refused_in_one_line_before_allocating(make, sizing, shape):
+    """Defect: DepthwiseConv2d(8, kernel_size=10**6) tried to allocate 32 TB ("can't allocate memory")."""
+    with pytest.raises(ValueError) as error:
+        make()
+    message = str(error.value)
+    assert "\n" not in message and sizing in message and shape in message
+    assert "GiB, more than this machine's" in message
+
+
+def test_a_weight_on_the_meta_device_is_not_checked_against_this_machine():
+    layer = sepconv.DepthwiseConv2d(8, kernel_size=10**5, device="meta")
+    assert layer.weight.shape == (8, 1, 10**5, 10**5)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import machine_memory_bytes
 from ..activations import LAYER_FACTORIES
 from ..geometry import check_padding_mode, normalize_padding, to_tuple
 
@@ -30,6 +31,26 @@ def factory_kwargs(device, dtype) -> dict:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be None or a floating-point torch.dtype; got {dtype!r}")
     return {"device": device, "dtype": dtype}
+
+
+def check_weight_fits(shape, factory: dict, sizing: str) -> None:
+    """A one-line error naming the sizing arguments and the bytes, before a weight of ``shape`` that this machine's
+    memory could not hold is allocated (on the CPU; other devices say so themselves)."""
+    device = factory.get("device")
+    if device is not None and torch.device(device).type != "cpu":
+        return
+    dtype = factory.get("dtype") or torch.get_default_dtype()
+    needed, available = math.prod(shape) * dtype.itemsize, machine_memory_bytes()
+    if needed > available:
+        raise ValueError(f"{sizing} makes a weight of {' x '.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
+                         f" = {needed / 2**30:,.1f} GiB, more than this machine's {available / 2**30:,.1f} GiB of "
+                         "memory")
+
+
+def new_weight(shape, factory: dict, sizing: str) -> nn.Parameter:
+    """An uninitialised parameter of ``shape``, checked first by :func:`check_weight_fits`."""
+    check_weight_fits(shape, factory, sizing)
+    return nn.Parameter(torch.empty(*shape, **factory))
 
 
 def _built(factory, argument: str, what: str, *args) -> nn.Module:

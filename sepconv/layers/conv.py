@@ -14,7 +14,8 @@ from .. import functional as F
 from ..geometry import check_padding_mode, is_static, normalize_padding, resolve_padding, to_tuple
 from ..interop import keras as keras_io
 from ..weights import ungroup
-from ._common import check_channels, check_init, compact_padding, factory_kwargs, reset_keras_, reset_torch_
+from ._common import (check_channels, check_init, check_weight_fits, compact_padding, factory_kwargs, reset_keras_,
+                      reset_torch_)
 
 _TORCH_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -37,7 +38,10 @@ class _ConvNd:
         canonical = normalize_padding(padding, rank)
         check_padding_mode(padding_mode)
         self.init = check_init(init)
-        _TORCH_CONV[rank].__init__(self, in_channels, out_channels, to_tuple(kernel_size, rank, "kernel_size"),
+        kernel_size = to_tuple(kernel_size, rank, "kernel_size")
+        check_weight_fits((out_channels, in_channels // groups, *kernel_size), factory,
+                          f"in_channels={in_channels}, out_channels={out_channels}, kernel_size={kernel_size}")
+        _TORCH_CONV[rank].__init__(self, in_channels, out_channels, kernel_size,
                                    to_tuple(stride, rank, "stride"), 0, to_tuple(dilation, rank, "dilation"),
                                    groups, bias, padding_mode, **factory)
         self.padding = canonical

@@ -9,8 +9,8 @@ from .. import functional as F
 from ..constraints import check_max_norm, max_norm_
 from ..interop import keras as keras_io
 from ..weights import depthwise_dense_weight
-from ._common import (check_channels, check_init, check_input_channels, factory_kwargs, reset_keras_, reset_torch_, settings_repr,
-                      spatial_args, spatial_repr)
+from ._common import (check_channels, check_init, check_input_channels, factory_kwargs, new_weight, reset_keras_,
+                      reset_torch_, settings_repr, spatial_args, spatial_repr)
 from .conv import dense_conv
 
 
@@ -58,7 +58,9 @@ class _DepthwiseConvNd(nn.Module):
         self.max_norm = check_max_norm(max_norm)
         self.out_channels = in_channels * depth_multiplier
         factory = factory_kwargs(device, dtype)
-        self.weight = nn.Parameter(torch.empty(self.out_channels, 1, *self.kernel_size, **factory))
+        self.weight = new_weight((self.out_channels, 1, *self.kernel_size), factory,
+                                 f"in_channels={in_channels}, depth_multiplier={depth_multiplier}, "
+                                 f"kernel_size={self.kernel_size}")
         self.bias = nn.Parameter(torch.empty(self.out_channels, **factory)) if bias else None
         self.reset_parameters()
 

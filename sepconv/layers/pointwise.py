@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import functional as F
 from ..interop import keras as keras_io
-from ._common import check_channels, check_init, factory_kwargs, reset_keras_, reset_torch_, settings_repr
+from ._common import check_channels, check_init, factory_kwargs, new_weight, reset_keras_, reset_torch_, settings_repr
 from .conv import dense_conv
 
 
@@ -34,7 +34,8 @@ class _PointwiseConvNd(nn.Module):
         self.out_channels = check_channels(out_channels, "out_channels")
         self.init = check_init(init)
         factory = factory_kwargs(device, dtype)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *(1,) * self._rank, **factory))
+        self.weight = new_weight((out_channels, in_channels, *(1,) * self._rank), factory,
+                                 f"in_channels={in_channels}, out_channels={out_channels}")
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.reset_parameters()
 

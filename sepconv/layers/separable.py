@@ -8,8 +8,9 @@ from torch import nn
 from .. import functional as F
 from ..interop import keras as keras_io
 from ..weights import fold_batch_norm, separable_dense_bias, separable_dense_weight
-from ._common import (check_channels, check_init, check_input_channels, factory_kwargs, make_activation, make_norm,
-                      reset_keras_, reset_torch_, settings_repr, spatial_args, spatial_repr)
+from ._common import (check_channels, check_init, check_input_channels, check_weight_fits, factory_kwargs,
+                      make_activation, make_norm, new_weight, reset_keras_, reset_torch_, settings_repr, spatial_args,
+                      spatial_repr)
 from .conv import dense_conv
 
 
@@ -57,8 +58,11 @@ class _SeparableConvNd(nn.Module):
         self.init = check_init(init)
         hidden = in_channels * depth_multiplier
         factory = factory_kwargs(device, dtype)
-        self.depthwise_weight = nn.Parameter(torch.empty(hidden, 1, *self.kernel_size, **factory))
-        self.pointwise_weight = nn.Parameter(torch.empty(out_channels, hidden, *(1,) * self._rank, **factory))
+        sizing = f"in_channels={in_channels}, depth_multiplier={depth_multiplier}, out_channels={out_channels}"
+        check_weight_fits((out_channels, hidden, *(1,) * self._rank), factory, sizing)
+        self.depthwise_weight = new_weight((hidden, 1, *self.kernel_size), factory,
+                                           f"{sizing}, kernel_size={self.kernel_size}")
+        self.pointwise_weight = new_weight((out_channels, hidden, *(1,) * self._rank), factory, sizing)
         self.depthwise_bias = nn.Parameter(torch.empty(hidden, **factory)) if depthwise_bias else None
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.norm = make_norm(norm, hidden, self._rank)

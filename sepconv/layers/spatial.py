@@ -8,7 +8,7 @@ from torch import nn
 from .. import functional as F
 from ..weights import spatial_dense_weight
 from ._common import (check_channels, check_init, check_input_channels, factory_kwargs, make_activation, make_norm,
-                      reset_keras_, reset_torch_, settings_repr, spatial_args, spatial_repr)
+                      new_weight, reset_keras_, reset_torch_, settings_repr, spatial_args, spatial_repr)
 from .conv import dense_conv
 
 
@@ -72,7 +72,8 @@ class _SpatialSeparableConvNd(nn.Module):
         self.mid_channels = mid_channels
         factory = factory_kwargs(device, dtype)
         self.factors = nn.ParameterList(
-            nn.Parameter(torch.empty(width, group, k, **factory))
+            new_weight((width, group, k), factory, f"in_channels={in_channels}, out_channels={out_channels}, "
+                       f"kernel_size={self.kernel_size}")
             for width, group, k in zip(widths, per_group, self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.norms = nn.ModuleList(m for m in (make_norm(norm, w, self._rank) for w in widths[:-1]) if m is not None)
