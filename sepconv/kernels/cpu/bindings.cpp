@@ -10,6 +10,8 @@
 #include "geometry.h"
 #include "planar.h"
 
+#include <torch/extension.h>
+
 #include <atomic>
 #include <optional>
 

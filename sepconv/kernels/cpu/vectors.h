@@ -17,7 +17,8 @@
 #define CPU_CAPABILITY DEFAULT
 #endif
 
-#include <torch/extension.h>
+// ATen only: torch/extension.h (autograd, nn, pybind11) is for bindings.cpp, and would double the build time
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
