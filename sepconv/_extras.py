@@ -3,7 +3,7 @@
 ``pip install sepconv`` brings torch and numpy alone: layers, functional ops, geometry, the cost model,
 decomposition, reference models and profiling. Plots, training (``sepconv compare``, ``sepconv.distill``)
 and the datasets come with ``sepconv[experiment]``; real EEG through MNE and MOABB with ``sepconv[eeg]``;
-``sepconv bench``'s onnxruntime candidate, progress bar and chart with ``sepconv[bench]``.
+``sepconv bench``'s runtime candidates (ONNX Runtime, OpenVINO), progress bar and chart with ``sepconv[bench]``.
 A feature whose extra is missing raises :class:`MissingExtra`, one line naming the extra to install.
 """
 

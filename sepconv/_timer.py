@@ -38,12 +38,13 @@ def calibrate(fn: Callable[[], object], block_s: float, max_calls: int = 100_000
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, numbers: dict[str, int] | None = None, *,
-                after_round: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict[str, Exception]]:
+                after_round: Callable[[], None] | None = None,
+                start: int = 0) -> tuple[dict[str, list[float]], dict[str, Exception]]:
     """Per-call seconds of each candidate in each of ``rounds`` rounds, and the candidates that raised.
 
     A round times one block of ``numbers[name]`` calls (1 by default) of every candidate, the starting candidate
-    moving one on each round so that none always follows the same neighbour; the garbage collector is off
-    meanwhile. A candidate that raises leaves the rounds (its exception is returned); the others go on.
+    moving one on each round (round 0 starts at candidate ``start``) so that none always follows the same
+    neighbour; the garbage collector is off meanwhile. A candidate that raises leaves the rounds (its exception is returned); the others go on.
     """
     names = list(fns)
     numbers = numbers or dict.fromkeys(names, 1)
@@ -54,7 +55,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, numbers: dict
     gc.disable()
     try:
         for index in range(rounds):
-            shift = index % len(names) if names else 0
+            shift = (start + index) % len(names) if names else 0
             for name in names[shift:] + names[:shift]:
                 if name in errors:
                     continue

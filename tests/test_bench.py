@@ -2,6 +2,7 @@
 shared), the suites' rows, the report, Ctrl-C, and one-line user errors found before any work."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -9,8 +10,10 @@ import torch
 from torch import nn
 
 import sepconv
+import stand_in_runtimes
 from sepconv import cli, kernels
-from sepconv.benchmark import Case, RowResult, Timing, depthwise_suite, layer_cases, model_cases, runner, select
+from sepconv.benchmark import (Case, RowResult, Timing, depthwise_suite, layer_cases, model_cases, runner, runtimes,
+                               select)
 
 ORT = "onnxruntime"
 
@@ -48,9 +51,9 @@ def test_bench_model_end_to_end(tmp_path, capsys):
     rows = table_rows(stdout)
     assert list(rows) == ["eager_nchw", "eager_cl", "sepconv", "optimized", ORT]
     for name in ("eager_nchw", "eager_cl", "sepconv", ORT):
-        assert float(rows[name][2]) > 0 and rows[name][3] == "±", rows[name]
-    assert "x eager" in stdout and "x ort" in stdout and "roof %" in stdout
-    assert "2 interleaved rounds" in stdout and "1 threads" in stdout
+        assert rows[name][2] == "fp32" and float(rows[name][3]) > 0 and rows[name][4] == "±", rows[name]
+    assert "x eager" in stdout and "x ort" in stdout and "x openvino" in stdout and "roof %" in stdout
+    assert "2 rounds, each runtime in its own process" in stdout and "1 threads" in stdout
     result = json.loads((out / "results.json").read_text())
     assert result["meta"]["pass"] == "infer" and result["meta"]["threads"] == 1
     (row,) = result["rows"]
@@ -61,6 +64,7 @@ def test_bench_model_end_to_end(tmp_path, capsys):
         assert timing["error"] is None and timing["median_ms"] > 0 and timing["rounds"] == 2
         assert timing["max_error"] <= runner.AGREEMENT
         assert timing["speedup_vs"]["eager"] > 0 and timing["speedup_vs"][ORT] > 0
+        assert (timing["pid"] == os.getpid()) == (name != ORT), name  # ORT alone in its own process
     optimized = row["candidates"]["optimized"]  # fails (with its reason) until sepconv.optimize_for_inference exists
     assert (optimized["error"] is None) == hasattr(sepconv, "optimize_for_inference")
     assert optimized["error"] is None or "\n" not in optimized["error"]
@@ -82,8 +86,9 @@ def test_bench_compile_candidate(capsys):
                                 "--candidates", "eager_nchw,compile"], capsys)
     assert code == 0, stderr
     rows = table_rows(stdout)
-    assert rows["compile"][2] != "failed", stdout
-    assert rows["compile"][6] == "1.00"  # its own x compile column (cells: row, name, median, ±, IQR, x eager, ...)
+    assert rows["compile"][3] != "failed", stdout
+    assert rows["compile"][7] == "1.00"  # its own x compile column (cells: row, name, precision, median, ±, IQR,
+    # x eager, x compile, ...)
 
 
 def test_a_failing_candidate_is_recorded_and_the_others_go_on(capsys, monkeypatch):
@@ -97,7 +102,7 @@ def test_a_failing_candidate_is_recorded_and_the_others_go_on(capsys, monkeypatc
     code, stdout, stderr = run(["bench", TINY, "--input", "1x1x8x8", "--quick", "--rounds", "1",
                                 "--candidates", "eager_nchw,eager_cl"], capsys)
     assert code == 0, stderr
-    assert table_rows(stdout)["eager_cl"][2] == "failed"
+    assert table_rows(stdout)["eager_cl"][3] == "failed"
     assert f"  {TINY} eager_cl: RuntimeError: no kernel for this\n" in stdout
 
 
@@ -116,7 +121,7 @@ def test_separable_suite_row_with_the_per_layout_and_forced_cpu_candidates(capsy
     assert "separable layer suite" in stdout
     rows = table_rows(stdout)
     assert list(rows) == ["eager_nchw", "sepconv_nchw", "sepconv_cl", "cpu_nchw", "cpu_cl"]
-    assert all(cells[0] == "sep.tiny.b1" and cells[2] != "failed" for cells in rows.values()), stdout
+    assert all(cells[0] == "sep.tiny.b1" and cells[3] != "failed" for cells in rows.values()), stdout
 
 
 class Recorder(nn.Module):
@@ -226,9 +231,10 @@ def test_speedups_and_roofline_share():
     timings = {name: Timing(name, seconds, 0.0, 3, 1) for name, seconds in
                (("eager_nchw", 4e-3), ("eager_cl", 2e-3), ("compile", 1e-3), ("sepconv", 5e-4))}
     timings["onnxruntime"] = Timing("onnxruntime", error="missing")
+    timings["openvino"] = Timing("openvino", 2.5e-4, 0.0, 3, 1, precision="bf16")
     result = RowResult("row", (1, 3, 8, 8), False, timings, roofline_s=1e-4)
     speedups = result.speedups()
-    assert speedups["sepconv"] == {"eager": 4.0, "compile": 2.0, "onnxruntime": None}
+    assert speedups["sepconv"] == {"eager": 4.0, "compile": 2.0, "onnxruntime": None, "openvino": 0.5}
     assert speedups["eager_nchw"]["eager"] == 0.5 and speedups["onnxruntime"]["eager"] is None
     assert result.roofline_share("sepconv") == pytest.approx(0.2)
     assert result.as_dict()["candidates"]["compile"]["median_ms"] == 1.0
@@ -293,11 +299,68 @@ def test_a_missing_extra_is_one_line(capsys, monkeypatch):
                      "'sepconv[bench]'\n"
 
 
-def test_onnxruntime_missing_fails_that_candidate_only(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, ORT, None)
-    code, stdout, stderr = run(["bench", TINY, "--input", "1x1x8x8", "--quick", "--rounds", "1",
-                                "--candidates", "eager_nchw,onnxruntime"], capsys)
+def test_a_runtime_not_installed_is_skipped_in_one_line_and_the_table_goes_on(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, ORT, None)  # imports as if not installed
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    code, stdout, stderr = run(["bench", TINY, "--input", "1x1x8x8", "--quick", "--rounds", "1"], capsys)
     assert code == 0, stderr
-    assert table_rows(stdout)["onnxruntime"][2] == "failed"
-    assert (f"  {TINY} onnxruntime: the onnxruntime candidate needs onnxruntime, which is not installed: "
-            "pip install 'sepconv[bench]'\n") in stdout
+    rows = table_rows(stdout)
+    assert rows["onnxruntime"][3] == rows["openvino"][3] == rows["openvino_f32"][3] == "skipped"
+    assert float(rows["eager_nchw"][3]) > 0 and float(rows["optimized"][3]) > 0
+    assert (f"skipped:\n  {TINY} onnxruntime: needs onnxruntime, which is not installed: pip install "
+            f"'sepconv[bench]'\n  {TINY} openvino: needs openvino, ") in stdout
+    assert "failed:" not in stdout
+
+
+# --- runtime candidates in their own processes, with stand-ins (tests/stand_in_runtimes.py) ---------------
+
+@pytest.fixture
+def stand_ins():
+    pytest.importorskip("onnx")
+    names = ("ticking", "hanging", "crashing")
+    for name in names:
+        runtimes.register_runtime(name, runtimes.Runtime(f"stand_in_runtimes:{name}", ("onnx",)))
+    yield
+    for name in names:
+        runtimes.unregister_runtime(name)
+
+
+def test_a_runtime_runs_alone_in_its_own_process_which_times_it(stand_ins):
+    result = runner.run_case(Case("tiny", tiny_net, (2, 1, 8, 8)), ["eager_nchw", "ticking"], train=False,
+                             threads=1, rounds=3, block_s=0.05, machine=None)
+    eager, ticking = result.timings["eager_nchw"], result.timings["ticking"]
+    assert eager.ok and ticking.ok, result.timings
+    assert eager.pid == os.getpid() and ticking.pid not in (None, os.getpid())
+    # The stand-in's clock moves 0.25 s per call in its own process alone (no torch there): so the calibration
+    # (one call per block) and every time came from that process's clock.
+    assert ticking.calls_per_block == 1 and ticking.rounds == 3
+    assert ticking.median_s == stand_in_runtimes.CALL_S and ticking.iqr_s == 0
+    assert ticking.precision == "fake8" and ticking.max_error < 1e-5 and ticking.top1 == 1.0
+    assert result.speedups()["eager_nchw"]["eager"] == 1.0
+
+
+def test_a_runtime_past_its_time_limit_or_dying_is_reported_and_the_table_goes_on(stand_ins, capsys):
+    code, stdout, stderr = run(["bench", TINY, "--input", "1x1x8x8", "--quick", "--rounds", "3", "--timeout", "8",
+                                "--candidates", "eager_nchw,hanging,crashing,ticking"], capsys)
+    assert code == 0, stderr
+    rows = table_rows(stdout)
+    assert rows["hanging"][3] == rows["crashing"][3] == "failed"
+    assert float(rows["eager_nchw"][3]) > 0 and float(rows["ticking"][3]) == 1e3 * stand_in_runtimes.CALL_S
+    assert f"  {TINY} hanging: no answer within 8 s (loading its model); its process was stopped\n" in stdout
+    assert (f"  {TINY} crashing: its process exited with code 3 while timing 1 calls: stand-in runtime: out of "
+            "luck\n") in stdout
+
+
+def test_runtime_options_reach_the_loader_and_ort_spins_by_default(monkeypatch):
+    pytest.importorskip(ORT)
+    seen = []
+    real = runtimes.Worker.load
+
+    def load(self, model, x, output, threads, options):
+        seen.append(options)
+        return real(self, model, x, output, threads, options)
+    monkeypatch.setattr(runtimes.Worker, "load", load)
+    for argv, spinning in (([], True), (["--no-spin"], False)):
+        assert cli.main(["bench", TINY, "--input", "1x1x8x8", "--quick", "--rounds", "1",
+                         "--candidates", "onnxruntime", *argv]) == 0
+        assert seen.pop() == {"spinning": spinning}

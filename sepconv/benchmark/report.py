@@ -15,42 +15,59 @@ from .runner import RowResult
 __all__ = ["FILES", "format_table", "to_json", "plot_speedups", "write_outputs"]
 
 FILES = ("results.json", "table.txt", "speedup.png")
-PEERS = (("eager", "x eager"), ("compile", "x compile"), ("onnxruntime", "x ort"))
+PEERS = (("eager", "x eager"), ("compile", "x compile"), ("onnxruntime", "x ort"), ("openvino", "x openvino"))
 
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _reduced(timing, value: float | None, form: str) -> str:
+    """``value`` for a candidate that computes below fp32, where the error is the point; ``-`` otherwise."""
+    return "-" if value is None or timing.precision == "fp32" else form.format(value)
+
+
 def format_table(results: list[RowResult], meta: dict) -> str:
-    """One line per row and candidate: median ms ± IQR, speed-ups against the peers, share of the roofline;
-    then the failures, one line each, and what the columns mean."""
-    header = ["row", "candidate", "ms (median ± IQR)", *(label for _, label in PEERS), "roof %", "warm-up s"]
-    body, failures = [], []
+    """One line per row and candidate: precision, median ms ± IQR, speed-ups against the peers, share of the
+    roofline, error and top-1 agreement below fp32; then the failures and skips, one line each, and what the
+    columns mean."""
+    header = ["row", "candidate", "precision", "ms (median ± IQR)", *(label for _, label in PEERS), "roof %",
+              "max err", "top-1 %", "warm-up s"]
+    body, failures, skips = [], [], []
     for result in results:
         speedups = result.speedups()
         for name, timing in result.timings.items():
             if not timing.ok:
-                failures.append(f"  {result.name} {name}: {timing.error}")
-                body.append([result.name, name, "failed", *("-" for _ in PEERS), "-", "-"])
+                state = "skipped" if timing.skipped else "failed"
+                (skips if timing.skipped else failures).append(
+                    f"  {result.name} {name}: {timing.skipped or timing.error}")
+                body.append([result.name, name, timing.precision, state, *("-" for _ in PEERS), "-", "-", "-", "-"])
                 continue
             share = result.roofline_share(name)
-            body.append([result.name, name, f"{timing.median_s * 1e3:.3f} ± {timing.iqr_s * 1e3:.3f}",
+            body.append([result.name, name, timing.precision,
+                         f"{timing.median_s * 1e3:.3f} ± {timing.iqr_s * 1e3:.3f}",
                          *(_ratio(speedups[name][peer]) for peer, _ in PEERS),
                          "-" if share is None else f"{100 * share:.1f}",
+                         _reduced(timing, timing.max_error, "{:.2g}"),
+                         _reduced(timing, None if timing.top1 is None else 100 * timing.top1, "{:.0f}"),
                          "-" if timing.warmup_s is None else f"{timing.warmup_s:.2f}"])
     lines = [f"sepconv bench: {meta['pass']} ({meta['what']}), {meta['threads']} threads, "
-             f"{meta['rounds']} interleaved rounds; torch {meta['torch']}"
+             f"{meta['rounds']} rounds, each runtime in its own process; torch {meta['torch']}"
              + (" -- interrupted: the rows finished so far" if meta.get("interrupted") else "")]
     if not body:
         return "\n".join(lines + ["no rows"]) + "\n"
     lines += [_aligned(header, body, left=2), ""]
     if failures:
         lines += ["failed:", *failures, ""]
+    if skips:
+        lines += ["skipped:", *skips, ""]
     lines += ["ms: per-call time of one " + ("training step" if meta["pass"] == "train" else "forward pass")
-              + ", median ± IQR over the rounds (each round times a block of calls of every candidate in turn).",
-              "x eager / x compile / x ort: that peer's median / this candidate's (> 1: faster); eager is the faster "
-              "of eager_nchw and eager_cl.",
+              + ", median ± IQR over the rounds. Each round gives the cores to one process at a time (PyTorch's "
+              "candidates, interleaved, then each runtime's worker), with a pause between them.",
+              "x eager / x compile / x ort / x openvino: that peer's median / this candidate's (> 1: faster); eager "
+              "is the faster of eager_nchw and eager_cl, openvino runs at its default precision.",
+              "max err, top-1 %: below fp32, the largest |output - eager_nchw's| / eager_nchw's largest value, and "
+              "the share of the batch whose top class agrees.",
               "roof %: the model's roofline time / this candidate's time; the roofline sums over the model's "
               "convolutions and matrix products max(bytes / copy bandwidth, FLOPs / matmul peak)"
               + (f", with {meta['machine']}" if meta.get("machine") else " (not measured)") + "."]

@@ -1,16 +1,29 @@
 """``sepconv bench``: how fast a model runs each way -- PyTorch eager (NCHW, channels_last), torch.compile,
-sepconv's kernels, sepconv.optimize_for_inference, onnxruntime -- timed in interleaved rounds.
+sepconv's kernels, sepconv.optimize_for_inference, ONNX Runtime, OpenVINO -- timed in rounds.
 
 MODEL is a registered name (``sepconv.models``) or ``package.module:factory``, timed on a random input of the
 --input shape; --suite runs a layer suite (depthwise, the default, or separable; a training step there also
-computes the input's gradient) and --models the whole-model suite instead (--filter selects rows). The table
-goes to stdout: per row and candidate the median ms ± IQR, speed-ups against the best
-eager layout, torch.compile and onnxruntime, and the share of the machine's roofline. --out DIR also writes
-results.json, table.txt and speedup.png there. Ctrl-C keeps the rows finished so far and exits with 130.
+computes the input's gradient) and --models the whole-model suite instead (--filter selects rows).
+
+How it times: the PyTorch candidates share this process; each runtime candidate (onnxruntime, openvino at its
+default precision -- bf16 on a CPU with AVX512-BF16 or AMX -- and openvino_f32) runs alone in its own process on
+the model exported to ONNX, with its shipped settings (ORT's threads spin; --no-spin turns that off). After a
+warm-up call and a calibration of calls per block (about 50 ms), each round gives the cores to one process at a
+time, with a 100 ms pause between them so that the last one's idle threads stop spinning; in its turn a process
+times one block of each of its candidates, and the order rotates every round. A time is the median over the rounds
+(± its interquartile range): on a quiet machine medians repeat within a few percent; other work on the machine
+widens the IQR. A runtime candidate whose package is missing is listed as skipped, with the extra to install; one
+that fails or takes longer than --timeout for a step (loading and compiling included) is listed as failed.
+
+The table goes to stdout: per row and candidate the precision, median ms ± IQR, speed-ups against the best eager
+layout, torch.compile, ONNX Runtime and OpenVINO, the share of the machine's roofline and, below fp32, the error
+against PyTorch's fp32 output and the top-1 agreement. --out DIR also writes results.json, table.txt and
+speedup.png there. Ctrl-C keeps the rows finished so far and exits with 130.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import math
 import os
@@ -20,7 +33,7 @@ from pathlib import Path
 
 from .._extras import MissingExtra, require
 from .._io import WriteError, check_writable
-from ._args import UsageError, at_least, build_model, check_memory, parse_shape
+from ._args import UsageError, at_least, build_model, check_memory, number_in, parse_shape
 
 ROUNDS, QUICK_ROUNDS = 7, 3
 BLOCK_S, QUICK_BLOCK_S = 0.05, 0.01  # seconds of calls per candidate per round
@@ -29,17 +42,20 @@ MAX_ROUNDS = 10_000
 
 
 def _candidates(args) -> list[str]:
-    from ..benchmark.runner import CANDIDATES, COMPILED, INFERENCE_ONLY, TRAINING_ONLY, default_candidates
+    from ..benchmark.runner import COMPILED, INFERENCE_ONLY, TRAINING_ONLY, WAYS, default_candidates
+    from ..benchmark.runtimes import RUNTIMES
+
+    known = [*WAYS, *RUNTIMES]  # the runtimes registered now
 
     if args.candidates is None:
         chosen = list(SUITE_CANDIDATES) if args.suite is not None else default_candidates(args.train)
     else:
         chosen = list(dict.fromkeys(name.strip() for name in args.candidates.split(",") if name.strip()))
-        unknown = [name for name in chosen if name not in CANDIDATES]
+        unknown = [name for name in chosen if name not in known]
         if unknown or not chosen:
             raise UsageError(f"--candidates {args.candidates!r}: unknown {', '.join(map(repr, unknown)) or 'none'}; "
-                             f"choose from {', '.join(CANDIDATES)}")
-        if args.train and (inference := [name for name in chosen if name in INFERENCE_ONLY]):
+                             f"choose from {', '.join(known)}")
+        if args.train and (inference := [name for name in chosen if name in INFERENCE_ONLY or name in RUNTIMES]):
             raise UsageError(f"--candidates {', '.join(inference)} time inference only; leave out --train or them")
         if not args.train and (training := [name for name in chosen if name in TRAINING_ONLY]):
             raise UsageError(f"--candidates {', '.join(training)} times training only; add --train or leave it out")
@@ -124,14 +140,16 @@ def bench_command(args) -> int:
         return 2
 
     from ..benchmark import report
-    from ..benchmark.runner import run_case
+    from ..benchmark.runner import TIMEOUT_S, run_case
     from ..profiling.timing import measure_machine
 
     threads = torch.get_num_threads()
+    timeout_s = args.timeout or TIMEOUT_S
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
     machine = measure_machine()
     meta = {"what": what, "pass": "train" if args.train else "infer", "candidates": candidates, "threads": threads,
-            "rounds": rounds, "block_s": QUICK_BLOCK_S if args.quick else BLOCK_S, "torch": torch.__version__,
+            "rounds": rounds, "block_s": QUICK_BLOCK_S if args.quick else BLOCK_S,
+            "timeout_s": timeout_s, "ort_spinning": not args.no_spin, "torch": torch.__version__,
             "machine": str(machine), "copy_bandwidth_GBps": machine.memory_bandwidth / 1e9,
             "matmul_peak_GFLOPs": machine.peak_flops / 1e9, "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "argv": sys.argv[1:],
@@ -143,7 +161,8 @@ def bench_command(args) -> int:
         for case in cases:
             bar.set_description(case.name)
             results.append(run_case(case, candidates, train=args.train, threads=threads, rounds=rounds,
-                                    block_s=meta["block_s"], machine=machine, advance=lambda: bar.update(1)))
+                                    block_s=meta["block_s"], machine=machine, advance=lambda: bar.update(1),
+                                    timeout_s=timeout_s, runtime_options={"spinning": not args.no_spin}))
     except KeyboardInterrupt:
         meta["interrupted"] = True
     finally:
@@ -161,8 +180,9 @@ def bench_command(args) -> int:
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("bench", help="time a model (or a suite) across PyTorch, torch.compile, sepconv "
-                                 "and onnxruntime", description=__doc__)
+    parser = commands.add_parser("bench", help="time a model (or a suite) across PyTorch, torch.compile, sepconv, "
+                                 "ONNX Runtime and OpenVINO", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL", nargs="?",
                         help="registry name (e.g. mobilenet_v2) or package.module:factory")
     parser.add_argument("--suite", nargs="?", const="depthwise", metavar="NAME", help="a layer suite: depthwise "
@@ -181,8 +201,13 @@ def add_parser(commands) -> None:
                         "but sepconv_nchw, sepconv_cl, cpu_nchw and cpu_cl; --suite: eager_nchw,eager_cl,sepconv)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile candidates "
                         "(compiling takes seconds to minutes per row)")
-    parser.add_argument("--threads", type=at_least(1, 4096), help="torch.set_num_threads and onnxruntime's "
-                        "intra-op threads (default: torch's current)")
+    parser.add_argument("--threads", type=at_least(1, 4096), help="torch.set_num_threads and the runtimes' "
+                        "threads (default: torch's current)")
+    parser.add_argument("--timeout", type=number_in(0, 86_400), metavar="S",
+                        help="a runtime candidate's limit per step, loading and compiling included (default 300, "
+                        "sepconv.benchmark.runner.TIMEOUT_S); past it the candidate is reported as failed")
+    parser.add_argument("--no-spin", action="store_true", help="turn off ONNX Runtime's spinning idle threads "
+                        "(on by default, as ORT ships)")
     parser.add_argument("--rounds", type=at_least(1, MAX_ROUNDS), help=f"interleaved rounds per row (default "
                         f"{ROUNDS}, --quick {QUICK_ROUNDS})")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds; the suites at batch 1 only")
