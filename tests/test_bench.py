@@ -115,7 +115,7 @@ def test_layer_suite_row(capsys):
 
 
 def test_separable_suite_row_with_the_per_layout_and_forced_cpu_candidates(capsys):
-    code, stdout, stderr = run(["bench", "--suite", "separable", "--filter", "tiny", "--quick", "--rounds", "1",
+    code, stdout, stderr = run(["bench", "--suite", "separable", "--filter", "sep.tiny.b[1]", "--quick", "--rounds", "1",
                                 "--candidates", "eager_nchw,sepconv_nchw,sepconv_cl,cpu_nchw,cpu_cl"], capsys)
     assert code == 0, stderr
     assert "separable layer suite" in stdout
@@ -364,3 +364,18 @@ def test_runtime_options_reach_the_loader_and_ort_spins_by_default(monkeypatch):
         assert cli.main(["bench", TINY, "--input", "1x1x8x8", "--quick", "--rounds", "1",
                          "--candidates", "onnxruntime", *argv]) == 0
         assert seen.pop() == {"spinning": spinning}
+
+
+def test_bf16_candidate_and_rows_report_their_precision_and_error(capsys):
+    code, stdout, stderr = run(["bench", TINY, "--input", "4x1x8x8", "--quick", "--rounds", "1",
+                                "--candidates", "eager_nchw,optimized,optimized_bf16"], capsys)
+    assert code == 0, stderr
+    rows = table_rows(stdout)
+    assert rows["optimized"][2] == "fp32" and rows["optimized"][-3:-1] == ["-", "-"]  # max err, top-1 %: below fp32
+    assert rows["optimized_bf16"][2] == "bf16" and float(rows["optimized_bf16"][3]) > 0
+    assert float(rows["optimized_bf16"][-3]) <= runner.REDUCED_AGREEMENT and rows["optimized_bf16"][-2] != "-"
+    code, stdout, stderr = run(["bench", "--suite", "separable", "--filter", "sep.tiny.b1*", "--quick", "--rounds", "1"],
+                               capsys)
+    assert code == 0, stderr
+    lines = [line.split() for line in stdout.split("\n\n")[0].splitlines()[3:]]
+    assert {(cells[0], cells[2]) for cells in lines} == {("sep.tiny.b1", "fp32"), ("sep.tiny.b1.bf16", "bf16")}

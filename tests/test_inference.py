@@ -45,6 +45,22 @@ def assert_close_scaled(out, ref, relative=RELATIVE):
     torch.testing.assert_close(out, ref, atol=relative * scale, rtol=relative)
 
 
+# The fused kernels' outputs against a reference computed from the same values: float32 and float64 in their own
+# dtype, bf16 in float32 (the kernels compute in float32 and round once, to bf16's 8 bits, on the way out).
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+FUSED_RELATIVE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}
+
+
+def computed_in(dtype):
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+def assert_fused_close(out, ref, dtype):
+    """``out`` (in ``dtype``) against ``ref`` (computed in :func:`computed_in` of it)."""
+    assert out.dtype == dtype
+    assert_close_scaled(out.to(ref.dtype), ref, FUSED_RELATIVE[dtype])
+
+
 def same_layout(a, b):
     """Same strides wherever a dimension has more than one element (PyTorch's notion of the same layout)."""
     return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
@@ -71,7 +87,7 @@ def randomise_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 @given(channels=st.integers(1, 20), multiplier=st.sampled_from([1, 1, 2, 3]), kernel=st.integers(1, 7),
        stride=st.integers(1, 3), dilation=st.integers(1, 2), padding=st.sampled_from(["same", "valid", 1]),
        activation=st.sampled_from(activations.FUSED), channels_last=st.booleans(), bias=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float64]), size=st.integers(13, 19))
+       dtype=st.sampled_from(DTYPES), size=st.integers(13, 19))
 def test_depthwise_conv_act_equals_conv_then_activation(channels, multiplier, kernel, stride, dilation, padding,
                                                         activation, channels_last, bias, dtype, size):
     generator = torch.Generator().manual_seed(channels * 31 + kernel)
@@ -84,16 +100,18 @@ def test_depthwise_conv_act_equals_conv_then_activation(channels, multiplier, ke
     calls = cpu.kernel_calls()
     out = cpu.depthwise_conv_act(x, w, b, geometry, "zeros", activation, 0.3)
     assert cpu.kernel_calls() > calls
-    ref = reference.conv_act(x, w, b, geometry, channels, "zeros", activation, 0.3)
+    wide = computed_in(dtype)
+    ref = reference.conv_act(x.to(wide), w.to(wide), None if b is None else b.to(wide), geometry, channels, "zeros",
+                             activation, 0.3)
     assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
-    assert_close_scaled(out, ref, 1e-5 if dtype == torch.float32 else 1e-12)
+    assert_fused_close(out, ref, dtype)
 
 
 @requires_cpu_backend
 @settings(max_examples=60, deadline=None)
 @given(in_channels=st.integers(1, 70), out_channels=st.integers(1, 100), pixels=st.integers(1, 150),
        activation=st.sampled_from(activations.FUSED), channels_last=st.booleans(), bias=st.booleans(),
-       transposed_weight=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
+       transposed_weight=st.booleans(), dtype=st.sampled_from(DTYPES))
 def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channels, pixels, activation, channels_last,
                                                         bias, transposed_weight, dtype):
     generator = torch.Generator().manual_seed(in_channels * 101 + out_channels)
@@ -105,9 +123,11 @@ def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channel
         w = w.reshape(out_channels, in_channels).t().contiguous().t().reshape(w.shape)
     b = torch.randn(out_channels, generator=generator, dtype=dtype) if bias else None
     out = cpu.pointwise_conv_act(x, w, b, activation, 0.3)
-    ref = activations.apply(torch.nn.functional.conv2d(x, w, b), activation, 0.3)
+    wide = computed_in(dtype)
+    ref = activations.apply(torch.nn.functional.conv2d(x.to(wide), w.to(wide), None if b is None else b.to(wide)),
+                            activation, 0.3)
     assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
-    assert_close_scaled(out, ref, 1e-5 if dtype == torch.float32 else 1e-12)
+    assert_fused_close(out, ref, dtype)
 
 
 @requires_cpu_backend
@@ -115,7 +135,7 @@ def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channel
 @given(channels=st.integers(4, 40), out_channels=st.integers(1, 60), kernel=st.sampled_from([1, 3, 5, 7, 9]),
        stride=st.integers(1, 2), padding=st.sampled_from(["same", "valid"]), size=st.integers(9, 30),
        batch=st.integers(1, 3), acts=st.tuples(st.sampled_from(activations.FUSED), st.sampled_from(activations.FUSED)),
-       bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
+       bias=st.booleans(), dtype=st.sampled_from(DTYPES))
 def test_separable_conv_act_equals_its_two_steps(channels, out_channels, kernel, stride, padding, size, batch,
                                                  acts, bias, dtype):
     generator = torch.Generator().manual_seed(channels * 7 + out_channels)
@@ -126,23 +146,26 @@ def test_separable_conv_act_equals_its_two_steps(channels, out_channels, kernel,
     b, pb = (torch.randn(n, generator=generator, dtype=dtype) if bias else None for n in (channels, out_channels))
     geometry = F._geometry(x, (kernel, kernel), stride, padding, 1, "zeros")
     out = cpu.separable_conv_act(x, w, b, geometry, "zeros", acts[0], 0.3, pw, pb, acts[1], 0.2)
+    x, w, b, pw, pb = (None if t is None else t.to(computed_in(dtype)) for t in (x, w, b, pw, pb))
     hidden = reference.conv_act(x, w, b, geometry, channels, "zeros", acts[0], 0.3)
     ref = activations.apply(torch.nn.functional.conv2d(hidden, pw, pb), acts[1], 0.2)
     assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
-    assert_close_scaled(out, ref, 1e-5 if dtype == torch.float32 else 1e-12)
+    assert_fused_close(out, ref, dtype)
 
 
 @requires_cpu_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["none", "hardswish"])
 @pytest.mark.parametrize("columns", [False, True])
-def test_wide_pointwise_layers_keep_the_epilogue(activation, columns):
-    x = torch.randn(2, 512, 3, 5).contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(520, 512, 1, 1), torch.randn(520)
-    weight = FusedConv("pointwise", w, None, (1, 1), 0, (1, 1), 1).weight if columns else w
-    out = cpu.pointwise_conv_act(x, weight, b, activation)
-    ref = activations.apply(torch.nn.functional.conv2d(x, w, b), activation)
+def test_wide_pointwise_layers_keep_the_epilogue(activation, columns, dtype):
+    x = torch.randn(2, 512, 3, 5).contiguous(memory_format=torch.channels_last).to(dtype)
+    w, b = torch.randn(520, 512, 1, 1).to(dtype), torch.randn(520).to(dtype)
+    fused = FusedConv("pointwise", w, None, (1, 1), 0, (1, 1), 1)
+    out = cpu.pointwise_conv_act(x, fused.weight if columns else w, b, activation)
+    wide = computed_in(dtype)
+    ref = activations.apply(torch.nn.functional.conv2d(x.to(wide), w.to(wide), b.to(wide)), activation)
     assert same_layout(out, ref)
-    assert_close_scaled(out, ref, 1e-5)
+    assert_fused_close(out, ref, dtype)
 
 
 @requires_cpu_backend
@@ -174,11 +197,20 @@ def _fused_op_samples():
     return samples
 
 
+def _bf16_samples():
+    return [(op, tuple(t.to(torch.bfloat16) if isinstance(t, torch.Tensor) else t for t in args))
+            for op, args in _fused_op_samples()[4:]]
+
+
 @requires_cpu_backend
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(12))
 def test_opcheck_fused_ops(index):
-    op, args = _fused_op_samples()[index]
+    op, args = (_fused_op_samples() + _bf16_samples())[index]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    if args[0].dtype == torch.bfloat16:  # against float32 on the same values
+        wide = [t.float() if isinstance(t, torch.Tensor) else t for t in args]
+        assert_fused_close(op(*args), op(*wide), torch.bfloat16)
+        return
     x, weight, bias = args[:3]
     if op is ops.pointwise_conv_act:
         conv = torch.nn.functional.conv1d if x.ndim == 3 else torch.nn.functional.conv2d
@@ -386,3 +418,64 @@ def test_an_optimised_model_refuses_another_dtype_in_one_line_naming_both(dtype)
         double = sepconv.optimize_for_inference(copy.deepcopy(model).to(dtype), x.to(dtype))
         with torch.inference_mode():
             torch.testing.assert_close(double(x.to(dtype)), model.to(dtype)(x.to(dtype)))
+
+
+# --- bf16 copies -----------------------------------------------------------------------------------------------
+
+BF16_LOGITS = 0.03  # bf16 logits within 3 % of the output's scale of float32's (issue 26)
+
+
+@requires_cpu_backend
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v1_100", "eegnet", "xception", "digits_cnn"])
+def test_a_bf16_copy_runs_the_kernels_in_bf16_and_answers_in_the_input_dtype(name):
+    model, x = _model_input(name)
+    optimised = sepconv.optimize_for_inference(model, x, dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in optimised.buffers() if t.is_floating_point())
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
+    calls = cpu.kernel_calls()
+    with torch.inference_mode():
+        out, ref = optimised(x), model(x)
+        assert cpu.kernel_calls() > calls
+        assert out.dtype == torch.float32 and optimised(x.bfloat16()).dtype == torch.bfloat16
+    assert (out - ref).abs().max() <= BF16_LOGITS * ref.abs().max()
+
+
+def test_bf16_top1_agrees_with_float32_on_real_digits():
+    """A digits_cnn trained on scikit-learn's digits: its bf16 copy's predictions on the held-out fifth agree with
+    float32's on at least 99 % of the images (issue 26)."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, held = order[: 4 * len(order) // 5], order[4 * len(order) // 5:]
+    torch.manual_seed(0)
+    model = sepconv.models.create_model("digits_cnn")
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        model.train()
+        for batch in train.split(64):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+            optimizer.step()
+    model.eval()
+    with torch.inference_mode():
+        fp32 = model(images[held]).argmax(1)
+        bf16 = sepconv.optimize_for_inference(model, images[held], dtype=torch.bfloat16)(images[held]).argmax(1)
+    assert (fp32 == labels[held]).float().mean() > 0.9  # the model learnt the task
+    assert (bf16 == fp32).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda m, x: sepconv.optimize_for_inference(m, x, dtype=torch.float16),
+     "dtype must be one of torch.float32, torch.float64, torch.bfloat16; got torch.float16"),
+    (lambda m, x: sepconv.optimize_for_inference(m.double(), x.double(), dtype=torch.bfloat16),
+     "dtype=torch.bfloat16 needs a float32 model; its weights are torch.float64"),
+    (lambda m, x: sepconv.optimize_for_inference(m, x, dtype=torch.bfloat16)(x.double()),
+     "this optimised copy was made for torch.bfloat16 input; got torch.float64"),
+])
+def test_bf16_errors_are_one_line(make, message):
+    model, x = _model_input("digits_cnn")
+    with pytest.raises(ValueError) as error:
+        make(model, x)
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -41,7 +41,8 @@ def format_table(results: list[RowResult], meta: dict) -> str:
                 state = "skipped" if timing.skipped else "failed"
                 (skips if timing.skipped else failures).append(
                     f"  {result.name} {name}: {timing.skipped or timing.error}")
-                body.append([result.name, name, timing.precision, state, *("-" for _ in PEERS), "-", "-", "-", "-"])
+                body.append([result.name, name, timing.precision or "-", state, *("-" for _ in PEERS), "-", "-", "-",
+                             "-"])
                 continue
             share = result.roofline_share(name)
             body.append([result.name, name, timing.precision,

@@ -46,16 +46,18 @@ class Way:
     layout: str = "nchw"  # of model and input: "nchw", "cl", or "faster" (whichever a few calls find faster)
     compiled: bool = False  # torch.compile of the (prepared) model
     prepare: str | None = None  # "fused" (sepconv.fuse_for_training) or "optimized" (optimize_for_inference)
+    precision: str = "fp32"  # "bf16": optimize_for_inference(..., dtype=torch.bfloat16)
 
 
 WAYS = {"eager_nchw": Way("reference"), "eager_cl": Way("reference", "cl"), "compile": Way("reference", compiled=True),
         "sepconv": Way(layout="faster"), "sepconv_nchw": Way(), "sepconv_cl": Way(layout="cl"),
         "cpu_nchw": Way("cpu"), "cpu_cl": Way("cpu", "cl"), "sepconv_compile": Way(compiled=True),
         "fused": Way(layout="faster", prepare="fused"), "optimized": Way(prepare="optimized"),
-        "optimized_compile": Way(compiled=True, prepare="optimized")}
+        "optimized_compile": Way(compiled=True, prepare="optimized"),
+        "optimized_bf16": Way(prepare="optimized", precision="bf16")}
 CANDIDATES = (*WAYS, *runtimes.RUNTIMES)
 COMPILED = frozenset(name for name, way in WAYS.items() if way.compiled)
-INFERENCE_ONLY = frozenset({"optimized", "optimized_compile", *runtimes.RUNTIMES})
+INFERENCE_ONLY = frozenset({"optimized", "optimized_compile", "optimized_bf16", *runtimes.RUNTIMES})
 TRAINING_ONLY = frozenset({"fused"})  # sepconv.fuse_for_training; inference has optimized
 # One layout of sepconv's kernels, or its C++ backend forced: for kernel work, so only named with --candidates.
 ON_REQUEST = frozenset({"sepconv_nchw", "sepconv_cl", "cpu_nchw", "cpu_cl"})
@@ -68,6 +70,7 @@ AGREEMENT = 1e-2
 REDUCED_AGREEMENT = 0.25
 SETTLE_S = 0.1  # the pause between two processes' turns: ORT's idle threads spin for tens of milliseconds
 TIMEOUT_S = 300.0  # the default time limit of a runtime candidate's every step (OpenVINO compiles for minutes)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LEARNING_RATE = 1e-4  # small, so that thousands of timed steps on random labels stay finite
 
 
@@ -104,7 +107,7 @@ class Timing:
     warmup_s: float | None = None  # the first call: compiling, auto's kernel measurements; a runtime's loading too
     max_error: float | None = None  # largest |output - eager_nchw's| / largest |eager_nchw output| (inference)
     top1: float | None = None  # share of the batch whose top class is eager_nchw's (inference, 2-D outputs)
-    precision: str = "fp32"  # what it computes in
+    precision: str | None = "fp32"  # what it computes in; None: not known (a runtime that failed to load)
     pid: int | None = None  # the process that timed it
     error: str | None = None
     skipped: str | None = None  # why it could not run here (a missing package)
@@ -216,17 +219,17 @@ def _build_way(way: Way, model: nn.Module, x: torch.Tensor, *, train: bool,
     if way.layout == "cl":
         model, x = _model_channels_last(model), channels_last(x)
     if way.prepare == "optimized":
-        model = _optimized(model, x, way.mode)
+        model = _optimized(model, x, way.mode, DTYPES[way.precision])
     if way.compiled:
         model = _compiled(model)
     return _training_step(model, x, way.mode, labels) if train else _forward(model, x, way.mode)
 
 
-def _optimized(model: nn.Module, x: torch.Tensor, mode: str) -> nn.Module:
+def _optimized(model: nn.Module, x: torch.Tensor, mode: str, dtype: torch.dtype) -> nn.Module:
     from .. import optimize_for_inference
 
     with kernels.use_kernels(mode), torch.no_grad():
-        return optimize_for_inference(model.eval(), x)
+        return optimize_for_inference(model.eval(), x, dtype=dtype)
 
 
 def _forward(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]:
@@ -334,10 +337,11 @@ def run_case(case: Case, candidates: list[str], *, train: bool, threads: int, ro
     Runtime candidates run in worker processes, each step of theirs within ``timeout_s``; ``runtime_options``
     go to their loaders (``spinning``: False turns ORT's spinning threads off)."""
     torch.manual_seed(seed)
-    model = case.build()
+    dtype = DTYPES[case.precision]
+    model = case.build().to(dtype)
     model.train(train)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(case.input_shape, generator=generator).requires_grad_(train and case.input_grad)
+    x = torch.randn(case.input_shape, generator=generator).to(dtype).requires_grad_(train and case.input_grad)
     result = RowResult(case.name, tuple(case.input_shape), train, {name: Timing(name) for name in candidates})
     if machine is not None:
         try:
@@ -352,15 +356,17 @@ def run_case(case: Case, candidates: list[str], *, train: bool, threads: int, ro
         if out.ndim == 2:
             labels = torch.randint(out.shape[1], (out.shape[0],), generator=generator)
     reference = None
-    if not train:
+    if not train:  # in float32 whatever the row's precision: the error of bf16 rows is part of what they show
         with torch.inference_mode(), kernels.use_kernels("reference"):
-            reference = copy.deepcopy(model).eval()(x).float()
+            reference = copy.deepcopy(model).float().eval()(x.float())
     if any(name in COMPILED for name in candidates):
         torch._dynamo.reset()  # each row compiles afresh, away from the previous rows' recompile limits
     fns = {}
     for name in (name for name in candidates if name not in runtimes.RUNTIMES):
         timing = result.timings[name]
         try:
+            if name in WAYS:
+                timing.precision = case.precision if WAYS[name].precision == "fp32" else WAYS[name].precision
             fn = build_candidate(name, copy.deepcopy(model), x.clone(), train=train, labels=labels)
             start = time.perf_counter()
             output = fn()
@@ -396,17 +402,19 @@ def _start_workers(model: nn.Module, x: torch.Tensor, timings: dict[str, Timing]
         return {}
     for name in names:
         timings[name].skipped = runtimes.missing(name)
+        timings[name].precision = None  # the runtime says, once loaded
     names = [name for name in names if timings[name].skipped is None]
     if not names:
         return {}
     try:
-        model_path = runtimes.export_onnx(copy.deepcopy(model), x.detach(), folder / "model.onnx")
+        # float32 whatever the row's precision: each runtime computes in its own
+        model_path = runtimes.export_onnx(copy.deepcopy(model).float(), x.detach().float(), folder / "model.onnx")
     except Exception as error:  # noqa: BLE001 -- a model the exporter cannot trace fails every runtime alike
         for name in names:
             timings[name].error = f"ONNX export: {one_line(error)}"
         return {}
     input_path = folder / "input.npy"
-    np.save(input_path, x.detach().contiguous().numpy())
+    np.save(input_path, x.detach().float().contiguous().numpy())
     workers = {}
     for name in names:
         timing, worker = timings[name], runtimes.Worker(name, timeout_s)

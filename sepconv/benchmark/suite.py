@@ -121,19 +121,23 @@ LAYER_SUITES = {"depthwise": ("dw", depthwise_suite), "separable": ("sep", separ
 @dataclass(frozen=True)
 class Case:
     """One benchmark row: ``build()`` makes the model (seeded by the runner), ``input_shape`` its input;
-    ``input_grad``: a training step also computes the input's gradient, as a layer inside a network does."""
+    ``input_grad``: a training step also computes the input's gradient, as a layer inside a network does;
+    ``precision``: the dtype of the model and input ("fp32", or "bf16": every candidate on bf16 weights and input)."""
 
     name: str
     build: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
     input_grad: bool = False
+    precision: str = "fp32"
 
 
-def layer_cases(batches=(1, 32), suite: str = "depthwise") -> list[Case]:
-    """A layer suite of :data:`LAYER_SUITES` as rows: ``dw.<layer>.b<N>`` or ``sep.<layer>.b<N>``."""
+def layer_cases(batches=(1, 32), suite: str = "depthwise", precisions=("fp32",)) -> list[Case]:
+    """A layer suite of :data:`LAYER_SUITES` as rows: ``dw.<layer>.b<N>`` or ``sep.<layer>.b<N>``, and for each
+    further precision ``<row>.<precision>`` (``dw.mnv1.1.b1.bf16``)."""
     prefix, shapes = LAYER_SUITES[suite]
-    return [Case(f"{prefix}.{shape.name}.b{shape.n}", shape.build, shape.input_shape, input_grad=True)
-            for shape in shapes(batches)]
+    return [Case(f"{prefix}.{shape.name}.b{shape.n}" + ("" if precision == "fp32" else f".{precision}"), shape.build,
+                 shape.input_shape, input_grad=True, precision=precision)
+            for precision in precisions for shape in shapes(batches)]
 
 
 def _registered(name: str, **kwargs) -> Callable[[], nn.Module]:

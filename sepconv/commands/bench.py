@@ -98,7 +98,9 @@ def _cases(args, quick: bool):
 
     if args.suite is not None or args.models:
         batches = (1,) if quick else (1, 32)
-        cases = select(layer_cases(batches, args.suite) if args.suite is not None else model_cases(quick), args.filter)
+        precisions = ("fp32",) if args.train else ("fp32", "bf16")  # bf16 rows: inference (bf16 has no backward yet)
+        cases = select(layer_cases(batches, args.suite, precisions) if args.suite is not None else model_cases(quick),
+                       args.filter)
         if not cases:
             raise UsageError(f"--filter {args.filter!r} selects no row")
         return cases, "model suite" if args.models else f"{args.suite} layer suite"

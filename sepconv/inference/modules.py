@@ -69,6 +69,13 @@ class FusedConv(nn.Module):
         # the model's layout, which 4-D outputs keep: its name, since torch.save cannot pickle a memory format
         self.layout: str | None = None
 
+    def cast(self, dtype: torch.dtype) -> None:
+        """Weight and bias in ``dtype``; a pointwise weight stored again as its kernel reads it."""
+        weight = self.weight.to(dtype)
+        self.weight = _as_columns(weight) if self.kind == "pointwise" else weight
+        if self.bias is not None:
+            self.bias = self.bias.to(dtype)
+
     @property
     def memory_format(self) -> torch.memory_format | None:
         return None if self.layout is None else FORMATS[self.layout]

@@ -437,7 +437,7 @@ void weight_grad_kernel(const T* x, const T* grad_out, T* dweight, int64_t N, in
 void forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& y, const Geometry& g,
              const Activation& act) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), M = weight.size(0) / C;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_forward_planar", [&] {
+  SEPCONV_DISPATCH_FORWARD(x.scalar_type(), "sepconv_forward_planar", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias),
                              y.data_ptr<scalar_t>(), N, C, M, H, W, g, act);
   });

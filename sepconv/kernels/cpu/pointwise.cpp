@@ -17,8 +17,8 @@ namespace {
 
 constexpr int64_t kBlasFrom = 512;  // input and output channels from which BLAS's packed product beats the blocks
 
-template <typename T>
-void pointwise_nhwc(const T* x, const T* wt, int64_t ldw, const T* bias, T* y, int64_t P, int64_t K, int64_t O,
+template <typename T, typename Wt>
+void pointwise_nhwc(const T* x, const Wt* wt, int64_t ldw, const T* bias, T* y, int64_t P, int64_t K, int64_t O,
                     const Activation& a) {
   constexpr int64_t L = Vectorized<acc_t<T>>::size();
   const int64_t chunk = kVectors * L;  // output channels per register block
@@ -42,8 +42,8 @@ void pointwise_nhwc(const T* x, const T* wt, int64_t ldw, const T* bias, T* y, i
 
 at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      int64_t activation, double alpha) {
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-              "sepconv cpu pointwise: x must be a 4-D float32/float64 CPU tensor; got ", x.sizes(), " ",
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && forward_dtype(x.scalar_type()),
+              "sepconv cpu pointwise: x must be a 4-D float32/float64/bfloat16 CPU tensor; got ", x.sizes(), " ",
               x.scalar_type());
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 1 && weight.size(3) == 1 &&
                   weight.scalar_type() == x.scalar_type(),
@@ -55,18 +55,16 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
 
   if (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
     const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-    const auto columns = weight_columns(weight);
-    const at::Tensor& wt = columns.first;
-    const int64_t ldw = columns.second;
     auto y = empty_output({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
     if (C >= kBlasFrom && Co >= kBlasFrom) {
       // wide layers: BLAS's packed product is faster than the register blocks; the epilogue is one pass after
       auto rows = y.permute({0, 2, 3, 1}).view({N * H * W, Co});
       const auto inputs = xc.permute({0, 2, 3, 1}).reshape({N * H * W, C});
+      const auto wt = weight_columns(weight).first;
       if (b.defined()) at::addmm_out(rows, b, inputs, wt);
       else at::mm_out(rows, inputs, wt);
       if (act.any()) {
-        AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "sepconv_pointwise_blas_epilogue", [&] {
+        SEPCONV_DISPATCH_FORWARD(y.scalar_type(), "sepconv_pointwise_blas_epilogue", [&] {
           scalar_t* data = y.data_ptr<scalar_t>();
           at::parallel_for(0, N * H * W, 64, [&](int64_t begin, int64_t end) {
             activate_inplace<scalar_t>(data + begin * Co, (end - begin) * Co, nullptr, act);
@@ -75,17 +73,18 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
       }
       return y;
     }
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_pointwise_nhwc", [&] {
-      pointwise_nhwc<scalar_t>(xc.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), ldw,
-                               b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N * H * W, C,
-                               Co, act);
+    SEPCONV_DISPATCH_FORWARD(x.scalar_type(), "sepconv_pointwise_nhwc", [&] {
+      with_columns<scalar_t>(weight, [&](const auto* wt, int64_t ldw) {
+        pointwise_nhwc(xc.data_ptr<scalar_t>(), wt, ldw, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                       y.data_ptr<scalar_t>(), N * H * W, C, Co, act);
+      });
     });
     return y;
   }
 
   auto y = at::matmul(weight.reshape({Co, C}), x.contiguous().view({N, C, H * W})).view({N, Co, H, W});
   if (b.defined() || act.any()) {
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "sepconv_pointwise_epilogue_planar", [&] {
+    SEPCONV_DISPATCH_FORWARD(y.scalar_type(), "sepconv_pointwise_epilogue_planar", [&] {
       scalar_t* data = y.data_ptr<scalar_t>();
       const scalar_t* bias_data = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, N * Co, 1, [&](int64_t begin, int64_t end) {

@@ -13,9 +13,10 @@ namespace {
 constexpr int64_t kProductBlocks = 4;
 
 // Rows per block: enough pixels for the product's register blocks, enough blocks for the threads. The hidden
-// block holds sums in the accumulator type, which the product reads as they are.
-template <typename T>
-void separable_kernel(const T* x, const T* wt, const T* bias, const Activation& dw_act, const T* pwt, int64_t ldw,
+// block holds sums in the accumulator type, which the product reads as they are (bf16 pairs where the product
+// multiplies bf16 pairs).
+template <typename T, typename Wt>
+void separable_kernel(const T* x, const T* wt, const T* bias, const Activation& dw_act, const Wt* pwt, int64_t ldw,
                       const T* pw_bias, T* y, int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, const Geometry& g,
                       const Activation& act) {
   const Bounds inside = interior(W, g.out_w, g.kernel_w, g.stride_w, g.pad_left, g.dilation_w);
@@ -26,7 +27,7 @@ void separable_kernel(const T* x, const T* wt, const T* bias, const Activation& 
   const Epilogue e{dw_act, false};
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     KernelRows<T> kernel_rows(g.kernel_h);
-    std::vector<acc_t<T>> hidden(rows * g.out_w * C);
+    std::vector<product_input_t<T>> hidden(rows * g.out_w * C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / blocks, oh0 = (task % blocks) * rows, oh1 = std::min(g.out_h, oh0 + rows);
       for (int64_t oh = oh0; oh < oh1; ++oh) {
@@ -46,13 +47,11 @@ void separable_forward(const at::Tensor& x, const at::Tensor& weight, const at::
                        at::Tensor& y, const Geometry& g, const Activation& act) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = pw_weight.size(0);
   const auto wt = weight_rows(weight, false);
-  const auto columns = weight_columns(pw_weight);
-  const at::Tensor& pwt = columns.first;
-  const int64_t ldw = columns.second;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_separable_nhwc", [&] {
-    separable_kernel<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), dw_act,
-                               pwt.data_ptr<scalar_t>(), ldw, data_or_null<scalar_t>(pw_bias), y.data_ptr<scalar_t>(),
-                               N, C, H, W, O, g, act);
+  SEPCONV_DISPATCH_FORWARD(x.scalar_type(), "sepconv_separable_nhwc", [&] {
+    with_columns<scalar_t>(pw_weight, [&](const auto* pwt, int64_t ldw) {
+      separable_kernel(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), dw_act, pwt, ldw,
+                       data_or_null<scalar_t>(pw_bias), y.data_ptr<scalar_t>(), N, C, H, W, O, g, act);
+    });
   });
 }
 
