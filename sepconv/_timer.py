@@ -18,6 +18,11 @@ __all__ = ["MARGIN", "block", "calibrate", "fastest", "interleaved", "samples"]
 MARGIN = 0.9  # a candidate replaces the baseline only below MARGIN x its time, so noise does not flip a tie
 WARMUP = 2  # first calls load extensions, build oneDNN primitives and grow the allocator's pools
 ROUNDS = 5
+# A candidate whose first call takes OUTCLASSED x the quickest first call, and at least OUTCLASSED_S, is not timed
+# further: it cannot win, and its remaining calls would cost the user seconds (PyTorch's bf16 convolutions on CPUs
+# without AMX run seconds where a kernel takes milliseconds).
+OUTCLASSED = 20.0
+OUTCLASSED_S = 0.05
 
 
 def block(fn: Callable[[], object], number: int) -> float:
@@ -85,8 +90,12 @@ def fastest(fns: dict[str, Callable[[], object]], baseline: str | None = None, *
             rounds: int = ROUNDS, warmup: int = WARMUP) -> str:
     """The name of the fastest of ``fns`` by its best single call over interleaved rounds (the least disturbed by
     other processes), after ``warmup`` calls each. With a ``baseline``, another candidate wins only below
-    ``margin`` x the baseline's time; without, the plain minimum. Exceptions propagate."""
-    for _ in range(warmup):
+    ``margin`` x the baseline's time; without, the plain minimum. A candidate outclassed on its first call (see
+    ``OUTCLASSED``) loses without further calls. Exceptions propagate."""
+    first = {name: block(fn, 1) for name, fn in fns.items()}
+    quickest = min(first.values())
+    fns = {name: fn for name, fn in fns.items() if first[name] <= max(OUTCLASSED * quickest, OUTCLASSED_S)}
+    for _ in range(warmup - 1):
         for fn in fns.values():
             fn()
     samples, errors = interleaved(fns, rounds)
@@ -94,6 +103,6 @@ def fastest(fns: dict[str, Callable[[], object]], baseline: str | None = None, *
         raise next(iter(errors.values()))
     best = {name: min(values) for name, values in samples.items()}
     winner = min(best, key=best.__getitem__)
-    if baseline is None or winner == baseline or best[winner] < margin * best[baseline]:
+    if baseline not in best or winner == baseline or best[winner] < margin * best[baseline]:
         return winner
     return baseline

@@ -429,7 +429,7 @@ BF16_LOGITS = 0.03  # bf16 logits within 3 % of the output's scale of float32's 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v1_100", "eegnet", "xception", "digits_cnn"])
 def test_a_bf16_copy_runs_the_kernels_in_bf16_and_answers_in_the_input_dtype(name):
     model, x = _model_input(name)
-    # the C++ kernels forced: auto would time PyTorch's own bf16 convolutions, which take seconds per call here
+    # the C++ kernels forced, so that the test does not depend on auto's choices
     with kernels.use_kernels("cpu"):
         optimised = sepconv.optimize_for_inference(model, x, layout="channels_last", dtype=torch.bfloat16)
     assert all(t.dtype == torch.bfloat16 for t in optimised.buffers() if t.is_floating_point())
@@ -442,6 +442,23 @@ def test_a_bf16_copy_runs_the_kernels_in_bf16_and_answers_in_the_input_dtype(nam
         ref = model(x)
     assert cpu.kernel_calls() > calls and out.dtype == torch.float32
     assert (out - ref).abs().max() <= BF16_LOGITS * ref.abs().max()
+
+
+def test_auto_takes_the_kernels_for_bf16_without_timing_pytorch(monkeypatch):
+    """Defect: auto timed PyTorch's bf16 depthwise convolution as the baseline, and one call of EEGNet's took
+    over 45 s on this CPU, so optimize_for_inference(eegnet, dtype=bf16) ran for minutes."""
+    def untimeable(*args):
+        raise AssertionError("PyTorch's bf16 convolution was called")
+
+    for op in ("depthwise_conv", "depthwise_conv_act"):
+        monkeypatch.setattr(reference, op, untimeable)
+    x, weight = torch.randn(1, 8, 16, 64, dtype=torch.bfloat16), torch.randn(8, 1, 1, 16, dtype=torch.bfloat16)
+    calls = cpu.kernel_calls()
+    with kernels.use_kernels("auto"), torch.inference_mode():
+        kernels.clear_choices()
+        out = F.depthwise_conv(x, weight, padding="same")
+    assert out.dtype == torch.bfloat16 and cpu.kernel_calls() > calls
+    assert "cpu" in kernels.choices().values()
 
 
 def test_bf16_top1_agrees_with_float32_on_real_digits():

@@ -14,9 +14,10 @@ once on first use):
   (shapes, strides, dtypes, the other arguments, whether gradients are wanted, thread count) times the eligible
   backends against the baseline, interleaved, forward and backward alike when gradients are wanted
   (:func:`sepconv._timer.fastest`: a backend must beat the baseline by its margin, so noise does not flip a tie),
-  and every later call with that signature takes the winner. Under ``torch.compile``/``torch.export`` and
-  :func:`measuring_suspended`, where nothing may be timed, calls take the first backend that covers them
-  (outside compiled graphs, a choice measured before);
+  and every later call with that signature takes the winner (a covering backend wins bf16 and fp16 calls
+  untimed: PyTorch's CPU convolutions take seconds per call there, see ``_UNTIMED_DTYPES``). Under
+  ``torch.compile``/``torch.export`` and :func:`measuring_suspended`, where nothing may be timed, calls take the
+  first backend that covers them (outside compiled graphs, a choice measured before);
 * a backend's name (``"cpu"``): that backend wherever it covers the call, the baseline elsewhere.
 
 Tracing, ONNX export, tensor subclasses and forward-mode AD always take the reference.
@@ -131,6 +132,12 @@ def exporting() -> bool:
 _COMPILED_REFERENCE_TAPS = 9
 
 
+# PyTorch's CPU convolutions in reduced precision take seconds to minutes per call where the CPU has no AMX (one
+# EEGNet 1x16 depthwise call in bf16: over 45 s), and a call cannot be cut short: in auto a backend that covers
+# such a call is taken without timing the baseline.
+_UNTIMED_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _inductor_fuses(op: str, args: tuple) -> bool:
     return op == "depthwise_conv" and len(args[3].kernel_size) > 1 \
         and math.prod(args[3].kernel_size) <= _COMPILED_REFERENCE_TAPS
@@ -158,7 +165,8 @@ def select(op: str, args: tuple, baseline: Callable | None = None) -> Callable:
                 choice = _choices.get(key)
                 if choice is None:
                     eligible = [name for name in names if _covers(_backends[name], op, args)]
-                    choice = _choices[key] = _measure(op, eligible, args, baseline, wants_grad) \
+                    timed_baseline = None if any(t.dtype in _UNTIMED_DTYPES for t in tensors) else baseline
+                    choice = _choices[key] = _measure(op, eligible, args, timed_baseline, wants_grad) \
                         if eligible else "reference"
         if choice is not None:
             return baseline if choice == "reference" else getattr(_backends[choice], op)
@@ -192,9 +200,12 @@ def _covers(backend, op: str, args: tuple) -> bool:
     return hasattr(backend, op) and backend.available() and backend.supports(op, *args)
 
 
-def _measure(op: str, names: list[str], args: tuple, baseline: Callable, wants_grad: bool) -> str:
+def _measure(op: str, names: list[str], args: tuple, baseline: Callable | None, wants_grad: bool) -> str:
     """The fastest of the baseline (named ``"reference"``) and each eligible backend on detached copies of ``args``,
-    by :func:`sepconv._timer.fastest`; forward and backward when gradients are wanted."""
+    by :func:`sepconv._timer.fastest`; forward and backward when gradients are wanted. Without a baseline, the
+    first backend is the one to beat."""
+    if baseline is None and len(names) == 1:
+        return names[0]
     args = tuple(a.detach().requires_grad_(a.requires_grad and wants_grad) if isinstance(a, torch.Tensor) else a
                  for a in args)
     trainable = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
@@ -207,6 +218,8 @@ def _measure(op: str, names: list[str], args: tuple, baseline: Callable, wants_g
                 torch.autograd.grad(out, trainable, torch.ones_like(out), allow_unused=True)
         return call
 
-    paths = {"reference": run(baseline), **{name: run(getattr(_backends[name], op)) for name in names}}
+    paths = {name: run(getattr(_backends[name], op)) for name in names}
+    if baseline is not None:
+        paths = {"reference": run(baseline), **paths}
     with torch.enable_grad() if wants_grad else torch.no_grad():
-        return _timer.fastest(paths, baseline="reference")
+        return _timer.fastest(paths, baseline=next(iter(paths)))
