@@ -346,9 +346,9 @@ def test_distributed_close_leaves_the_group_when_the_wait_fails(monkeypatch):
     (["compare", "--batch-size", "many"], "argument --batch-size: must be an int from 1 to 1048576; got 'many'"),
     (["compare", "--lr", "-0.1"], "argument --lr: must be a number in (0, 1e+36]; got '-0.1'"),
     (["compare", "--dataset", "mnist"], "argument --dataset: must be one of digits, cifar10, eeg-synthetic, eeg-numpy, "
-                                        "eeg-mne, moabb:NAME; got 'mnist'"),
+                                        "eeg-mne, video-synthetic, moabb:NAME; got 'mnist'"),
     (["compare", "--dataset", "moabb:"], "argument --dataset: must be one of digits, cifar10, eeg-synthetic, "
-                                         "eeg-numpy, eeg-mne, moabb:NAME; got 'moabb:'"),
+                                         "eeg-numpy, eeg-mne, video-synthetic, moabb:NAME; got 'moabb:'"),
     (["compare", "--resample", "1e300"], "argument --resample: must be a number in (0, 100000]; got '1e300'"),
     (["compare", "--fmin", "nan"], "argument --fmin: must be a number in (0, 100000]; got 'nan'"),
 ])

@@ -106,7 +106,7 @@ def add_parser(commands) -> None:
                         help="digits (bundled with scikit-learn, the default), cifar10 (downloaded once into "
                              "$SEPCONV_DATA or the user cache folder, or the python batches in --data-dir), "
                              "eeg-synthetic (generated), eeg-numpy (X.npy and y.npy in --data-dir), eeg-mne (MNE "
-                             "*-epo.fif files in --data-dir), moabb:NAME (a MOABB data set, e.g. moabb:BNCI2014_001; "
+                             "*-epo.fif files in --data-dir), video-synthetic (generated clips), moabb:NAME (a MOABB data set, e.g. moabb:BNCI2014_001; "
                              "MOABB downloads it); eeg-mne and moabb need sepconv[eeg]")
     parser.add_argument("--data-dir", type=Path, help="folder of cifar10's cifar-10-batches-py (instead of the "
                         "download), eeg-numpy's arrays or eeg-mne's epochs files")

@@ -1,7 +1,7 @@
 """The experiment behind ``sepconv compare``: a network and its separable twin, trained the same way, compared.
 
 * :mod:`~sepconv.experiment.data` — the datasets (``digits``, ``cifar10``, ``eeg-synthetic``, ``eeg-numpy``,
-  ``eeg-mne``, ``moabb:NAME``);
+  ``eeg-mne``, ``video-synthetic``, ``moabb:NAME``);
 * :mod:`~sepconv.experiment.download` — archives downloaded once into a cache, verified, unpacked safely;
 * :mod:`~sepconv.experiment.eeg` — real EEG through MNE (``eeg-mne``) and MOABB (``moabb:NAME``);
 * :mod:`~sepconv.experiment.train` — the training loop: checkpoints, resume, ``torchrun`` (DDP);

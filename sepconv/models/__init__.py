@@ -14,7 +14,9 @@ adding the ``running_mean``/``running_var`` buffers gives Keras' total.
 * ``vgg_cifar``: :class:`VGGCifar`, the 6-convolution VGG-block network for 32x32 images;
 * ``convnext_k7``: :class:`ConvNeXtK7`, a small ConvNeXt-style stack of depthwise 7x7 blocks (BatchNorm);
 * ``replknet_k31``: :class:`RepLKNetK31`, a small RepLKNet-style network of depthwise 31x31 blocks;
-* ``digits_cnn``: :class:`DigitsCNN`, a small CNN for scikit-learn's 8x8 digits (the default of ``sepconv compare``).
+* ``digits_cnn``: :class:`DigitsCNN`, a small CNN for scikit-learn's 8x8 digits (the default of ``sepconv compare``);
+* ``x3d_xs`` and ``x3d_s``: :class:`X3D`, the video network (channel-wise 3x3x3 convolutions) as SlowFast builds
+  it, for 4 or 13 frames of 160x160.
 
 >>> from sepconv.models import create_model, list_models
 >>> list_models("mobilenet*")
@@ -35,8 +37,9 @@ from .mobilenet_v1 import MobileNetV1
 from .mobilenet_v2 import MobileNetV2
 from .replknet_k31 import RepLKNetK31
 from .vgg_cifar import VGGCifar
+from .x3d import X3D
 from .xception import Xception
 
 __all__ = ["create_model", "list_models", "register_model", "unregister_model", "load_keras_weights",
            "MobileNetV1", "MobileNetV2", "Xception", "EEGNet", "VGGCifar", "DigitsCNN",
-           "ConvNeXtK7", "RepLKNetK31"]
+           "ConvNeXtK7", "RepLKNetK31", "X3D"]

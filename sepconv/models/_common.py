@@ -190,19 +190,23 @@ def pooled_head(channels: int, num_classes: int, init: str) -> nn.Sequential:
                                      classifier=Dense(channels, num_classes, init=init)))
 
 
+_SPATIAL_AXES = ("T", "H", "W")  # the names of an input's trailing axes, in its error messages
+
+
 class Classifier(nn.Module):
     """Base of the reference models: ``features`` then ``head``, after a check of the input's shape.
 
     Attributes:
         features: the convolutional body (``nn.Sequential``).
         head: pooling/flatten and the classifier layer; the models return logits (no softmax).
-        input_shape: ``(C, H, W)`` of one input at the nominal resolution the model was built for.
-        min_input_size: smallest ``(H, W)`` accepted; ``None`` when the head flattens a fixed-size feature
-            map, so the input must be exactly ``input_shape``.
+        input_shape: ``(C, H, W)`` (``(C, T, H, W)`` for video) of one input at the nominal size the model was
+            built for.
+        min_input_size: smallest ``(H, W)`` (``(T, H, W)``) accepted; ``None`` when the head flattens a
+            fixed-size feature map, so the input must be exactly ``input_shape``.
     """
 
-    def __init__(self, features: nn.Sequential, head: nn.Sequential, input_shape: tuple[int, int, int],
-                 min_input_size: tuple[int, int] | None):
+    def __init__(self, features: nn.Sequential, head: nn.Sequential, input_shape: tuple[int, ...],
+                 min_input_size: tuple[int, ...] | None):
         super().__init__()
         self.features = features
         self.head = head
@@ -215,14 +219,16 @@ class Classifier(nn.Module):
 
     def _check_input(self, x) -> None:
         name = type(self).__name__
-        channels, height, width = self.input_shape
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels:
+        channels, *size = self.input_shape
+        if not isinstance(x, torch.Tensor) or x.ndim != len(self.input_shape) + 1 or x.shape[1] != channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name} needs input of shape (N, {channels}, H, W); got {shape}")
+            axes = ", ".join(_SPATIAL_AXES[-len(size):])
+            raise ValueError(f"{name} needs input of shape (N, {channels}, {axes}); got {shape}")
         if self.min_input_size is None:
-            if tuple(x.shape[2:]) != (height, width):
-                raise ValueError(f"{name} was built for input of shape (N, {channels}, {height}, {width}) (its dense "
-                                 f"layer reads a fixed-size feature map); got {tuple(x.shape)}")
+            if list(x.shape[2:]) != size:
+                raise ValueError(f"{name} was built for input of shape (N, {', '.join(map(str, self.input_shape))}) "
+                                 f"(its dense layer reads a fixed-size feature map); got {tuple(x.shape)}")
         elif any(n < minimum for n, minimum in zip(x.shape[2:], self.min_input_size)):
-            min_h, min_w = self.min_input_size
-            raise ValueError(f"{name} needs input of at least {min_h}x{min_w}; got shape {tuple(x.shape)}")
+            raise ValueError(f"{name} needs input of at least {'x'.join(map(str, self.min_input_size))}; got shape "
+                             f"{tuple(x.shape)}")
+
