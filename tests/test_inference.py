@@ -228,10 +228,10 @@ def test_opcheck_fused_ops(index):
 
 def _model_input(name: str) -> tuple[nn.Module, torch.Tensor]:
     model = sepconv.models.create_model(name)
-    channels, height, width = model.input_shape
+    channels, *size = model.input_shape
     if model.min_input_size is not None:  # the smallest input keeps the test fast
-        height, width = (max(m, min(h, 64)) for m, h in zip(model.min_input_size, (height, width)))
-    return randomise_batch_norms(model).eval(), torch.randn(1, channels, height, width)
+        size = [max(m, min(s, 64)) for m, s in zip(model.min_input_size, size)]
+    return randomise_batch_norms(model).eval(), torch.randn(1, channels, *size)
 
 
 @pytest.mark.parametrize("name", sepconv.models.list_models())

@@ -90,6 +90,58 @@ def test_cpu_backend_equals_reference(case, channels, multiplier, batch, bias, d
     compare_backends(x, w, b, case)
 
 
+BF16 = 1e-2  # bf16 results within 1 % of their scale of float32's on the same values (kernels accumulate in float)
+
+
+def assert_scaled_close(got, want, relative=BF16, what="output"):
+    scale = want.abs().max().clamp_min(1e-6)
+    assert (got.float() - want).abs().max() <= relative * scale, f"{what}: off by more than {relative} of {scale}"
+
+
+@requires_cpu_backend
+@given(case=geometry_case(rank=None, max_kernel=5).filter(lambda c: len(c["size"]) < 3),
+       channels=st.integers(1, 20), multiplier=st.integers(1, 2), channels_last=st.booleans())
+def test_bf16_kernels_with_gradients_equal_float32_on_the_same_values(case, channels, multiplier, channels_last):
+    """bf16 storage, float32 arithmetic: forward, input and weight gradients against float32 on bf16's values."""
+    x = make((2, channels, *case["size"]), torch.float32, channels_last).detach().bfloat16().requires_grad_()
+    w = make((channels * multiplier, 1, *case["kernel"]), torch.float32, seed=1).detach().bfloat16().requires_grad_()
+    args = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+                padding_mode=case["padding_mode"])
+    wide = [t.detach().float().requires_grad_() for t in (x, w)]
+    calls = cpu.kernel_calls()
+    with kernels.use_kernels("cpu"):
+        out = F.depthwise_conv(x, w, **args)
+        grads = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    assert cpu.kernel_calls() > calls and out.dtype == torch.bfloat16
+    with kernels.use_kernels("reference"):
+        ref = F.depthwise_conv(*wide, **args)
+        ref_grads = torch.autograd.grad(ref, wide, torch.ones_like(ref))
+    assert_scaled_close(out, ref)
+    for name, got, want in zip(("x", "weight"), grads, ref_grads):
+        assert got.dtype == torch.bfloat16
+        assert_scaled_close(got, want, what=f"grad of {name}")
+
+
+@requires_cpu_backend
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_autocast_runs_the_kernels_in_bf16_with_float32_gradients(channels_last):
+    layer = sepconv.layers.SeparableConv2d(24, 32, 3, padding="same", depth_multiplier=1)
+    x = make((2, 24, 14, 14), torch.float32, channels_last)
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, layer.depthwise_weight))
+    calls = cpu.kernel_calls()
+    with kernels.use_kernels("cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and cpu.kernel_calls() > calls
+    grads = torch.autograd.grad(out.float().square().sum(), (x, layer.depthwise_weight))
+    assert all(g.dtype == torch.float32 for g in grads)  # the parameters' own dtype
+    assert_scaled_close(out, ref, relative=2e-2)
+    for name, got, want in zip(("x", "depthwise weight"), grads, ref_grads):
+        assert_scaled_close(got, want, relative=3e-2, what=f"grad of {name}")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the operator itself, through the dispatcher's rule
+        assert ops.depthwise_conv(x, layer.depthwise_weight, None, [1, 1], [1, 1, 1, 1], [1, 1]).dtype == torch.bfloat16
+
+
 @requires_cpu_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -161,11 +213,13 @@ def _op_samples():
                     (ops.depthwise_conv, (x.detach(), w.detach(), None, stride, padding, dilation)),
                     (ops.depthwise_conv_input_grad, (dy, w, list(x.shape), stride, padding, dilation)),
                     (ops.depthwise_conv_weight_grad, (x, dy, list(w.shape), stride, padding, dilation))]
-    return samples
+    bf16 = [(op, tuple(t.detach().bfloat16().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                       for t in args)) for op, args in samples[:4] + samples[8:12]]  # 2-D and 1-D, contiguous
+    return samples + bf16
 
 
 @requires_cpu_backend
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(24))
 def test_opcheck(index):
     op, args = _op_samples()[index]
     torch.library.opcheck(op, args)
@@ -175,7 +229,7 @@ def test_opcheck(index):
 def test_gradcheck_and_gradgradcheck_float64():
     for op, args in _op_samples():
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not any(t.requires_grad for t in tensors):
+        if tensors[0].dtype != torch.float64 or not any(t.requires_grad for t in tensors):
             continue
 
         def call(*inputs, op=op, args=args):

@@ -12,13 +12,16 @@ behind the ``torch.ops.sepconv`` operators of :mod:`.ops`). The ops:
   the two faces one after the other);
 * training: ``batch_norm_act`` (batch norm with the batch's statistics, then an activation).
 
-``conv`` on anything else, ``conv_act`` and ``pointwise_conv`` run on the reference.
+``conv`` on anything else, ``conv_act`` and ``pointwise_conv`` run on the reference. Under
+``torch.autocast("cpu")`` the faces cast float32 tensors to autocast's dtype, as PyTorch casts its convolutions.
 
 Adding a backend: a subpackage with the :class:`.registry.Backend` attributes and a function per op it covers,
 registered below; kernels of its own register as the device implementations of the ops in :mod:`.ops`.
 """
 
 from __future__ import annotations
+
+import torch
 
 from . import cpu, reference, registry
 from .registry import choices, clear_choices, get_kernels, register_backend, set_kernels, use_kernels
@@ -30,8 +33,18 @@ __all__ = ["batch_norm_act", "choices", "clear_choices", "conv", "conv_act", "de
 registry.register_backend(cpu)
 
 
+def _autocast(*tensors):
+    """Under ``torch.autocast("cpu")``, float32 tensors in autocast's dtype, as PyTorch's own convolutions are cast
+    (the backends' eager paths do not pass through the dispatcher, where the ops' autocast rule sits)."""
+    if not (torch.is_autocast_enabled("cpu") and tensors[0].device.type == "cpu"):
+        return tensors
+    dtype = torch.get_autocast_dtype("cpu")
+    return tuple(t.to(dtype) if t is not None and t.dtype == torch.float32 else t for t in tensors)
+
+
 def depthwise_conv(x, weight, bias, geometry, padding_mode):
     """Depthwise convolution: ``weight`` ``(C * M, 1, *kernel_size)`` on ``x`` ``(N, C, *spatial)``."""
+    x, weight, bias = _autocast(x, weight, bias)
     args = (x, weight, bias, geometry, padding_mode)
     return registry.select("depthwise_conv", args)(*args)
 
@@ -55,6 +68,7 @@ def pointwise_conv(x, weight, bias):
 def depthwise_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha=1.0, prefer_channels_last=False):
     """``activation(depthwise_conv(x) + bias)``; ``prefer_channels_last``: a one-channel input (whose layout is
     ambiguous) answers channels-last where the backend can."""
+    x, weight, bias = _autocast(x, weight, bias)
     args = (x, weight, bias, geometry, padding_mode, activation, alpha, prefer_channels_last)
     return registry.select("depthwise_conv_act", args)(*args)
 
@@ -66,6 +80,7 @@ def conv_act(x, weight, bias, geometry, groups, padding_mode, activation, alpha=
 
 def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):
     """``activation(pointwise_conv(x) + bias)``."""
+    x, weight, bias = _autocast(x, weight, bias)
     args = (x, weight, bias, activation, alpha)
     return registry.select("pointwise_conv_act", args)(*args)
 
@@ -80,6 +95,7 @@ def separable_conv_act(x, weight, bias, geometry, padding_mode, activation, alph
                        pw_alpha):
     """``pointwise_conv_act(depthwise_conv_act(x))`` where a backend runs the two as one kernel and that pays;
     otherwise the two faces one after the other."""
+    x, weight, bias, pw_weight, pw_bias = _autocast(x, weight, bias, pw_weight, pw_bias)
     args = (x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha)
     return registry.select("separable_conv_act", args, baseline=_separable_steps)(*args)
 

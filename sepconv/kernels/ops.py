@@ -215,3 +215,8 @@ for _name, _backward in zip(NAMES, (_OPS.conv_backward, _OPS.input_grad_backward
 
 for _name, _op in zip(NAMES, (depthwise_conv, depthwise_conv_input_grad, depthwise_conv_weight_grad)):
     torch.library.register_vmap(_name, lambda info, in_dims, *args, op=_op: (_loop(op, info.batch_size, in_dims, args), 0))
+
+# torch.autocast("cpu") runs the forward ops in bf16 (its default dtype on CPU), as it does PyTorch's convolutions;
+# sepconv's faces cast the same way where they skip the dispatcher.
+for _name in (NAMES[0], *INFERENCE_NAMES):
+    torch.library.register_autocast(_name, "cpu", torch.bfloat16)

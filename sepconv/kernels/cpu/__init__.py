@@ -6,10 +6,10 @@ as the CPU implementation of the ``torch.ops.sepconv`` ops (:mod:`..ops`). Its t
 (``at::parallel_for``). Where the build fails (no compiler, no ninja), sepconv warns once, naming the cause and the
 fix, and every call takes the reference.
 
-Covered (:func:`supports`): 1-D and 2-D depthwise convolutions, float32 and float64, any kernel size, stride,
-dilation and depth multiplier, any padding mode (others than zeros padded first), contiguous and channels-last
-inputs on CPU, with gradients; their forward and the fused inference ops without gradients in bfloat16 too (stored
-in bf16, computed in float32); ``batch_norm_act`` on channels-last float32.
+Covered (:func:`supports`): 1-D and 2-D depthwise convolutions, float32, float64 and bfloat16 (stored in bf16,
+computed in float32, as under ``torch.autocast``), any kernel size, stride, dilation and depth multiplier, any
+padding mode (others than zeros padded first), contiguous and channels-last inputs on CPU, with gradients; the fused
+inference ops in the same dtypes; ``batch_norm_act`` on channels-last float32.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def kernel_calls() -> int:
 
 
 FLOATING = (torch.float32, torch.float64)
-FORWARD_ONLY = (*FLOATING, torch.bfloat16)  # the forward kernels store bf16 and compute in float32
+DTYPES = (*FLOATING, torch.bfloat16)  # the depthwise and fused kernels store bf16 and compute in float32
 
 
 def _covered(*tensors, dtypes=FLOATING) -> bool:
@@ -120,16 +120,16 @@ def supports(op: str, *args) -> bool:
         return (args[4] in activations.TRAINABLE and weight is not None and bias is not None and x.ndim == 4
                 and x.dtype == torch.float32 and _covered(x, weight, bias) and x.shape[1] > 1 and x.numel() > x.shape[1]
                 and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling())
-    if not (x.ndim in (3, 4) and _covered(x, weight, bias, dtypes=FORWARD_ONLY)):
+    if not (x.ndim in (3, 4) and _covered(x, weight, bias, dtypes=DTYPES)):
         return False
     if op == "depthwise_conv":
-        return x.dtype in FLOATING or not _wants_grad(x, weight, bias)
+        return True
     if op in ("depthwise_conv_act", "pointwise_conv_act"):
         return not _wants_grad(x, weight, bias)  # forward-only kernels
     if op == "separable_conv_act":
         pw_weight, pw_bias = args[7:9]
         return (x.ndim == 4 and weight.shape[0] == x.shape[1] and args[4] == "zeros" and ops.channels_last_like(x)
-                and _covered(x, pw_weight, pw_bias, dtypes=FORWARD_ONLY)
+                and _covered(x, pw_weight, pw_bias, dtypes=DTYPES)
                 and not _wants_grad(x, weight, bias, pw_weight, pw_bias))
     return False
 

@@ -21,20 +21,16 @@ namespace {
 
 std::atomic<int64_t> kernel_calls{0};
 
-// The forward takes bf16 too (inference), the gradients float32 and float64.
-void check(const at::Tensor& t, const char* name, bool forward) {
-  const bool dtype = forward ? forward_dtype(t.scalar_type())
-                             : t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
-  TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && dtype, "sepconv cpu kernels: ", name, " must be a 4-D ",
-              forward ? "float32/float64/bfloat16" : "float32/float64", " CPU tensor; got ", t.sizes(), " ",
-              t.scalar_type());
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && kernel_dtype(t.scalar_type()), "sepconv cpu kernels: ", name,
+              " must be a 4-D float32/float64/bfloat16 CPU tensor; got ", t.sizes(), " ", t.scalar_type());
 }
 
 // Every entry point's first step: its two tensors checked (same dtype), its geometry read.
 Geometry checked_geometry(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
-                          at::IntArrayRef geometry, bool forward) {
-  check(a, a_name, forward);
-  check(b, b_name, forward);
+                          at::IntArrayRef geometry) {
+  check(a, a_name);
+  check(b, b_name);
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "sepconv cpu kernels: ", a_name, " is ", a.scalar_type(), " but ",
               b_name, " is ", b.scalar_type());
   return read_geometry(geometry);
@@ -77,7 +73,7 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    at::IntArrayRef geometry, int64_t activation, double alpha, bool prefer_channels_last) {
-  const Geometry g = checked_geometry(x, "x", weight, "weight", geometry, true);
+  const Geometry g = checked_geometry(x, "x", weight, "weight", geometry);
   const Activation act = read_activation(activation, alpha);
   ++kernel_calls;
   const int64_t N = x.size(0), C = x.size(1), CM = weight.size(0), M = CM / C;
@@ -104,7 +100,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
 at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      at::IntArrayRef geometry, int64_t dw_activation, double dw_alpha, const at::Tensor& pw_weight,
                      const std::optional<at::Tensor>& pw_bias, int64_t activation, double alpha) {
-  const Geometry g = checked_geometry(x, "x", weight, "weight", geometry, true);
+  const Geometry g = checked_geometry(x, "x", weight, "weight", geometry);
   const int64_t N = x.size(0), C = x.size(1), W = x.size(3), M = weight.size(0) / C, O = pw_weight.size(0);
   TORCH_CHECK(pw_weight.dim() == 4 && pw_weight.size(1) == weight.size(0) && pw_weight.scalar_type() == x.scalar_type(),
               "sepconv cpu separable: pw_weight must be (C_out, ", weight.size(0), ", 1, 1); got ", pw_weight.sizes());
@@ -125,7 +121,7 @@ at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::o
 
 at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef input_size,
                       at::IntArrayRef geometry) {
-  const Geometry g = checked_geometry(grad_out, "grad_out", weight, "weight", geometry, false);
+  const Geometry g = checked_geometry(grad_out, "grad_out", weight, "weight", geometry);
   ++kernel_calls;
   const int64_t N = input_size[0], C = input_size[1], H = input_size[2], W = input_size[3];
   const int64_t M = weight.size(0) / C;
@@ -142,7 +138,7 @@ at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::
 
 at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntArrayRef weight_size,
                        at::IntArrayRef geometry) {
-  const Geometry g = checked_geometry(x, "x", grad_out, "grad_out", geometry, false);
+  const Geometry g = checked_geometry(x, "x", grad_out, "grad_out", geometry);
   ++kernel_calls;
   const int64_t C = x.size(1), CM = weight_size[0], M = CM / C;
   if (use_channels_last(x.suggest_memory_format() == at::MemoryFormat::ChannelsLast, C, M, g.out_w)) {

@@ -247,7 +247,7 @@ void forward_rows(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& b
   if (reads_padded_rows(g, W))
     right = std::max<int64_t>(0, (g.out_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dilation_w + 1 - g.pad_left - W);
   const Epilogue e{act, static_cast<int64_t>(y.nbytes()) > kStreamFromBytes};
-  SEPCONV_DISPATCH_FORWARD(x.scalar_type(), "sepconv_forward_nhwc", [&] {
+  SEPCONV_DISPATCH(x.scalar_type(), "sepconv_forward_nhwc", [&] {
     nhwc_forward<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias),
                            y.data_ptr<scalar_t>(), N, C, H, W, g, e, right);
   });
@@ -276,7 +276,7 @@ void broadcast_forward(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3), M = weight.size(0);
   const auto wt = weight_rows(weight, false);
   const Epilogue e{act, false};
-  SEPCONV_DISPATCH_FORWARD(x.scalar_type(), "sepconv_forward_broadcast", [&] {
+  SEPCONV_DISPATCH(x.scalar_type(), "sepconv_forward_broadcast", [&] {
     broadcast_kernel<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias),
                                y.data_ptr<scalar_t>(), N, M, H, W, g, e);
   });
@@ -292,7 +292,7 @@ void input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::Tensor
     return;
   }
   const auto wt = weight_rows(weight, false);
-  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sepconv_input_grad_nhwc_strided", [&] {
+  SEPCONV_DISPATCH(grad_out.scalar_type(), "sepconv_input_grad_nhwc_strided", [&] {
     nhwc_input_grad_strided<scalar_t>(grad_out.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
                                       dinput.data_ptr<scalar_t>(), N, C, H, W, g);
   });
@@ -300,7 +300,7 @@ void input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::Tensor
 
 void weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::Tensor& dweight_rows, const Geometry& g) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_weight_grad_nhwc", [&] {
+  SEPCONV_DISPATCH(x.scalar_type(), "sepconv_weight_grad_nhwc", [&] {
     nhwc_weight_grad<scalar_t>(x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
                                dweight_rows.data_ptr<scalar_t>(), N, C, H, W, g);
   });

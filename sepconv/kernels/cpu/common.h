@@ -9,11 +9,10 @@
 
 namespace sepconv_cpu {
 
-// The dtypes of the forward (inference) kernels: bf16 is stored as bf16 and computed in float (vectors.h). The
-// backward kernels take float32 and float64.
-#define SEPCONV_DISPATCH_FORWARD(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+// The kernels' dtypes: bf16 is stored as bf16 and computed in float (vectors.h).
+#define SEPCONV_DISPATCH(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-inline bool forward_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kDouble || t == at::kBFloat16; }
+inline bool kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kDouble || t == at::kBFloat16; }
 
 // Parallel tasks per thread where work is split on purpose: enough that uneven tasks still balance.
 inline constexpr int64_t kTasksPerThread = 4;

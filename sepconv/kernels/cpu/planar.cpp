@@ -437,7 +437,7 @@ void weight_grad_kernel(const T* x, const T* grad_out, T* dweight, int64_t N, in
 void forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& y, const Geometry& g,
              const Activation& act) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), M = weight.size(0) / C;
-  SEPCONV_DISPATCH_FORWARD(x.scalar_type(), "sepconv_forward_planar", [&] {
+  SEPCONV_DISPATCH(x.scalar_type(), "sepconv_forward_planar", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias),
                              y.data_ptr<scalar_t>(), N, C, M, H, W, g, act);
   });
@@ -446,7 +446,7 @@ void forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bi
 void input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::Tensor& dinput, const Geometry& g) {
   const int64_t N = dinput.size(0), C = dinput.size(1), H = dinput.size(2), W = dinput.size(3);
   const int64_t M = weight.size(0) / C;
-  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sepconv_input_grad_planar", [&] {
+  SEPCONV_DISPATCH(grad_out.scalar_type(), "sepconv_input_grad_planar", [&] {
     input_grad_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                                 dinput.data_ptr<scalar_t>(), N, C, M, H, W, g);
   });
@@ -454,7 +454,7 @@ void input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::Tensor
 
 void weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::Tensor& dweight, const Geometry& g) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), M = dweight.size(0) / C;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sepconv_weight_grad_planar", [&] {
+  SEPCONV_DISPATCH(x.scalar_type(), "sepconv_weight_grad_planar", [&] {
     weight_grad_kernel<scalar_t>(x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), dweight.data_ptr<scalar_t>(),
                                  N, C, M, H, W, g);
   });

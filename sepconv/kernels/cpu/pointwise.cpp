@@ -42,7 +42,7 @@ void pointwise_nhwc(const T* x, const Wt* wt, int64_t ldw, const T* bias, T* y, 
 
 at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      int64_t activation, double alpha) {
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && forward_dtype(x.scalar_type()),
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && kernel_dtype(x.scalar_type()),
               "sepconv cpu pointwise: x must be a 4-D float32/float64/bfloat16 CPU tensor; got ", x.sizes(), " ",
               x.scalar_type());
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 1 && weight.size(3) == 1 &&
@@ -64,7 +64,7 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
       if (b.defined()) at::addmm_out(rows, b, inputs, wt);
       else at::mm_out(rows, inputs, wt);
       if (act.any()) {
-        SEPCONV_DISPATCH_FORWARD(y.scalar_type(), "sepconv_pointwise_blas_epilogue", [&] {
+        SEPCONV_DISPATCH(y.scalar_type(), "sepconv_pointwise_blas_epilogue", [&] {
           scalar_t* data = y.data_ptr<scalar_t>();
           at::parallel_for(0, N * H * W, 64, [&](int64_t begin, int64_t end) {
             activate_inplace<scalar_t>(data + begin * Co, (end - begin) * Co, nullptr, act);
@@ -73,7 +73,7 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
       }
       return y;
     }
-    SEPCONV_DISPATCH_FORWARD(x.scalar_type(), "sepconv_pointwise_nhwc", [&] {
+    SEPCONV_DISPATCH(x.scalar_type(), "sepconv_pointwise_nhwc", [&] {
       with_columns<scalar_t>(weight, [&](const auto* wt, int64_t ldw) {
         pointwise_nhwc(xc.data_ptr<scalar_t>(), wt, ldw, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                        y.data_ptr<scalar_t>(), N * H * W, C, Co, act);
@@ -84,7 +84,7 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
 
   auto y = at::matmul(weight.reshape({Co, C}), x.contiguous().view({N, C, H * W})).view({N, Co, H, W});
   if (b.defined() || act.any()) {
-    SEPCONV_DISPATCH_FORWARD(y.scalar_type(), "sepconv_pointwise_epilogue_planar", [&] {
+    SEPCONV_DISPATCH(y.scalar_type(), "sepconv_pointwise_epilogue_planar", [&] {
       scalar_t* data = y.data_ptr<scalar_t>();
       const scalar_t* bias_data = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, N * Co, 1, [&](int64_t begin, int64_t end) {

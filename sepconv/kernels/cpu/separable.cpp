@@ -47,7 +47,7 @@ void separable_forward(const at::Tensor& x, const at::Tensor& weight, const at::
                        at::Tensor& y, const Geometry& g, const Activation& act) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = pw_weight.size(0);
   const auto wt = weight_rows(weight, false);
-  SEPCONV_DISPATCH_FORWARD(x.scalar_type(), "sepconv_separable_nhwc", [&] {
+  SEPCONV_DISPATCH(x.scalar_type(), "sepconv_separable_nhwc", [&] {
     with_columns<scalar_t>(pw_weight, [&](const auto* pwt, int64_t ldw) {
       separable_kernel(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), dw_act, pwt, ldw,
                        data_or_null<scalar_t>(pw_bias), y.data_ptr<scalar_t>(), N, C, H, W, O, g, act);
