@@ -65,13 +65,21 @@ def _check_bias(bias, channels: int, name: str, like: torch.Tensor) -> None:
         raise TypeError(f"{name} dtype {bias.dtype} does not match the weight dtype {like.dtype}")
 
 
+def _autocast_casts(*tensors) -> bool:
+    """Whether ``torch.autocast`` will bring these to one dtype (float32 and its dtype mix there, as in PyTorch's
+    convolutions)."""
+    device = tensors[0].device.type
+    return torch.is_autocast_enabled(device) and \
+        all(t.dtype in (torch.float32, torch.get_autocast_dtype(device)) for t in tensors)
+
+
 def _batched(x, rank: int, weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Check the input against the weight; return it with a batch dim and whether one was added."""
     _check_tensor(x, "x")
     if x.ndim not in (rank + 1, rank + 2):
         raise ValueError(f"x must have shape (N, C, *spatial) or (C, *spatial) with {rank} spatial dims "
                          f"({rank + 2} or {rank + 1} dims); got shape {tuple(x.shape)}")
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not _autocast_casts(x, weight):
         raise TypeError(f"x dtype {x.dtype} does not match the weight dtype {weight.dtype}")
     unbatched = x.ndim == rank + 1
     x = x.unsqueeze(0) if unbatched else x

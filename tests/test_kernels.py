@@ -143,6 +143,28 @@ def test_autocast_runs_the_kernels_in_bf16_with_float32_gradients(channels_last)
 
 
 @requires_cpu_backend
+def test_autocast_trains_a_whole_model_as_pytorch_does():
+    """Defect: under autocast the depthwise layer after a PyTorch convolution got bf16 input with its float32 weight
+    and refused it ("x dtype torch.bfloat16 does not match the weight dtype torch.float32"). The twin is PyTorch
+    under autocast (bf16 moves a random network's logits by some 20 % of their scale either way)."""
+    model = sepconv.models.create_model("mobilenet_v2", num_classes=10).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64).to(memory_format=torch.channels_last)
+    labels = torch.arange(4)
+    losses, grads = [], []
+    for mode in ("cpu", "reference"):
+        calls = cpu.kernel_calls()
+        with kernels.use_kernels(mode), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        assert (cpu.kernel_calls() > calls) == (mode == "cpu")
+        losses.append(loss.float())
+        grads.append(torch.autograd.grad(loss, model.parameters()))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-2, atol=0)
+    assert all(g.dtype == torch.float32 for g in grads[0])
+    flat = [torch.cat([g.flatten() for g in gs]) for gs in grads]
+    assert torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0) > 0.99
+
+
+@requires_cpu_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("channels, size, kernel, stride, padding, dilation, multiplier", [
