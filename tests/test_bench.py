@@ -242,7 +242,9 @@ def test_speedups_and_roofline_share():
 
 def test_suites():
     shapes = depthwise_suite([1, 32])
-    assert len(shapes) == 24 and {s.n for s in shapes if s.name == "replknet.k31"} == {1, 8}
+    assert len(shapes) == 30 == len(set(shapes)) and {s.n for s in shapes if s.name == "replknet.k31"} == {1, 8}
+    assert {s.n for s in shapes if s.name == "x3d.res4"} == {1} and {s.n for s in shapes if s.name == "x3d.res3"} == {1, 8}
+    assert all(isinstance(s.build(), sepconv.DepthwiseConv3d) for s in shapes if len(s.spatial) == 3)
     assert [case.name for case in select(layer_cases((1,)), "k31")] == ["dw.replknet.k31.b1"]
     separable = [case.name for case in layer_cases((1, 32), "separable")]
     assert len(separable) == 28 and {"sep.mnv1.1.b1", "sep.mnv1.9.b32", "sep.vol3d.b1", "sep.tiny.b1"} <= set(separable)
@@ -252,6 +254,7 @@ def test_suites():
     for model in ("mobilenet_v1_100", "mobilenet_v1_050", "mobilenet_v2", "xception", "vgg_cifar",
                   "vgg_cifar_standard", "convnext_k7", "replknet_k31"):
         assert {f"{model}.b1", f"{model}.b16"} <= set(names), model
+    assert {"x3d_xs.b1", "x3d_xs.b8"} <= set(names)
     assert {"eegnet.b1", "eegnet.b32"} <= set(names)
     assert [case.name for case in model_cases(quick=True)] == [name for name in names if name.endswith(".b1")]
     assert [case.name for case in select(model_cases(), "mobilenet_v1*")] == [

@@ -177,7 +177,11 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _model_channels_last(model: nn.Module) -> nn.Module:
-    model.to(memory_format=torch.channels_last)  # 4-D weights; 1-D and 3-D layers keep their own
+    """Convolution weights channels-last in their rank (PyTorch's module conversion takes one rank at a time)."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.ndim in (4, 5):
+                tensor.data = channels_last(tensor.data)
     return model
 
 

@@ -1,6 +1,6 @@
 """What ``sepconv bench`` times, as :class:`Case` rows (a model builder and an input shape): two layer suites,
-``depthwise`` (the depthwise layers of MobileNet, EfficientNet, ConvNeXt, RepLKNet and EEGNet, and a causal 1-D
-convolution) and ``separable`` (separable layers on MobileNetV1's shapes, a k5, a k7, a 1-D, a 3-D and a tiny
+``depthwise`` (the depthwise layers of MobileNet, EfficientNet, ConvNeXt, RepLKNet and EEGNet, a causal 1-D
+convolution, and 3-D ones of X3D, video and volumes) and ``separable`` (separable layers on MobileNetV1's shapes, a k5, a k7, a 1-D, a 3-D and a tiny
 one), and the whole-model suite."""
 
 from __future__ import annotations
@@ -28,9 +28,15 @@ DEPTHWISE_LAYERS = (
     ("eeg.temporal", 8, (64, 128), (1, 64), 1, ((0, 0), (31, 32)), 1),
     ("eeg.spatial", 8, (64, 128), (64, 1), 1, ((0, 0), (0, 0)), 2),
     ("causal1d.k4", 1536, (2048,), (4,), 1, ((3, 0),), 1),
+    # 3-D: X3D's channel-wise 3x3x3 (res4 at 16x28x28, res3 at 8x28x28), a 5x5x5 video layer, a 32^3 volume
+    ("x3d.res4", 192, (16, 28, 28), (3, 3, 3), 1, ((1, 1),) * 3, 1),
+    ("x3d.res3", 96, (8, 28, 28), (3, 3, 3), 1, ((1, 1),) * 3, 1),
+    ("video.k5", 48, (16, 56, 56), (5, 5, 5), 1, ((2, 2),) * 3, 1),
+    ("volume.k3", 64, (32, 32, 32), (3, 3, 3), 1, ((1, 1),) * 3, 1),
 )
-# Batch 32 of a 31x31 layer in NCHW takes seconds per call, and of the long 1-D sequence gigabytes: batch 8 there.
-_BATCH_CAP = {"replknet.k31": 8, "causal1d.k4": 8}
+# Batch 32 of a 31x31 layer in NCHW takes seconds per call, and of the long 1-D sequence gigabytes: batch 8 there;
+# PyTorch's 3-D backward takes up to seconds per sample (issue 27's table): batches 8 and 2.
+_BATCH_CAP = {"replknet.k31": 8, "causal1d.k4": 8, "x3d.res4": 1, "x3d.res3": 8, "video.k5": 1, "volume.k3": 2}
 
 
 @dataclass(frozen=True)
@@ -52,16 +58,18 @@ class DepthwiseShape:
 
     def build(self) -> nn.Module:
         """The layer as a sepconv module (no bias), its weights from the current seed."""
-        from .. import DepthwiseConv1d, DepthwiseConv2d
+        from .. import DepthwiseConv1d, DepthwiseConv2d, DepthwiseConv3d
 
-        layer = DepthwiseConv1d if len(self.spatial) == 1 else DepthwiseConv2d
+        layer = (DepthwiseConv1d, DepthwiseConv2d, DepthwiseConv3d)[len(self.spatial) - 1]
         return layer(self.c, self.kernel, self.stride, self.padding, depth_multiplier=self.multiplier, bias=False)
 
 
 def depthwise_suite(batches) -> list[DepthwiseShape]:
-    """Every layer of :data:`DEPTHWISE_LAYERS` at each batch size (capped where a row would not fit)."""
-    return [DepthwiseShape(name, min(n, _BATCH_CAP.get(name, n)), c, spatial, kernel, stride, padding, multiplier)
-            for n in batches for name, c, spatial, kernel, stride, padding, multiplier in DEPTHWISE_LAYERS]
+    """Every layer of :data:`DEPTHWISE_LAYERS` at each batch size (capped where a row would not fit; a capped
+    batch already listed is not repeated)."""
+    shapes = [DepthwiseShape(name, min(n, _BATCH_CAP.get(name, n)), c, spatial, kernel, stride, padding, multiplier)
+              for n in batches for name, c, spatial, kernel, stride, padding, multiplier in DEPTHWISE_LAYERS]
+    return list(dict.fromkeys(shapes))
 
 
 # name, C, spatial, kernel, stride, padding as a user writes it, C_out. "same" with stride 2 on an even size is
@@ -158,6 +166,7 @@ _MODELS = (
     ("vgg_cifar_standard", _registered("vgg_cifar", separable=False), (3, 32, 32), (1, 16)),
     ("convnext_k7", _registered("convnext_k7"), (3, 224, 224), (1, 16)),
     ("replknet_k31", _registered("replknet_k31"), (3, 224, 224), (1, 16)),
+    ("x3d_xs", _registered("x3d_xs"), (3, 4, 160, 160), (1, 8)),
 )
 
 
