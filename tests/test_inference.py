@@ -194,16 +194,24 @@ def _fused_op_samples():
                                                  1.0)))
         samples.append((ops.separable_conv_act, (x, w[:8], b[:8], [2, 1], [1, 0, 0, 1], [1, 1], "relu", 1.0,
                                                  torch.randn(5, 8, 1, 1, dtype=torch.float64), b[:5], "silu", 1.0)))
+    for channels_last in (False, True):  # 3-D
+        x = torch.randn(2, 8, 5, 6, 7, dtype=torch.float64)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        w, b = torch.randn(8, 1, 3, 2, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+        samples.append((ops.depthwise_conv_act, (x, w, b, [1, 2, 1], [1, 1, 0, 1, 2, 0], [2, 1, 1], "silu", 1.0)))
+        samples.append((ops.pointwise_conv_act, (x, torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), b[:5], "relu",
+                                                 1.0)))
     return samples
 
 
 def _bf16_samples():
     return [(op, tuple(t.to(torch.bfloat16) if isinstance(t, torch.Tensor) else t for t in args))
-            for op, args in _fused_op_samples()[4:]]
+            for op, args in _fused_op_samples()[4:8]]
 
 
 @requires_cpu_backend
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(16))
 def test_opcheck_fused_ops(index):
     op, args = (_fused_op_samples() + _bf16_samples())[index]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
@@ -213,7 +221,7 @@ def test_opcheck_fused_ops(index):
         return
     x, weight, bias = args[:3]
     if op is ops.pointwise_conv_act:
-        conv = torch.nn.functional.conv1d if x.ndim == 3 else torch.nn.functional.conv2d
+        conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[x.ndim - 3]
         ref = conv(x, weight, bias)
         ref = activations.apply(ref, *args[3:])
     else:

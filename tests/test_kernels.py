@@ -3,7 +3,8 @@
 The reference backend (PyTorch's own convolution) is the oracle here; it is itself checked against an
 independent dense reference in test_functional.py. Compared: outputs, gradients of input, weight and bias,
 and the output's memory layout, over hypothesis-drawn geometries (1-D and 2-D, strides, dilations, every
-padding mode, asymmetric padding, depth multipliers, contiguous and channels-last inputs), float32 and float64.
+padding mode, asymmetric padding, depth multipliers, contiguous and channels-last inputs; 3-D without a
+multiplier), float32 and float64; bfloat16 (and autocast) against float32 on the same values.
 
 The extension is built once per machine (about 40 s on 2 cores) and cached in PyTorch's extensions directory;
 the first test that needs it pays for the build, later modules and runs load it in well under a second.
@@ -88,6 +89,33 @@ def test_cpu_backend_equals_reference(case, channels, multiplier, batch, bias, d
     w = make((channels * multiplier, 1, *case["kernel"]), dtype, seed=1)
     b = make((channels * multiplier,), dtype, seed=2) if bias else None
     compare_backends(x, w, b, case)
+
+
+@requires_cpu_backend
+@given(case=geometry_case(rank=3, max_kernel=3), channels=st.integers(1, 20), batch=st.integers(1, 2),
+       bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), channels_last=st.booleans())
+def test_cpu_backend_equals_reference_3d(case, channels, batch, bias, dtype, channels_last):
+    x = make((batch, channels, *case["size"]), dtype)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    w = make((channels, 1, *case["kernel"]), dtype, seed=1)
+    b = make((channels,), dtype, seed=2) if bias else None
+    compare_backends(x, w, b, case)
+
+
+@requires_cpu_backend
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_3d_output_keeps_the_input_layout(channels_last):
+    """As PyTorch's float32 convolutions do: channels_last_3d in, channels_last_3d out; NCDHW in, NCDHW out."""
+    x = torch.randn(2, 16, 4, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with kernels.use_kernels("cpu"):
+        out = F.depthwise_conv(x, torch.randn(16, 1, 3, 3, 3), padding=1)
+    with kernels.use_kernels("reference"):
+        ref = F.depthwise_conv(x, torch.randn(16, 1, 3, 3, 3), padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+    assert _strides_like(out, ref)
 
 
 BF16 = 1e-2  # bf16 results within 1 % of their scale of float32's on the same values (kernels accumulate in float)
@@ -222,15 +250,20 @@ def test_standard_conv_with_one_input_channel_runs_the_depthwise_kernels():
 def _op_samples():
     """(op, args) for each operator, 1-D and 2-D, contiguous and channels-last, with and without gradients."""
     samples = []
-    for channels_last, rank in ((False, 2), (True, 2), (False, 1), (True, 1)):
-        size, kernel, stride, padding, dilation = ((9, 11), (3, 2), [2, 1], [1, 0, 0, 1], [1, 2]) if rank == 2 else \
-            ((13,), (4,), [2], [3, 0], [1])
-        channels = 8 if channels_last and rank == 1 else 4  # enough channels for the channels-last kernels
-        x = make((2, channels, *size), torch.float64, channels_last)
+    for channels_last, rank in ((False, 2), (True, 2), (False, 1), (True, 1), (False, 3), (True, 3)):
+        size, kernel, stride, padding, dilation = {
+            2: ((9, 11), (3, 2), [2, 1], [1, 0, 0, 1], [1, 2]), 1: ((13,), (4,), [2], [3, 0], [1]),
+            3: ((5, 6, 7), (3, 2, 3), [2, 1, 2], [1, 0, 0, 1, 2, 1], [1, 2, 1])}[rank]
+        channels = 8 if (channels_last and rank == 1) or rank == 3 else 4  # the channels-last kernels want channels
+        x = make((2, channels, *size), torch.float64, channels_last and rank != 3)
+        if channels_last and rank == 3:
+            x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
         w = make((8, 1, *kernel), torch.float64, seed=1)
         b = make((8,), torch.float64, seed=2)
         out = ops.depthwise_conv(x.detach(), w.detach(), None, stride, padding, dilation)
-        dy = make(tuple(out.shape), torch.float64, channels_last, seed=3)
+        dy = make(tuple(out.shape), torch.float64, channels_last and rank != 3, seed=3)
+        if channels_last and rank == 3:
+            dy = dy.detach().contiguous(memory_format=torch.channels_last_3d)
         samples += [(ops.depthwise_conv, (x, w, b, stride, padding, dilation)),
                     (ops.depthwise_conv, (x.detach(), w.detach(), None, stride, padding, dilation)),
                     (ops.depthwise_conv_input_grad, (dy, w, list(x.shape), stride, padding, dilation)),
@@ -241,7 +274,7 @@ def _op_samples():
 
 
 @requires_cpu_backend
-@pytest.mark.parametrize("index", range(24))
+@pytest.mark.parametrize("index", range(32))
 def test_opcheck(index):
     op, args = _op_samples()[index]
     torch.library.opcheck(op, args)
@@ -331,7 +364,7 @@ def test_reference_mode_never_touches_the_backends(monkeypatch):
 def test_inputs_the_backend_does_not_cover_take_the_reference(monkeypatch):
     monkeypatch.setattr(cpu, "depthwise_conv", lambda *args: pytest.fail("the cpu backend ran"))
     with kernels.use_kernels("cpu"):
-        F.depthwise_conv(torch.randn(1, 4, 5, 5, 5), torch.randn(4, 1, 3, 3, 3), padding=1)  # 3-D
+        F.depthwise_conv(torch.randn(1, 4, 5, 5, 5), torch.randn(8, 1, 3, 3, 3), padding=1)  # 3-D, multiplier 2
         F.depthwise_conv(torch.randn(1, 4, 8, 8).half(), torch.randn(4, 1, 3, 3).half(), padding=1)
         from torch.autograd import forward_ad
         with forward_ad.dual_level():

@@ -118,18 +118,18 @@ def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, 
 
 
 def _layout(t: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """PyTorch's convolutions answer a channels-last 2-D input or weight with a channels-last output."""
-    if t.ndim == 4 and (channels_last_like(t) or channels_last_like(weight)):
-        return torch.channels_last
+    """PyTorch's convolutions answer a channels-last input or weight with a channels-last output (2-D and 3-D)."""
+    if t.ndim in (4, 5) and (channels_last_like(t) or channels_last_like(weight)):
+        return torch.channels_last if t.ndim == 4 else torch.channels_last_3d
     return torch.contiguous_format
 
 
 def channels_last_like(t: torch.Tensor) -> bool:
-    """Whether ``t``'s strides order its dims as N, H, W, C (PyTorch's ``suggest_memory_format``)."""
+    """Whether ``t``'s strides order its dims as N, (D,) H, W, C (PyTorch's ``suggest_memory_format``)."""
     smallest = 0
     if t.stride(1) == 0:
         return False
-    for dim in (1, 3, 2, 0):
+    for dim in (1, *range(t.ndim - 1, 1, -1), 0):
         if t.shape[dim] == 0 or t.stride(dim) < smallest or (dim == 0 and smallest == t.stride(1)):
             return False
         smallest = t.stride(dim) * (t.shape[dim] if t.shape[dim] > 1 else 1)

@@ -9,7 +9,8 @@ fix, and every call takes the reference.
 Covered (:func:`supports`): 1-D and 2-D depthwise convolutions, float32, float64 and bfloat16 (stored in bf16,
 computed in float32, as under ``torch.autocast``), any kernel size, stride, dilation and depth multiplier, any
 padding mode (others than zeros padded first), contiguous and channels-last inputs on CPU, with gradients; the fused
-inference ops in the same dtypes; ``batch_norm_act`` on channels-last float32.
+inference ops in the same dtypes; 3-D depthwise convolutions without a multiplier (on the channels-last kernels,
+an NCDHW input through a copy) and 3-D pointwise ones; ``batch_norm_act`` on channels-last float32.
 """
 
 from __future__ import annotations
@@ -120,8 +121,11 @@ def supports(op: str, *args) -> bool:
         return (args[4] in activations.TRAINABLE and weight is not None and bias is not None and x.ndim == 4
                 and x.dtype == torch.float32 and _covered(x, weight, bias) and x.shape[1] > 1 and x.numel() > x.shape[1]
                 and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling())
-    if not (x.ndim in (3, 4) and _covered(x, weight, bias, dtypes=DTYPES)):
+    if not (x.ndim in (3, 4, 5) and _covered(x, weight, bias, dtypes=DTYPES)):
         return False
+    if x.ndim == 5 and not (op == "pointwise_conv_act" or weight.shape[0] == x.shape[1]) \
+            or x.ndim == 5 and op == "separable_conv_act":
+        return False  # 3-D: depthwise without a multiplier, on the channels-last kernels, and pointwise
     if op == "depthwise_conv":
         return True
     if op in ("depthwise_conv_act", "pointwise_conv_act"):
@@ -163,20 +167,25 @@ def _has_storage(t: torch.Tensor) -> bool:
 
 
 # --- the CPU implementations of the ops -----------------------------------------------------------------------
-# Kernels take 4-D tensors; a 1-D call is a 2-D one with a single row (an (N, L, C)-backed input stays
+# Kernels take 4-D tensors (5-D for 3-D); a 1-D call is a 2-D one with a single row (an (N, L, C)-backed input stays
 # channels-last through the view).
 
 @memoised
 def _kernel_args(input_size, kernel_size, stride, padding, dilation) -> list[int]:
-    """The kernels' 12 geometry integers (see geometry.h) for an op call's arguments."""
+    """The kernels' geometry integers (see geometry.h) for an op call's arguments: 12 for the last two axes (1-D: a
+    single row), and for 3-D 7 more for depth."""
+    if len(kernel_size) == 1:
+        input_size, kernel_size, stride, padding, dilation = \
+            (1, *input_size), (1, *kernel_size), (1, *stride), (0, 0, *padding), (1, *dilation)
     g = ops.resolve(input_size, kernel_size, stride, padding, dilation)
-    if len(g.kernel_size) == 1:
-        g = g._replace(input_size=(1, *g.input_size), kernel_size=(1, *g.kernel_size), stride=(1, *g.stride),
-                       padding=((0, 0), *g.padding), dilation=(1, *g.dilation), output_size=(1, *g.output_size))
-    (kh, kw), (oh, ow), (sh, sw), (dh, dw) = g.kernel_size, g.output_size, g.stride, g.dilation
-    (pt, _), (pl, _) = g.padding
-    (fpt, _), (fpl, _) = g.flipped_padding
-    return [kh, kw, oh, ow, sh, sw, pt, pl, dh, dw, fpt, fpl]
+    (kh, kw), (oh, ow), (sh, sw), (dh, dw) = (v[-2:] for v in (g.kernel_size, g.output_size, g.stride, g.dilation))
+    (pt, _), (pl, _) = g.padding[-2:]
+    (fpt, _), (fpl, _) = g.flipped_padding[-2:]
+    plane = [kh, kw, oh, ow, sh, sw, pt, pl, dh, dw, fpt, fpl]
+    if len(kernel_size) == 2:
+        return plane
+    return [*plane, g.kernel_size[0], g.output_size[0], g.stride[0], g.padding[0][0], g.dilation[0],
+            g.flipped_padding[0][0], g.input_size[0]]
 
 
 def _planes(t: torch.Tensor) -> torch.Tensor:
@@ -196,13 +205,13 @@ def _forward(x, weight, bias, stride, padding, dilation):
 
 def _input_grad(grad_out, weight, input_size, stride, padding, dilation):
     args = _kernel_args(tuple(input_size[2:]), weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
-    size = list(input_size) if len(input_size) == 4 else [input_size[0], input_size[1], 1, input_size[2]]
+    size = list(input_size) if len(input_size) != 3 else [input_size[0], input_size[1], 1, input_size[2]]
     return _back(_module.input_grad(_planes(grad_out), _planes(weight), size, args), grad_out)
 
 
 def _weight_grad(x, grad_out, weight_size, stride, padding, dilation):
     args = _kernel_args(x.shape[2:], tuple(weight_size[2:]), tuple(stride), tuple(padding), tuple(dilation))
-    size = list(weight_size) if len(weight_size) == 4 else [weight_size[0], 1, 1, weight_size[2]]
+    size = list(weight_size) if len(weight_size) != 3 else [weight_size[0], 1, 1, weight_size[2]]
     return _module.weight_grad(_planes(x), _planes(grad_out), size, args).reshape(weight_size)
 
 
@@ -215,6 +224,9 @@ def _depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, 
 
 def _pointwise_conv_act(x, weight, bias, activation, alpha):
     code = activations.code(activation)
+    if x.ndim == 5:  # the depth and height axes as one: a view in either layout
+        out = _module.pointwise(x.flatten(2, 3), weight.flatten(2, 3), bias, code, alpha)
+        return out.unflatten(2, x.shape[2:4])
     return _back(_module.pointwise(_planes(x), _planes(weight), bias, code, alpha), x)
 
 

@@ -1,8 +1,8 @@
 // The extension's Python interface: the depthwise entry points, which choose the kernel family (planar.h or
 // channels_last.h) by the tensors' memory layout, and the one PYBIND11_MODULE of all the sources.
 //
-// Tensors are 4-D (N, C, H, W); 1-D calls arrive as 2-D ones with one row. The geometry arrives as the 12 integers
-// of read_geometry (geometry.h). Threads come from PyTorch's own pool (at::parallel_for), so there is no second
+// Tensors are 4-D (N, C, H, W); 1-D calls arrive as 2-D ones with one row, 3-D ones as 5-D tensors. The geometry
+// arrives as the 12 (or 19, 3-D) integers of read_geometry (geometry.h). Threads come from PyTorch's own pool (at::parallel_for), so there is no second
 // OpenMP runtime.
 
 #include "channels_last.h"
@@ -22,8 +22,30 @@ namespace {
 std::atomic<int64_t> kernel_calls{0};
 
 void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && kernel_dtype(t.scalar_type()), "sepconv cpu kernels: ", name,
-              " must be a 4-D float32/float64/bfloat16 CPU tensor; got ", t.sizes(), " ", t.scalar_type());
+  TORCH_CHECK((t.dim() == 4 || t.dim() == 5) && t.device().is_cpu() && kernel_dtype(t.scalar_type()),
+              "sepconv cpu kernels: ", name, " must be a 4-D or 5-D float32/float64/bfloat16 CPU tensor; got ",
+              t.sizes(), " ", t.scalar_type());
+}
+
+// 3-D (5-D tensors) runs on the channels-last kernels only, one channel per group, on channels_last_3d memory seen
+// as (N, C, D * H, W) channels-last (see geometry.h).
+constexpr auto kChannelsLast3d = at::MemoryFormat::ChannelsLast3d;
+
+at::Tensor rows_of(const at::Tensor& t) { return t.flatten(2, 3); }
+
+bool channels_last_3d(const at::Tensor& t, const at::Tensor& weight) {
+  return t.suggest_memory_format() == kChannelsLast3d || weight.suggest_memory_format() == kChannelsLast3d;
+}
+
+at::Tensor forward_3d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const Geometry& g,
+                      const Activation& act) {
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(weight.size(0) == C, "sepconv cpu kernels: 3-D takes one output channel per input channel; got weight ",
+              weight.sizes(), " for ", C, " channels");
+  auto y = empty_output({N, C, g.out_d, g.out_h, g.out_w}, x.options().memory_format(kChannelsLast3d));
+  auto y_rows = rows_of(y);
+  channels_last::forward(rows_of(x.contiguous(kChannelsLast3d)), weight, bias, y_rows, g, act);
+  return channels_last_3d(x, weight) ? y : y.contiguous();
 }
 
 // Every entry point's first step: its two tensors checked (same dtype), its geometry read.
@@ -78,6 +100,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   ++kernel_calls;
   const int64_t N = x.size(0), C = x.size(1), CM = weight.size(0), M = CM / C;
   const at::Tensor b = contiguous_or_undefined(bias);
+  if (x.dim() == 5) return forward_3d(x, weight, b, g, act);
   const bool cl = channels_last_output(x, weight);
   if (C == 1 && M >= kLanes && g.kernel_h * g.kernel_w <= channels_last::kBroadcastMaxTaps && prefer_channels_last) {
     // one input channel has no layout of its own; a caller running channels-last asks for that output
@@ -123,6 +146,12 @@ at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::
                       at::IntArrayRef geometry) {
   const Geometry g = checked_geometry(grad_out, "grad_out", weight, "weight", geometry);
   ++kernel_calls;
+  if (grad_out.dim() == 5) {
+    auto dinput = empty_output(input_size, grad_out.options().memory_format(kChannelsLast3d));
+    auto dinput_rows = rows_of(dinput);
+    channels_last::input_grad(rows_of(grad_out.contiguous(kChannelsLast3d)), weight, dinput_rows, g);
+    return channels_last_3d(grad_out, weight) ? dinput : dinput.contiguous();
+  }
   const int64_t N = input_size[0], C = input_size[1], H = input_size[2], W = input_size[3];
   const int64_t M = weight.size(0) / C;
   const bool cl = channels_last_output(grad_out, weight);
@@ -141,6 +170,12 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntA
   const Geometry g = checked_geometry(x, "x", grad_out, "grad_out", geometry);
   ++kernel_calls;
   const int64_t C = x.size(1), CM = weight_size[0], M = CM / C;
+  if (x.dim() == 5) {
+    auto dweight_rows = at::empty({g.kernel_d * g.kernel_h, g.kernel_w, C}, x.options());
+    channels_last::weight_grad(rows_of(x.contiguous(kChannelsLast3d)), rows_of(grad_out.contiguous(kChannelsLast3d)),
+                               dweight_rows, g);
+    return dweight_rows.view({g.kernel_d, g.kernel_h, g.kernel_w, C}).permute({3, 0, 1, 2}).unsqueeze(1).contiguous();
+  }
   if (use_channels_last(x.suggest_memory_format() == at::MemoryFormat::ChannelsLast, C, M, g.out_w)) {
     auto dweight_rows = at::empty({g.kernel_h, g.kernel_w, C}, x.options());
     channels_last::weight_grad(x.contiguous(at::MemoryFormat::ChannelsLast),

@@ -26,12 +26,12 @@ void nhwc_forward(const T* x, const T* wt, const T* bias, T* y, int64_t N, int64
   if (pad) inner.pad_left = 0;
   const int64_t width = pad ? g.pad_left + W + right : W;
   const Bounds inside = interior(width, g.out_w, g.kernel_w, g.stride_w, inner.pad_left, g.dilation_w);
-  at::parallel_for(0, N * g.out_h, 1, [&](int64_t begin, int64_t end) {
-    KernelRows<T> rows(g.kernel_h);
+  at::parallel_for(0, N * g.out_rows(), 1, [&](int64_t begin, int64_t end) {
+    KernelRows<T> rows(g);
     std::optional<PaddedRows<T>> padded;
     if (pad) padded.emplace(W, g.pad_left, right, C, g);
     for (int64_t task = begin; task < end; ++task) {
-      rows.gather(x, wt, task / g.out_h, task % g.out_h, H, W, C, g, pad ? &*padded : nullptr);
+      rows.gather(x, wt, task / g.out_rows(), task % g.out_rows(), H, W, C, g, pad ? &*padded : nullptr);
       rows.row(wt, bias, y + task * g.out_w * C, C, width, inside, inner, e);
     }
 #if defined(CPU_CAPABILITY_AVX512)
@@ -119,14 +119,15 @@ void nhwc_input_grad_strided(const T* grad_out, const T* wt, T* dinput, int64_t 
   const int64_t OW = g.out_w, sw = g.stride_w;
   const auto phase_taps = input_column_taps(g);
   const auto row_taps = input_row_taps(H, g);
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<StridedTap<T>> taps(g.kernel_h * g.kernel_w);
+  const int64_t rows = g.in_d * H;
+  at::parallel_for(0, N * rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<StridedTap<T>> taps(g.kernel_rows() * g.kernel_w);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t image = task / H, ih = task % H;
+      const int64_t image = task / rows, ih = task % rows;
       for (int64_t b = 0; b < std::min(sw, W); ++b) {
         int64_t count = 0, lo = 0, hi = INT64_MAX;  // pixels [lo, hi) read every tap's column inside the row
         for (const auto& [i, oh] : row_taps[ih]) {
-          const T* row = grad_out + (image * g.out_h + oh) * OW * C;
+          const T* row = grad_out + (image * g.out_rows() + oh) * OW * C;
           for (const auto& [k, shift] : phase_taps[b]) {
             taps[count++] = {row, wt + (i * g.kernel_w + k) * C, shift};
             lo = std::max(lo, -shift);
@@ -206,7 +207,7 @@ void nhwc_weight_grad(const T* x, const T* grad_out, T* dweight_rows, int64_t N,
                       const Geometry& g) {
   using A = acc_t<T>;
   constexpr int64_t L = Vectorized<A>::size();
-  const int64_t K = g.kernel_h * g.kernel_w;
+  const int64_t K = g.kernel_rows() * g.kernel_w;
   const int64_t threads = at::get_num_threads();
   std::vector<A> partial(threads * K * C, A(0));
   // the interior of each chunk of taps (at its first tap k0), worked out once rather than per row and channel
@@ -214,15 +215,15 @@ void nhwc_weight_grad(const T* x, const T* grad_out, T* dweight_rows, int64_t N,
   for (int64_t k0 = 0; k0 < g.kernel_w; k0 += kTapChunk)
     bounds[k0] = interior(W, g.out_w, std::min<int64_t>(kTapChunk, g.kernel_w - k0), g.stride_w,
                           g.pad_left - k0 * g.dilation_w, g.dilation_w);
-  at::parallel_for(0, N * g.out_h, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * g.out_rows(), 1, [&](int64_t begin, int64_t end) {
     A* mine = partial.data() + at::get_thread_num() * K * C;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t image = task / g.out_h, oh = task % g.out_h;
+      const int64_t image = task / g.out_rows(), r = task % g.out_rows();
       const T* grad_row = grad_out + task * g.out_w * C;
-      for (int64_t i = 0; i < g.kernel_h; ++i) {
-        const int64_t ih = oh * g.stride_h - g.pad_top + i * g.dilation_h;
-        if (ih < 0 || ih >= H) continue;
-        const T* xrow = x + (image * H + ih) * W * C;
+      for (int64_t i = 0; i < g.kernel_rows(); ++i) {
+        const int64_t row = g.input_row(r, i, H);
+        if (row < 0) continue;
+        const T* xrow = x + (image * g.in_d * H + row) * W * C;
         A* row_partial = mine + i * g.kernel_w * C;
         int64_t c = 0;
         for (; c + L <= C; c += L) nhwc_wgrad_row<T, true>(xrow, grad_row, row_partial, c, L, C, W, g, bounds.data());
@@ -242,7 +243,7 @@ void nhwc_weight_grad(const T* x, const T* grad_out, T* dweight_rows, int64_t N,
 // The forward with the weight already as (KH, KW, C) rows; stores stream around the cache for large outputs.
 void forward_rows(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, at::Tensor& y, const Geometry& g,
                   const Activation& act) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2) / g.in_d, W = x.size(3);
   int64_t right = -1;  // zero columns after each padded row, or -1 where rows are read in place
   if (reads_padded_rows(g, W))
     right = std::max<int64_t>(0, (g.out_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dilation_w + 1 - g.pad_left - W);
@@ -256,6 +257,10 @@ void forward_rows(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& b
 }  // namespace
 
 at::Tensor weight_rows(const at::Tensor& weight, bool flip) {
+  if (weight.dim() == 5) {
+    auto w = flip ? weight.flip({2, 3, 4}) : weight;
+    return w.squeeze(1).permute({1, 2, 3, 0}).contiguous();
+  }
   auto w = flip ? weight.flip({2, 3}) : weight;
   return w.squeeze(1).permute({1, 2, 0}).contiguous();
 }
@@ -263,7 +268,8 @@ at::Tensor weight_rows(const at::Tensor& weight, bool flip) {
 bool reads_padded_rows(const Geometry& g, int64_t W) {
   const auto [lo, hi] = interior(W, g.out_w, g.kernel_w, g.stride_w, g.pad_left, g.dilation_w);
   // wider than 3 taps with less than three quarters of the row interior
-  return g.pad_left >= 0 && g.kernel_w > 3 && 4 * (hi - lo) < 3 * g.out_w;
+  // (2-D only: the ring of padded rows follows one axis of rows)
+  return g.kernel_d == 1 && g.pad_left >= 0 && g.kernel_w > 3 && 4 * (hi - lo) < 3 * g.out_w;
 }
 
 void forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& y, const Geometry& g,
@@ -283,11 +289,13 @@ void broadcast_forward(const at::Tensor& x, const at::Tensor& weight, const at::
 }
 
 void input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::Tensor& dinput, const Geometry& g) {
-  const int64_t N = dinput.size(0), C = dinput.size(1), H = dinput.size(2), W = dinput.size(3);
-  if (g.stride_h == 1 && g.stride_w == 1) {
+  const int64_t N = dinput.size(0), C = dinput.size(1), H = dinput.size(2) / g.in_d, W = dinput.size(3);
+  if (g.stride_d == 1 && g.stride_h == 1 && g.stride_w == 1) {
     // stride 1: the forward kernel with the flipped kernel and the flipped padding
-    const Geometry flipped{g.kernel_h, g.kernel_w, H, W, 1, 1, g.flip_pad_top, g.flip_pad_left,
-                           g.dilation_h, g.dilation_w, g.pad_top, g.pad_left};
+    const Geometry flipped{g.kernel_h,   g.kernel_w,   H,           W,         1,
+                           1,            g.flip_pad_top, g.flip_pad_left, g.dilation_h, g.dilation_w,
+                           g.pad_top,    g.pad_left,   g.kernel_d,  g.in_d,    1,
+                           g.flip_pad_front, g.dilation_d, g.pad_front, g.out_d};
     forward_rows(grad_out, weight_rows(weight, true), at::Tensor(), dinput, flipped, Activation{});
     return;
   }
@@ -299,7 +307,7 @@ void input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::Tensor
 }
 
 void weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::Tensor& dweight_rows, const Geometry& g) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2) / g.in_d, W = x.size(3);
   SEPCONV_DISPATCH(x.scalar_type(), "sepconv_weight_grad_nhwc", [&] {
     nhwc_weight_grad<scalar_t>(x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
                                dweight_rows.data_ptr<scalar_t>(), N, C, H, W, g);

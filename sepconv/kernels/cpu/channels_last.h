@@ -20,6 +20,7 @@
 namespace sepconv_cpu::channels_last {
 
 // Entry points on channels-last (N, C, H, W) tensors into outputs the caller allocated; `weight` is (C, 1, KH, KW).
+// 3-D tensors arrive as (N, C, D * H, W) ones with a 3-D geometry, and weights (C, 1, KD, KH, KW).
 void forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& y, const Geometry& g,
              const Activation& act);
 void input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::Tensor& dinput, const Geometry& g);
@@ -43,7 +44,7 @@ void separable_forward(const at::Tensor& x, const at::Tensor& weight, const at::
 // border.
 bool reads_padded_rows(const Geometry& g, int64_t W);
 
-// (C * M, 1, KH, KW) -> (KH, KW, C * M) rows, flipped in both axes where `flip`.
+// (C * M, 1, KH, KW) -> (KH, KW, C * M) rows (3-D: (KD, KH, KW, C)), flipped in every spatial axis where `flip`.
 at::Tensor weight_rows(const at::Tensor& weight, bool flip);
 
 // Taps of a kernel row per register block: their weights (forward) or sums (weight gradient) stay in registers.
@@ -84,7 +85,7 @@ void nhwc_pixels(const T* const* rows, const T* wt, const T* bias, Out* out, int
   for (int p = 0; p < P; ++p) acc[p] = init;
   const int64_t kw = g.kernel_w, step = g.stride_w * C, tap_step = g.dilation_w * C;
   const int64_t col0 = ow * g.stride_w - g.pad_left;
-  for (int64_t i = 0; i < g.kernel_h; ++i) {
+  for (int64_t i = 0; i < g.kernel_rows(); ++i) {
     if (!rows[i]) continue;
     const T* wp = wt + i * kw * C + c;
     const T* xp = rows[i] + col0 * C + c;
@@ -265,19 +266,20 @@ struct KernelRows {
   std::vector<const T*> rows, taps_x, taps_w;
   int64_t taps = 0;
 
-  explicit KernelRows(int64_t kh) : rows(kh), taps_x(kh), taps_w(kh) {}
+  explicit KernelRows(const Geometry& g) : rows(g.kernel_rows()), taps_x(g.kernel_rows()), taps_w(g.kernel_rows()) {}
 
-  // Output row `oh` of `image`; wide kernels read their rows through `padded` (else nullptr).
-  void gather(const T* x, const T* wt, int64_t image, int64_t oh, int64_t H, int64_t W, int64_t C, const Geometry& g,
+  // Output row `r` of `image` (of its g.in_d * H rows); wide kernels read their rows through `padded` (else nullptr).
+  void gather(const T* x, const T* wt, int64_t image, int64_t r, int64_t H, int64_t W, int64_t C, const Geometry& g,
               PaddedRows<T>* padded) {
     taps = 0;
-    for (int64_t i = 0; i < g.kernel_h; ++i) {
-      const int64_t ih = oh * g.stride_h - g.pad_top + i * g.dilation_h;
-      if (ih < 0 || ih >= H) {
+    const int64_t first = image * g.in_d * H;
+    for (int64_t i = 0; i < g.kernel_rows(); ++i) {
+      const int64_t row = g.input_row(r, i, H);
+      if (row < 0) {
         rows[i] = nullptr;
         continue;
       }
-      rows[i] = padded ? padded->row(x, image * H + ih, W, g.pad_left) : x + (image * H + ih) * W * C;
+      rows[i] = padded ? padded->row(x, first + row, W, g.pad_left) : x + (first + row) * W * C;
       taps_x[taps] = rows[i];
       taps_w[taps++] = wt + i * g.kernel_w * C;
     }

@@ -118,6 +118,10 @@ at::Tensor empty_output(at::IntArrayRef size, const at::TensorOptions& options) 
     const auto cl = c10::get_channels_last_strides_2d(size);
     strides.assign(cl.begin(), cl.end());
   }
+  if (format == at::MemoryFormat::ChannelsLast3d && size.size() == 5) {
+    const auto cl = c10::get_channels_last_strides_3d(size);
+    strides.assign(cl.begin(), cl.end());
+  }
   return at::empty({0}, options.memory_format(c10::nullopt)).set_(storage, 0, size, strides);
 }
 

@@ -26,7 +26,7 @@ void separable_kernel(const T* x, const T* wt, const T* bias, const Activation& 
   const int64_t blocks = (g.out_h + rows - 1) / rows;
   const Epilogue e{dw_act, false};
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    KernelRows<T> kernel_rows(g.kernel_h);
+    KernelRows<T> kernel_rows(g);
     std::vector<product_input_t<T>> hidden(rows * g.out_w * C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / blocks, oh0 = (task % blocks) * rows, oh1 = std::min(g.out_h, oh0 + rows);
