@@ -15,7 +15,7 @@ import torch
 import sepconv.models.digits_cnn  # noqa: F401  (registers "digits_cnn")
 from sepconv import cli
 from sepconv.experiment import DataError, load_dataset
-from sepconv.experiment import measure
+from sepconv.experiment import measure, report
 from sepconv.experiment import train as train_module
 from sepconv.experiment.data import CIFAR_FILES, eeg_synthetic_templates, make_eeg_synthetic
 from sepconv.models import create_model
@@ -143,6 +143,129 @@ def test_optimized_inference_is_timed_only_when_it_computes_what_the_model_does(
         else:
             assert result["optimized_inference_ms"] is None and result["optimized_inference"]["method"] is None
             assert reason in result["optimized_inference"]["reason"]
+
+
+# --- bf16 beside fp32 ------------------------------------------------------------------------------
+
+def test_default_run_reports_bf16_beside_fp32(default_run):
+    _, out, metrics = default_run
+    markdown = (out / "report.md").read_text()
+    assert "## Inference in fp32 and bf16" in markdown
+    comparison = metrics["comparison"]
+    if not metrics["environment"]["native_bf16"]:  # said, not left out
+        for twin in ("standard", "separable"):
+            assert metrics["models"][twin]["bf16_inference_ms"] is None
+            assert metrics["models"][twin]["bf16_inference"]["reason"] == measure.BF16_NOT_NATIVE
+        assert comparison["bf16_inference_speedup"] is None and measure.BF16_NOT_NATIVE in markdown
+        return
+    for twin in ("standard", "separable"):
+        model = metrics["models"][twin]
+        timing, note = model["bf16_inference_ms"], model["bf16_inference"]
+        assert timing["median"] > 0 and timing["iqr"] >= 0 and timing["batch_size"] == 256
+        assert note["precision"] == "bf16" and "dtype=torch.bfloat16" in note["method"]
+        assert note["validation_size"] == metrics["dataset"]["validation_size"]
+        assert 0 <= note["validation_accuracy"] <= 1 and 0 <= note["fp32_validation_accuracy"] <= 1
+        # the fp32 model here is the trained model in eval mode on the same set: its last epoch's figure
+        assert note["fp32_validation_accuracy"] == pytest.approx(model["final_validation_accuracy"],
+                                                                 abs=2 / note["validation_size"])
+        assert note["top1_agreement"] >= 0.9  # bf16 rounding moves the logits by about 1 %
+        assert 0 <= note["max_logit_error"] < 0.1
+        assert model["bf16_vs_fp32_inference_speedup"] == pytest.approx(
+            model["optimized_inference_ms"]["median"] / timing["median"])
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {twin} "))
+        for figure in (f"{timing['median']:.3f} ± {timing['iqr']:.3f}", f"{100 * note['validation_accuracy']:.2f}",
+                       f"{100 * note['top1_agreement']:.2f}", f"{100 * note['max_logit_error']:.2f}%"):
+            assert figure in row
+    assert comparison["bf16_inference_speedup"] == pytest.approx(
+        metrics["models"]["standard"]["bf16_inference_ms"]["median"]
+        / metrics["models"]["separable"]["bf16_inference_ms"]["median"])
+    assert "inference fp32, batch of 256 (ms)" in markdown and "inference bf16, batch of 256 (ms)" in markdown
+    assert "realised, inference optimised in bf16: " in markdown and "bf16 inference: sepconv.optimize" in markdown
+
+
+@pytest.mark.parametrize("capability, flags, native", [
+    ("AVX512", {"avx512f", "avx512_bf16"}, True), ("AVX512", {"avx512f", "amx_bf16", "amx_tile"}, True),
+    ("AVX512", {"avx512f"}, False), ("AVX2", {"avx2", "avx512_bf16"}, False), ("DEFAULT", set(), False),
+])
+def test_native_bf16_needs_avx512_kernels_and_a_bf16_instruction_set(capability, flags, native, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(measure, "_cpu_flags", lambda: frozenset(flags))
+    assert measure.native_bf16() is native
+
+
+def _tiny_twins_measured(monkeypatch, optimize, native=True, diverged=False):
+    monkeypatch.setattr(measure, "native_bf16", lambda: native)
+    monkeypatch.setattr(measure, "optimizer_for_inference", lambda: optimize)
+    monkeypatch.setattr(measure, "ROUNDS", 1)
+    monkeypatch.setattr(measure, "MIN_RUN_SECONDS", 1e-3)
+    torch.manual_seed(0)
+    models = {twin: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)) for twin in ("a", "b")}
+    if diverged:
+        with torch.no_grad():
+            models["b"][1].bias.fill_(math.nan)
+    inputs, labels = torch.randn(300, 4), torch.randint(0, 3, (300,))
+    times = measure.measure_times(models, inputs, labels, 8, 1e-3, validation=(inputs, labels))
+    return models, inputs, labels, times
+
+
+@pytest.mark.parametrize("negate", [False, True])
+def test_bf16_accuracy_and_agreement_come_from_the_copys_predictions(negate, monkeypatch):
+    asked = []
+
+    def optimize(model, batch, dtype=None):  # a stand-in bf16 copy: the model, or its logits negated
+        asked.append(dtype)
+        return torch.nn.Sequential(model, _Negate()) if negate and dtype == torch.bfloat16 else model
+
+    models, inputs, labels, times = _tiny_twins_measured(monkeypatch, optimize)
+    assert asked == [None, torch.bfloat16] * 2  # per twin: the fp32 copy, then the bf16 one
+    for label, model in models.items():
+        note = times[label]["bf16_inference"]
+        assert times[label]["bf16_inference_ms"]["median"] > 0 and note["validation_size"] == 300
+        with torch.no_grad():
+            logits = model(inputs)
+        fp32_accuracy = (logits.argmax(1) == labels).double().mean().item()
+        assert note["fp32_validation_accuracy"] == pytest.approx(fp32_accuracy)
+        if negate:  # the top class becomes the bottom one: no agreement, an error of twice the scale
+            assert note["top1_agreement"] == 0 and note["max_logit_error"] == pytest.approx(2)
+            assert note["validation_accuracy"] == pytest.approx((logits.argmin(1) == labels).double().mean().item())
+        else:
+            assert note["top1_agreement"] == 1 and note["max_logit_error"] == 0
+            assert note["validation_accuracy"] == pytest.approx(fp32_accuracy)
+
+
+def test_bf16_of_a_diverged_twin_is_not_measured(monkeypatch):
+    *_, times = _tiny_twins_measured(monkeypatch, lambda model, batch, dtype=None: model, diverged=True)
+    assert times["a"]["bf16_inference"]["top1_agreement"] == 1 and times["a"]["bf16_inference_ms"] is not None
+    assert times["b"]["bf16_inference_ms"] is None
+    assert times["b"]["bf16_inference"]["reason"] == "bf16: not measured (the model's own outputs are not finite)"
+
+
+class _Negate(torch.nn.Module):
+    def forward(self, x):
+        return -x
+
+
+def test_bf16_not_measured_on_a_cpu_without_it_is_said(default_run, monkeypatch):
+    *_, times = _tiny_twins_measured(monkeypatch, lambda model, batch, dtype=None: model, native=False)
+    for result in times.values():
+        assert result["bf16_inference_ms"] is None
+        assert result["bf16_inference"] == {"precision": "bf16", "method": None, "reason": measure.BF16_NOT_NATIVE}
+    # the report of a run on such a CPU: the same figures otherwise
+    _, _, metrics = default_run
+    models = {twin: {**metrics["models"][twin], "bf16_inference_ms": None,
+                     "bf16_inference": times["a"]["bf16_inference"]} for twin in ("standard", "separable")}
+    rebuilt = report.build_metrics(status="complete", settings=metrics["settings"], dataset=metrics["dataset"],
+                                   environment=metrics["environment"], models=models,
+                                   timing_method=metrics["timing_method"], machine=metrics["machine"],
+                                   resume_command=metrics["resume_command"])
+    assert rebuilt["comparison"]["bf16_inference_speedup"] is None
+    assert all(rebuilt["models"][twin]["bf16_vs_fp32_inference_speedup"] is None for twin in models)
+    assert rebuilt["comparison"]["optimized_inference_speedup"] == metrics["comparison"]["optimized_inference_speedup"]
+    markdown = report._markdown(report._blocks(rebuilt))
+    assert f"## Inference in fp32 and bf16\n\n{measure.BF16_NOT_NATIVE}.\n" in markdown
+    bf16_row = next(line for line in markdown.splitlines() if "inference optimised, bf16" in line)
+    assert bf16_row.count("not measured") == 3
+    assert report.bf16_lines(rebuilt) == [measure.BF16_NOT_NATIVE]
 
 
 def test_interrupted_run_resumes_to_the_same_final_metrics(default_run, tmp_path, monkeypatch, capsys):

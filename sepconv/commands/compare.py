@@ -5,7 +5,9 @@ cores). The report in --out (default runs/<timestamp>; a new or empty folder, th
 --force a folder whose other files are left alone): report.html (self-contained) and report.md with a
 side-by-side table (parameters, MACs, measured inference times as trained and optimised for inference, training-step
 times, final and best validation accuracy, train-validation gap, wall time per epoch), the theoretical vs realised
-speed-ups and each layer's measured time against its roofline; PNG plots (accuracy and loss per epoch, per-layer
+speed-ups, the optimised copies in fp32 and bf16 side by side (time, validation accuracy, top-1 agreement, largest
+logit error; bf16 where the CPU has AVX512-BF16 or AMX, else said not measured) and each layer's measured time
+against its roofline; PNG plots (accuracy and loss per epoch, per-layer
 costs and times, learned filters); metrics.json with every figure; checkpoints
 of every epoch (--resume continues an interrupted run). Under ``torchrun --nproc_per_node=N`` it trains with
 DistributedDataParallel (--batch-size is per process) and only rank 0 writes. A twin whose loss becomes nan or inf

@@ -25,9 +25,9 @@ from .._io import check_writable, machine_memory_bytes
 from ..models import create_model, list_models
 from .data import Dataset, EEGOptions, default_model, load_dataset
 from ..profiling.timing import measure_machine
-from .measure import TIMING_METHOD, count_costs, machine_metrics, measure_times, profile_layers
-from .report import (TWINS, build_metrics, markdown_table, speedup_lines, summarize_history, summary_table,
-                     write_report)
+from .measure import TIMING_METHOD, count_costs, machine_metrics, measure_times, native_bf16, profile_layers
+from .report import (TWINS, bf16_lines, build_metrics, markdown_table, speedup_lines, summarize_history,
+                     summary_table, write_report)
 from .train import Distributed, Trainer, TrainingSettings, evaluation_batch_size
 
 __all__ = ["ComparisonSettings", "ComparisonError", "run_comparison", "build_twins"]
@@ -142,21 +142,23 @@ def _check_batch_fits(batch_size: int, dataset: Dataset) -> None:
 def _environment(distributed: Distributed) -> dict:
     return {"torch": torch.__version__, "device": str(distributed.device), "threads": torch.get_num_threads(),
             "processes": distributed.world_size, "python": platform.python_version(),
-            "platform": f"{platform.system()} {platform.machine()}"}
+            "platform": f"{platform.system()} {platform.machine()}",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16()}
 
 
 def _report(settings: ComparisonSettings, dataset: Dataset, trainers: dict[str, Trainer], distributed: Distributed,
             complete: bool) -> dict:
     models = {twin: {"name": settings.model_name, "separable": twin == "separable",
                      **count_costs(trainer.model, dataset.input_shape), "inference_ms": None,
-                     "optimized_inference_ms": None, "train_step_ms": None, "layer_times": None,
+                     "optimized_inference_ms": None, "bf16_inference_ms": None, "bf16_inference": None,
+                     "train_step_ms": None, "layer_times": None,
                      "epochs": trainer.history, "diverged_at_epoch": trainer.diverged_at}
               for twin, trainer in trainers.items()}
     machine = None
     if complete:
         trained = {twin: trainer.model for twin, trainer in trainers.items()}
         times = measure_times(trained, dataset.train_inputs, dataset.train_labels, settings.batch_size,
-                              settings.learning_rate)
+                              settings.learning_rate, validation=(dataset.validation_inputs, dataset.validation_labels))
         machine = measure_machine(device=distributed.device)  # once per run: both twins' roofs
         layer_times = profile_layers(trained, dataset.train_inputs, settings.batch_size, machine)
         for twin in trained:
@@ -225,8 +227,8 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
             trained = True
             if not distributed.is_main:
                 return None
-            say("measuring inference (as trained and optimised) and training-step times (torch.utils.benchmark), "
-                "then each layer against the roofline ...")
+            say("measuring inference (as trained, optimised, and in bf16 where the CPU has it) and training-step "
+                "times (torch.utils.benchmark), then each layer against the roofline ...")
             metrics = _report(settings, dataset, trainers, distributed, complete=True)
         except KeyboardInterrupt:  # Ctrl-C: the checkpoints hold the completed epochs; report them
             if distributed.is_main:
@@ -238,6 +240,7 @@ def run_comparison(settings: ComparisonSettings, *, progress: bool | None = None
         say(markdown_table(*summary_table(metrics)))
         say("")
         say("speed-up of the separable twin: " + "; ".join(speedup_lines(metrics)))
+        say("; ".join(bf16_lines(metrics)))
         say(f"wrote {settings.out / 'report.html'}, report.md, metrics.json and the plots")
         return metrics
     finally:

@@ -7,7 +7,11 @@ run's validation batches (:func:`~sepconv.experiment.train.evaluation_batch_size
 (eager) and of its copy optimised for inference (:func:`sepconv.optimize_for_inference`: batch norm folded into
 the convolutions, activations fused, layout chosen once); and the time of one training step on a training batch
 (forward, cross-entropy, backward, Adam step, constraints; on a copy, so the trained weights are untouched;
-sepconv's default kernels). The twins are measured in interleaved rounds, so that a change in the machine's load
+sepconv's default kernels). Where this CPU computes bf16 natively (:func:`native_bf16`), each twin's bf16 copy
+(``optimize_for_inference(model, batch, dtype=torch.bfloat16)``: weights stored in bf16, float32 in and out) is
+timed the same way, and its top-1 accuracy, top-1 agreement with the float32 model and largest logit error
+(relative to the float32 logits' largest magnitude) are taken on the whole validation set. The twins are measured
+in interleaved rounds, so that a change in the machine's load
 affects both alike; the median and the interquartile range are over every timed block of every round.
 
 :func:`profile_layers` times each counted op of each twin (eager, eval mode) with ``sepconv.profile`` and sets
@@ -29,7 +33,7 @@ from ..profiling.timing import Machine, median_and_iqr
 from .train import evaluation_batch_size, train_step
 
 __all__ = ["count_costs", "measure_times", "profile_layers", "machine_metrics", "optimizer_for_inference",
-           "TIMING_METHOD", "OPTIMIZED_METHOD"]
+           "native_bf16", "TIMING_METHOD", "OPTIMIZED_METHOD", "BF16_METHOD", "BF16_NOT_NATIVE"]
 
 ROUNDS = 3
 MIN_RUN_SECONDS = 0.2  # per round, model and kind of measurement
@@ -38,6 +42,10 @@ TIMING_METHOD = (f"torch.utils.benchmark.Timer.blocked_autorange (at least {MIN_
                  "of every block")
 OPTIMIZED_METHOD = ("sepconv.optimize_for_inference(model, batch): an eval-only copy with batch norm folded into "
                     "the convolutions, activations fused into the kernels and the memory layout chosen once")
+BF16_METHOD = ("sepconv.optimize_for_inference(model, batch, dtype=torch.bfloat16): the optimised copy with its "
+               "weights stored in bf16 (computed in float32 inside the fused kernels, rounded once per output); "
+               "float32 input and output")
+BF16_NOT_NATIVE = "bf16: not measured (this CPU has no native bf16: AVX512-BF16 or AMX)"
 LAYER_REPEATS = 10  # sepconv.profile's repeats per op for the per-layer table
 # The optimised copy must compute what the model computes; beyond float32 rounding its time would not be a
 # speed-up of the same model.
@@ -76,6 +84,92 @@ def optimizer_for_inference():
     return getattr(sepconv, "optimize_for_inference", None)
 
 
+def _cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of Linux's ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                field, _, value = line.partition(":")
+                if field.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively, so that a bf16 inference time means something: PyTorch runs its
+    AVX512 kernels (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` can lower) and
+    the CPU has AVX512-BF16 or AMX-BF16 (flags ``avx512_bf16``, ``amx_bf16`` of Linux's ``/proc/cpuinfo``).
+    ``False`` elsewhere (other systems, other architectures): bf16 emulated in float32 would only be slower."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return False
+    return capability.upper().startswith("AVX512") and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def _bf16_copy(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Module | None, dict]:
+    """The bf16 copy of eval-mode ``model`` (float32 in, float32 out) and a note: ``{"precision": "bf16",
+    "method"}``, or ``{"precision": "bf16", "method": None, "reason"}`` when there is none to measure."""
+    def failed(reason):
+        return None, {"precision": "bf16", "method": None, "reason": reason}
+
+    if batch.device.type != "cpu":
+        return failed(f"bf16: not measured (measured on the CPU only; the models are on {batch.device})")
+    if not native_bf16():
+        return failed(BF16_NOT_NATIVE)
+    optimize = optimizer_for_inference()
+    if optimize is None:
+        return failed("bf16: not measured (this sepconv has no optimize_for_inference)")
+    try:
+        optimized = optimize(copy.deepcopy(model), batch, dtype=torch.bfloat16)
+        with torch.no_grad():
+            expected, got = model(batch), optimized(batch)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as error:
+        return failed(f"bf16: not measured (optimize_for_inference(dtype=torch.bfloat16) failed: "
+                      f"{type(error).__name__}: {' '.join(str(error).split())})")
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or got.dtype != expected.dtype:
+        return failed("bf16: not measured (the bf16 copy's output is not shaped and typed like the model's)")
+    if not torch.isfinite(expected).all():
+        return failed("bf16: not measured (the model's own outputs are not finite)")
+    return optimized, {"precision": "bf16", "method": BF16_METHOD}
+
+
+def _bf16_accuracy(model: nn.Module, bf16_model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                   batch_size: int) -> dict:
+    """Top-1 accuracy of the float32 ``model`` and of its ``bf16_model`` on ``inputs`` (in batches of
+    ``batch_size``), their top-1 agreement, and the largest logit difference relative to the largest float32
+    logit magnitude."""
+    device = next(model.parameters()).device
+    fp32_logits, bf16_logits = [], []
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start:start + batch_size].to(device)
+            fp32_logits.append(model(batch).float().cpu())
+            bf16_logits.append(bf16_model(batch).float().cpu())
+    fp32, bf16 = torch.cat(fp32_logits), torch.cat(bf16_logits)
+    labels = labels.cpu()
+    fp32_top1, bf16_top1 = fp32.argmax(1), bf16.argmax(1)
+    scale = fp32.abs().max().item()
+    error = (bf16 - fp32).abs().max().item()
+    return {"validation_size": len(labels),
+            "fp32_validation_accuracy": (fp32_top1 == labels).double().mean().item(),
+            "validation_accuracy": (bf16_top1 == labels).double().mean().item(),
+            "top1_agreement": (bf16_top1 == fp32_top1).double().mean().item(),
+            "max_abs_logit_error": error,
+            "max_logit_error": _relative_error(error, scale)}
+
+
+def _relative_error(error: float, scale: float) -> float:
+    """``error / scale``; 0 for no error at scale 0, inf for an error at scale 0, nan for non-finite logits."""
+    if not (math.isfinite(error) and math.isfinite(scale)):
+        return math.nan
+    if scale == 0:
+        return 0.0 if error == 0 else math.inf
+    return error / scale
+
+
 def _optimized(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Module | None, dict]:
     """The optimised copy of eval-mode ``model`` and how it was made: ``{"method", "max_abs_difference"}`` from
     the model's outputs on ``batch``, or ``{"method": None, "reason"}`` when there is no usable copy."""
@@ -99,16 +193,25 @@ def _optimized(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Module | None,
 
 
 def measure_times(models: dict[str, nn.Module], inputs: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                  learning_rate: float) -> dict[str, dict]:
+                  learning_rate: float, *, validation: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> dict[str, dict]:
     """Training-step times of each model on a batch of ``batch_size`` and inference times on the batch the run's
     validation uses (:func:`~sepconv.experiment.train.evaluation_batch_size`), in milliseconds.
 
     Returns, per model label, ``{"inference_ms": timing, "optimized_inference_ms": timing or None,
-    "optimized_inference": how the optimised copy was made, "train_step_ms": timing}``, each timing
+    "optimized_inference": how the optimised copy was made (``"precision": "fp32"``), "train_step_ms": timing}``, each timing
     ``{"median": ms, "iqr": ms, "calls": timed calls, "batch_size": inputs per call}``. ``inference_ms`` is the
     model as trained, in eval mode (eager); ``optimized_inference_ms`` its copy from
     :func:`sepconv.optimize_for_inference` (``None`` where there is none, with the reason in
     ``optimized_inference``).
+
+    bf16, where this CPU computes it natively (:func:`native_bf16`): ``"bf16_inference_ms"``, the time of the copy
+    from ``optimize_for_inference(model, batch, dtype=torch.bfloat16)`` in the same conditions (``None`` where
+    not measured), and ``"bf16_inference"``: ``{"precision": "bf16", "method"}`` with, when ``validation``
+    (inputs, labels) is given, ``validation_size``, ``fp32_validation_accuracy`` (the float32 model's),
+    ``validation_accuracy`` (the bf16 copy's), ``top1_agreement`` (fraction of inputs whose top-1 class is the
+    float32 model's), ``max_abs_logit_error`` and ``max_logit_error`` (that divided by the float32 logits' largest
+    magnitude); or ``{"precision": "bf16", "method": None, "reason"}`` (:data:`BF16_NOT_NATIVE` on other CPUs).
     """
     from torch.utils import benchmark
 
@@ -116,13 +219,19 @@ def measure_times(models: dict[str, nn.Module], inputs: torch.Tensor, labels: to
     # Inference at the training batch would mostly time per-call overhead for small inputs (8x8 digits); the
     # run's own inference, its validation, runs on larger batches.
     sizes = {"inference_ms": evaluation_batch_size(batch_size), "optimized_inference_ms":
-             evaluation_batch_size(batch_size), "train_step_ms": batch_size}
+             evaluation_batch_size(batch_size), "bf16_inference_ms": evaluation_batch_size(batch_size),
+             "train_step_ms": batch_size}
+    bf16_notes = {}
     for label, model in models.items():
         device = next(model.parameters()).device
         batch, batch_labels = _batch(inputs, batch_size).to(device), _batch(labels, batch_size).to(device)
         inference_batch = _batch(inputs, sizes["inference_ms"]).to(device)
         inference_model = copy.deepcopy(model).eval()
-        optimized_model, notes[label] = _optimized(inference_model, inference_batch)
+        optimized_model, note = _optimized(inference_model, inference_batch)
+        notes[label] = {"precision": "fp32", **note}
+        bf16_model, bf16_notes[label] = _bf16_copy(inference_model, inference_batch)
+        if bf16_model is not None and validation is not None:
+            bf16_notes[label].update(_bf16_accuracy(inference_model, bf16_model, *validation, sizes["inference_ms"]))
         training_model = copy.deepcopy(model).train()
         optimizer = torch.optim.Adam(training_model.parameters(), lr=learning_rate)
 
@@ -134,12 +243,18 @@ def measure_times(models: dict[str, nn.Module], inputs: torch.Tensor, labels: to
             with torch.no_grad():
                 model(batch)
 
+        def infer_bf16(model=bf16_model, batch=inference_batch):
+            with torch.no_grad():
+                model(batch)
+
         def step(model=training_model, optimizer=optimizer, batch=batch, batch_labels=batch_labels):
             train_step(model, optimizer, batch, batch_labels)
 
         runs = [("inference_ms", infer), ("train_step_ms", step)]
         if optimized_model is not None:
             runs.insert(1, ("optimized_inference_ms", infer_optimized))
+        if bf16_model is not None:
+            runs.insert(-1, ("bf16_inference_ms", infer_bf16))
         for kind, run in runs:
             timers[label, kind] = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
     seconds = {key: [] for key in timers}
@@ -149,7 +264,8 @@ def measure_times(models: dict[str, nn.Module], inputs: torch.Tensor, labels: to
             measurement = timer.blocked_autorange(min_run_time=MIN_RUN_SECONDS)
             seconds[key] += measurement.times
             calls[key] += len(measurement.times) * measurement.number_per_run
-    results = {label: {"optimized_inference_ms": None, "optimized_inference": notes[label]} for label in models}
+    results = {label: {"optimized_inference_ms": None, "optimized_inference": notes[label], "bf16_inference_ms": None,
+                       "bf16_inference": bf16_notes[label]} for label in models}
     for (label, kind), samples in seconds.items():
         median, spread = median_and_iqr(samples)
         results[label][kind] = {"median": 1e3 * median, "iqr": 1e3 * spread, "calls": calls[label, kind],

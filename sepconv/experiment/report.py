@@ -22,7 +22,8 @@ from ..profiling.timing import median_and_iqr
 from .plots import plot_layer_costs, plot_layer_times, plot_learned_filters, plot_training_curves
 from .train import evaluation_batch_size
 
-__all__ = ["METRICS_FORMAT", "UNITS", "TWINS", "summarize_history", "build_metrics", "write_report", "summary_table"]
+__all__ = ["METRICS_FORMAT", "UNITS", "TWINS", "summarize_history", "build_metrics", "write_report", "summary_table",
+           "precision_table", "bf16_lines"]
 
 METRICS_FORMAT = "sepconv.compare/1"
 TWINS = ("standard", "separable")
@@ -39,6 +40,16 @@ UNITS = {
     "inference_ms": "the model as trained, in eval mode without gradients (eager PyTorch, sepconv's default kernels)",
     "optimized_inference_ms": "its copy from sepconv.optimize_for_inference (batch norm folded, activations fused, "
                               "layout chosen once), in the same conditions",
+    "bf16_inference_ms": "its bf16 copy from sepconv.optimize_for_inference(dtype=torch.bfloat16) (weights in bf16, "
+                         "float32 input and output), in the same conditions; null where not measured (a CPU without "
+                         "native bf16: AVX512-BF16 or AMX)",
+    "bf16_inference": "how the bf16 copy was made (precision, method; or reason) and, on the whole validation set, "
+                      "the top-1 accuracy of the fp32 model (fp32_validation_accuracy) and of its bf16 copy "
+                      "(validation_accuracy), their top-1 agreement (fraction of inputs with the same top class) and "
+                      "the largest logit difference, absolute (max_abs_logit_error) and relative to the largest "
+                      "fp32 logit magnitude (max_logit_error)",
+    "bf16_vs_fp32_inference_speedup": "optimized_inference_ms (fp32) divided by bf16_inference_ms (above 1: bf16 is "
+                                      "faster)",
     "roofline_ms": "max(bytes / memory bandwidth, FLOPs / peak FLOP/s) on the machine's measured roofs",
     "roofline_share": "roofline_ms / measured_ms: 1 means the op runs at the roof; small means overhead or a slow "
                       "kernel, not arithmetic or memory traffic, sets its time",
@@ -79,18 +90,24 @@ def build_metrics(*, status: str, settings: dict, dataset: dict, environment: di
                   timing_method: str | None, resume_command: str, machine: dict | None = None) -> dict:
     """``metrics.json``'s content. ``models[twin]`` holds ``name``, ``separable``, the costs of
     :func:`~sepconv.experiment.measure.count_costs`, the times of
-    :func:`~sepconv.experiment.measure.measure_times` (``inference_ms``, ``optimized_inference_ms``,
-    ``train_step_ms``) and of :func:`~sepconv.experiment.measure.profile_layers` (``layer_times``), each ``None``
+    :func:`~sepconv.experiment.measure.measure_times` (``inference_ms``, ``optimized_inference_ms`` (fp32),
+    ``bf16_inference_ms`` with ``bf16_inference``, ``train_step_ms``) and of :func:`~sepconv.experiment.measure.profile_layers` (``layer_times``), each ``None``
     when not measured, and ``epochs`` (the training history). ``machine``: the roofs the layers were set
-    against (:func:`~sepconv.experiment.measure.machine_metrics`)."""
+    against (:func:`~sepconv.experiment.measure.machine_metrics`). Each model gains
+    ``bf16_vs_fp32_inference_speedup`` (its optimised fp32 time over its bf16 time), the comparison
+    ``bf16_inference_speedup`` and ``bf16_inference_efficiency``; each ``None`` where bf16 was not measured."""
     models = {twin: {**model, **summarize_history(model["epochs"])} for twin, model in models.items()}
     standard, separable = models["standard"], models["separable"]
 
     def median(model, key):
         return None if model.get(key) is None else model[key]["median"]
 
+    for model in models.values():
+        model["bf16_vs_fp32_inference_speedup"] = _ratio(median(model, "optimized_inference_ms"),
+                                                         median(model, "bf16_inference_ms"))
     theoretical = standard["macs"] / separable["macs"]
     inference = _ratio(median(standard, "inference_ms"), median(separable, "inference_ms"))
+    bf16 = _ratio(median(standard, "bf16_inference_ms"), median(separable, "bf16_inference_ms"))
     optimized = _ratio(median(standard, "optimized_inference_ms"), median(separable, "optimized_inference_ms"))
     return {
         "format": METRICS_FORMAT, "status": status, "resume_command": resume_command, "settings": settings,
@@ -104,6 +121,8 @@ def build_metrics(*, status: str, settings: dict, dataset: dict, environment: di
             "inference_efficiency": _ratio(inference, theoretical),
             "optimized_inference_speedup": optimized,
             "optimized_inference_efficiency": _ratio(optimized, theoretical),
+            "bf16_inference_speedup": bf16,
+            "bf16_inference_efficiency": _ratio(bf16, theoretical),
             "train_step_speedup": _ratio(median(standard, "train_step_ms"), median(separable, "train_step_ms")),
             "epoch_time_speedup": _ratio(median(standard, "seconds_per_epoch"), median(separable, "seconds_per_epoch")),
             "final_validation_accuracy_difference": _difference(separable, standard, "final_validation_accuracy"),
@@ -163,8 +182,10 @@ def summary_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
         row("forward MACs per input", _count, "macs", _fewer(comparison["macs_ratio"])),
         row(f"inference as trained (eager, eval), batch of {inference_batch} (ms, median ± IQR)", _time,
             "inference_ms", _speedup(comparison["inference_speedup"])),
-        row(f"inference optimised (optimize_for_inference), batch of {inference_batch} (ms, median ± IQR)", _time,
-            "optimized_inference_ms", _speedup(comparison["optimized_inference_speedup"])),
+        row(f"inference optimised, fp32 (optimize_for_inference), batch of {inference_batch} (ms, median ± IQR)",
+            _time, "optimized_inference_ms", _speedup(comparison["optimized_inference_speedup"])),
+        row(f"inference optimised, bf16 (optimize_for_inference, dtype=bfloat16), batch of {inference_batch} "
+            "(ms, median ± IQR)", _time, "bf16_inference_ms", _speedup(comparison.get("bf16_inference_speedup"))),
         row(f"training step, batch of {batch} (ms, median ± IQR)", _time, "train_step_ms",
             _speedup(comparison["train_step_speedup"])),
         row("final validation accuracy (%)", _percent, "final_validation_accuracy",
@@ -205,10 +226,89 @@ def speedup_lines(metrics: dict) -> list[str]:
     return [f"theoretical (standard MACs / separable MACs, the MAC ratio): {comparison['theoretical_speedup']:.2f}x",
             "realised, inference optimised for inference: " + _speedup(comparison["optimized_inference_speedup"])
             + _efficiency(comparison["optimized_inference_efficiency"]),
+            "realised, inference optimised in bf16: " + _speedup(comparison.get("bf16_inference_speedup"))
+            + _efficiency(comparison.get("bf16_inference_efficiency")),
             "realised, inference as trained (eager): " + _speedup(comparison["inference_speedup"])
             + _efficiency(comparison["inference_efficiency"]),
             f"realised, training step: {_speedup(comparison['train_step_speedup'])}",
             f"realised, wall time per epoch: {_speedup(comparison['epoch_time_speedup'])}"]
+
+
+# --- fp32 against bf16 --------------------------------------------------------------------------------
+
+def _bf16_note(model: dict) -> dict:
+    note = model.get("bf16_inference")
+    return note if note is not None else {"precision": "bf16", "method": None, "reason": f"bf16: {NOT_MEASURED}"}
+
+
+def _fraction(model: dict, key: str) -> float | None:
+    return _bf16_note(model).get(key)
+
+
+def _relative(value: float | None) -> str:
+    return NOT_MEASURED if value is None else f"{100 * value:.2f}%"
+
+
+def precision_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per twin) of the optimised copies in fp32 and in bf16: inference time, validation
+    accuracy, the bf16 copy's top-1 agreement with the fp32 model and its largest logit error."""
+    inference_batch = evaluation_batch_size(metrics["settings"]["batch_size"])
+    rows = []
+    for twin in TWINS:
+        model = metrics["models"][twin]
+        note = _bf16_note(model)
+        fp32_accuracy = note.get("fp32_validation_accuracy", model.get("final_validation_accuracy"))
+        rows.append([twin, _time(model.get("optimized_inference_ms")), _time(model.get("bf16_inference_ms")),
+                     _speedup(model.get("bf16_vs_fp32_inference_speedup")), _percent(fp32_accuracy),
+                     _percent(note.get("validation_accuracy")), _percent(note.get("top1_agreement")),
+                     _relative(note.get("max_logit_error"))])
+    return ["twin", f"inference fp32, batch of {inference_batch} (ms)", f"inference bf16, batch of {inference_batch} "
+            "(ms)", "bf16 vs fp32", "validation accuracy fp32 (%)", "validation accuracy bf16 (%)",
+            "top-1 agreement bf16 with fp32 (%)", "max logit error bf16 vs fp32 (of the fp32 logits' scale)"], rows
+
+
+def _bf16_reasons(metrics: dict) -> list[str]:
+    """Why bf16 was not measured, per twin without a bf16 copy (one line when both share the reason)."""
+    notes = {twin: _bf16_note(metrics["models"][twin]) for twin in TWINS}
+    missing = {twin: note["reason"] for twin, note in notes.items() if not note.get("method")}
+    if len(set(missing.values())) == 1 and len(missing) == len(TWINS):
+        return [next(iter(missing.values()))]
+    return [f"{twin} twin: {reason}" for twin, reason in missing.items()]
+
+
+def bf16_lines(metrics: dict) -> list[str]:
+    """One line per twin: its bf16 copy against fp32 (speed, accuracy, agreement, logit error), or why it was not
+    measured."""
+    lines = []
+    for twin in TWINS:
+        model = metrics["models"][twin]
+        note = _bf16_note(model)
+        if not note.get("method"):
+            continue
+        figures = [f"{twin} twin in bf16 vs fp32 (optimised): "
+                   + _speedup(model.get("bf16_vs_fp32_inference_speedup"))]
+        if note.get("validation_accuracy") is not None:
+            figures += [f"validation accuracy {_percent(note['validation_accuracy'])}% (fp32 "
+                        f"{_percent(note['fp32_validation_accuracy'])}%)",
+                        f"top-1 agreement {_percent(note['top1_agreement'])}%",
+                        f"max logit error {_relative(note['max_logit_error'])} of the fp32 logits' scale"]
+        lines.append(", ".join(figures))
+    return lines + _bf16_reasons(metrics)
+
+
+def _precision_blocks(metrics: dict) -> list[tuple]:
+    notes = [_bf16_note(metrics["models"][twin]) for twin in TWINS]
+    if not any(note.get("method") for note in notes):
+        return [("paragraph", " ".join(_bf16_reasons(metrics)) + ".")]
+    blocks = [("paragraph", "Each twin's copy optimised for inference in fp32 (float32 weights) and in bf16 "
+                            "(optimize_for_inference(model, batch, dtype=torch.bfloat16): weights stored in bf16, "
+                            "computed in float32 inside the fused kernels and rounded once per output; float32 "
+                            "input and output), timed in the same rounds. Accuracies, the top-1 agreement (inputs "
+                            "whose top class is the fp32 model's) and the largest logit difference (relative to "
+                            "the largest fp32 logit magnitude) are over the whole validation set."),
+              ("table", *precision_table(metrics))]
+    reasons = _bf16_reasons(metrics)
+    return blocks + ([("list", reasons)] if reasons else [])
 
 
 # --- time per layer against the roofline -------------------------------------------------------------
@@ -287,6 +387,14 @@ def _optimized_line(metrics: dict) -> str:
         f"{twin} twin: {note['reason']}" for twin, note in zip(TWINS, notes) if not note["method"])
 
 
+def _bf16_method_line(metrics: dict) -> str:
+    notes = [_bf16_note(metrics["models"][twin]) for twin in TWINS]
+    measured = [note["method"] for note in notes if note.get("method")]
+    if not measured:
+        return " ".join(_bf16_reasons(metrics))
+    return f"bf16 inference: {measured[0]}"
+
+
 # --- the documents ---------------------------------------------------------------------------------
 
 def _listed(value) -> str:
@@ -337,6 +445,8 @@ def _blocks(metrics: dict) -> list[tuple]:
         ("table", *summary_table(metrics)),
         ("heading", "Speed-up of the separable twin"),
         ("list", speedup_lines(metrics)),
+        ("heading", "Inference in fp32 and bf16"),
+        *_precision_blocks(metrics),
         ("heading", "Time per layer against the roofline"),
         *_layer_time_blocks(metrics),
         ("heading", "Plots"),
@@ -347,6 +457,7 @@ def _blocks(metrics: dict) -> list[tuple]:
                   "as trained (eager PyTorch with sepconv's default kernels) and optimised for inference; a "
                   "training step is forward, cross-entropy, backward, optimizer step and constraints",
                   _optimized_line(metrics),
+                  _bf16_method_line(metrics),
                   "train accuracy: mean over each epoch's batches in training mode (dropout on, weights changing); "
                   "validation accuracy: the whole validation set in eval mode after each epoch",
                   "every figure is in metrics.json; the checkpoints of the last completed epochs are in "
