@@ -162,6 +162,9 @@ class Gradients:
     def conv_backward(self, ctx, grad):
         x, weight = ctx.saved_tensors
         bias, stride, padding, dilation = ctx.args
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            # one copy for both kernels where the gradient is not laid out as they read it (a sum's is a broadcast)
+            grad = grad.contiguous(memory_format=_layout(x, weight))
         dx = self._call(1, grad, weight, x.shape, stride, padding, dilation) if ctx.needs_input_grad[0] else None
         dw = self._call(2, x, grad, weight.shape, stride, padding, dilation) if ctx.needs_input_grad[1] else None
         db = grad.sum(dim=[0, *range(2, grad.ndim)]) if bias is not None and ctx.needs_input_grad[2] else None
