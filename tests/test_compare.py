@@ -189,7 +189,7 @@ def test_default_run_reports_bf16_beside_fp32(default_run):
 ])
 def test_native_bf16_needs_avx512_kernels_and_a_bf16_instruction_set(capability, flags, native, monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(measure, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(measure, "cpu_flags", lambda: frozenset(flags))
     assert measure.native_bf16() is native
 
 

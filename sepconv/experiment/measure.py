@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..kernels.cpu.build import cpu_flags
 from ..profiling import profile
 from ..profiling.timing import Machine, median_and_iqr
 from .train import evaluation_batch_size, train_step
@@ -84,19 +85,6 @@ def optimizer_for_inference():
     return getattr(sepconv, "optimize_for_inference", None)
 
 
-def _cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of Linux's ``/proc/cpuinfo`` (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                field, _, value = line.partition(":")
-                if field.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 natively, so that a bf16 inference time means something: PyTorch runs its
     AVX512 kernels (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` can lower) and
@@ -106,7 +94,7 @@ def native_bf16() -> bool:
         capability = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         return False
-    return capability.upper().startswith("AVX512") and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return capability.upper().startswith("AVX512") and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def _bf16_copy(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Module | None, dict]:
