@@ -171,6 +171,29 @@ def test_wide_pointwise_layers_keep_the_epilogue(activation, columns, dtype):
 
 
 @requires_cpu_backend
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_channels", [1, 8, 24, 40, 54])
+@pytest.mark.parametrize("room", ["padded", "tight"])
+def test_pointwise_reads_only_its_weights_columns(out_channels, room, dtype):
+    """The register blocks read W^T's rows in whole vectors: lanes past C_out (here NaN) must not reach the output,
+    and a view whose storage ends at the last row's C_out-th value is copied rather than read past its end."""
+    in_channels, leading = 20, 64
+    store = torch.full((in_channels * leading,), float("nan"), dtype=dtype)
+    if room == "tight":
+        store = store[:(in_channels - 1) * leading + out_channels].clone()
+    w = torch.randn(out_channels, in_channels, 1, 1, dtype=dtype)
+    columns = store.as_strided((out_channels, in_channels, 1, 1), (1, leading, 1, 1))
+    columns.copy_(w)
+    x = torch.randn(3, in_channels, 5, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for weight in (columns, FusedConv("pointwise", w, None, (1, 1), 0, (1, 1), 1).weight):
+        out = cpu.pointwise_conv_act(x, weight, None, "relu")
+        wide = computed_in(dtype)
+        ref = torch.relu(torch.nn.functional.conv2d(x.to(wide), w.to(wide)))
+        assert not out.isnan().any()
+        assert_fused_close(out, ref, dtype)
+
+
+@requires_cpu_backend
 @pytest.mark.parametrize("kernel, stride, padding", [((3, 1), 1, "same"), ((3, 3), 2, "same"), ((5, 5), 1, "valid"),
                                                      ((1, 3), (1, 2), 1)])
 @pytest.mark.parametrize("multiplier", [16, 40])

@@ -13,11 +13,12 @@ KINDS = ("depthwise", "pointwise", "conv")
 
 def _as_columns(weight: torch.Tensor) -> torch.Tensor:
     """A pointwise weight ``(C_out, C_in, 1, ...)`` stored as the pointwise kernel reads it: W^T's rows (``C_out``
-    values each), their leading dimension padded off multiples of 512 bytes (see ``weight_columns`` in
-    ``kernels/cpu/pointwise.h``); the same values, as a view."""
+    values each), zero-padded to whole 64-byte vectors and their leading dimension off multiples of 512 bytes (see
+    ``weight_columns`` in ``kernels/cpu/pointwise.h``); the same values, as a view."""
     out_channels, in_channels = weight.shape[:2]
-    size = weight.element_size()
-    leading = out_channels + 64 // size if (out_channels * size) % 512 == 0 else out_channels
+    per_vector = 64 // weight.element_size()
+    leading = -(-out_channels // per_vector) * per_vector
+    leading += per_vector if leading % (8 * per_vector) == 0 else 0
     columns = weight.new_zeros(in_channels, leading)
     columns[:, :out_channels] = weight.reshape(out_channels, in_channels).t()
     return columns[:, :out_channels].t().reshape(weight.shape)
