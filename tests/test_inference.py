@@ -206,6 +206,22 @@ def test_one_input_channel_answers_channels_last_when_asked(kernel, stride, padd
     assert_close_scaled(out, reference.conv_act(x, w, b, geometry, 1, "zeros", "relu6"), 1e-5)
 
 
+@requires_cpu_backend
+@pytest.mark.parametrize("shape", [(1, 24, 4, 8, 8), (2, 24, 4, 8, 8), (1, 24, 1, 8, 8), (1, 24, 4, 1, 8),
+                                   (1, 24, 4, 8, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_3d_pointwise_keeps_the_layout_at_any_batch(shape, channels_last):
+    """A batch of one used to reach the kernel in neither layout (flatten gave it a row's batch stride): it ran the
+    planar path through two copies and answered NCDHW to a channels_last_3d input."""
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(10, shape[1], 1, 1, 1)
+    out = cpu.pointwise_conv_act(x, FusedConv("pointwise", w, None, (1, 1, 1), 0, (1, 1, 1), 1).weight, None, "none")
+    assert out.is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    assert_close_scaled(out, torch.nn.functional.conv3d(x, w), 1e-5)
+
+
 def _fused_op_samples():
     samples = []
     for channels_last in (False, True):
@@ -227,6 +243,8 @@ def _fused_op_samples():
         samples.append((ops.depthwise_conv_act, (x, w, b, [1, 2, 1], [1, 1, 0, 1, 2, 0], [2, 1, 1], "silu", 1.0)))
         samples.append((ops.pointwise_conv_act, (x, torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), b[:5], "relu",
                                                  1.0)))
+    # a batch of one in channels_last_3d (its depth and height merged must keep the layout)
+    samples.append((ops.pointwise_conv_act, (x[:1], torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), None, "none", 1.0)))
     return samples
 
 
@@ -236,7 +254,7 @@ def _bf16_samples():
 
 
 @requires_cpu_backend
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(17))
 def test_opcheck_fused_ops(index):
     op, args = (_fused_op_samples() + _bf16_samples())[index]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -222,10 +222,21 @@ def _depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, 
                  x)
 
 
+def _depth_rows(t: torch.Tensor) -> torch.Tensor:
+    """A 5-D tensor as a 4-D one whose rows are its (depth, row) pairs, in the same layout: a view where depth and
+    height are one axis in memory (both layouts). ``flatten(2, 3)`` would give a batch of one the stride of a row,
+    which reads as neither layout, and the kernel then took its planar path through two copies."""
+    n, c, d, h, w = t.shape
+    if not (d == 1 or h == 1 or t.stride(2) == h * t.stride(3)):
+        t = t.contiguous(memory_format=torch.channels_last_3d if ops.channels_last_like(t) else torch.contiguous_format)
+    return t.as_strided((n, c, d * h, w), (t.stride(0), t.stride(1), t.stride(3) if h > 1 else t.stride(2),
+                                           t.stride(4)), t.storage_offset())
+
+
 def _pointwise_conv_act(x, weight, bias, activation, alpha):
     code = activations.code(activation)
-    if x.ndim == 5:  # the depth and height axes as one: a view in either layout
-        out = _module.pointwise(x.flatten(2, 3), weight.flatten(2, 3), bias, code, alpha)
+    if x.ndim == 5:
+        out = _module.pointwise(_depth_rows(x), weight.flatten(2, 3), bias, code, alpha)
         return out.unflatten(2, x.shape[2:4])
     return _back(_module.pointwise(_planes(x), _planes(weight), bias, code, alpha), x)
 
