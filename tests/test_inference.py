@@ -381,6 +381,39 @@ def test_fast_paths_run_and_the_reference_mode_does_not_touch_them():
     assert_close_scaled(out, ref)
 
 
+def test_3d_models_run_in_channels_last_3d_end_to_end():
+    """The layout is the model's in 3-D too: PyTorch's 3-D convolution answers a batch of one in NCDHW, and the
+    optimised X3D used to run in it from its stem on."""
+    model, x = _model_input("x3d_xs")
+    optimised = sepconv.optimize_for_inference(model, x, layout="channels_last")
+    layouts = []
+    for module in optimised.modules():
+        if isinstance(module, (FusedConv, FusedSeparable)):
+            module.register_forward_hook(lambda _, inputs, out: layouts.append(
+                out.is_contiguous(memory_format=torch.channels_last_3d)))
+    with torch.no_grad():
+        assert_close_scaled(optimised(x), model(x), 1e-4)
+    assert layouts and all(layouts)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, padding_mode", [
+    ((1, 3, 3), (1, 2, 2), (0, 1, 1), "zeros"), ((1, 1, 1), (1, 2, 2), 0, "zeros"),
+    ((1, 3, 3), 1, "same", "reflect"), ((1, 2, 3), (1, 1, 2), (0, 1, 0), "circular")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frame_deep_3d_convolutions_run_per_frame(kernel, stride, padding, padding_mode, channels_last, monkeypatch):
+    """A 3-D convolution one frame deep on a channels_last_3d input runs as a 2-D one over the frames (a view)."""
+    conv = nn.Conv3d(6, 10, kernel, stride, padding, padding_mode=padding_mode)
+    fused = FusedConv("conv", conv.weight, conv.bias, conv.stride, padding, conv.dilation, 1, padding_mode)
+    x = torch.randn(2, 6, 3, 9, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    ranks, plain = [], reference.conv_act
+    monkeypatch.setattr(reference, "conv_act", lambda t, *args: (ranks.append(t.ndim), plain(t, *args))[1])
+    with torch.no_grad():
+        assert_close_scaled(fused(x), conv(x), 1e-5)
+    assert ranks == [4 if channels_last else 5]
+
+
 def test_a_failed_build_leaves_the_reference(monkeypatch):
     monkeypatch.setattr(cpu, "available", lambda: False)
     model, x = _model_input("eegnet")

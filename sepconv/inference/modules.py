@@ -24,13 +24,23 @@ def _as_columns(weight: torch.Tensor) -> torch.Tensor:
     return columns[:, :out_channels].t().reshape(weight.shape)
 
 
-FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+MODEL_LAYOUTS = ("channels_last", "contiguous")
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-def _in_layout(y: torch.Tensor, memory_format: torch.memory_format | None) -> torch.Tensor:
-    """A 4-D output in the model's layout: a kernel whose output has one channel, or a planar kernel, may answer
-    in another, and everything after it (pooling too) would then run in that one."""
-    return y.contiguous(memory_format=memory_format) if memory_format is not None and y.ndim == 4 else y
+def memory_format(layout: str | None, ndim: int) -> torch.memory_format | None:
+    """The memory format a tensor of rank ``ndim`` has in ``layout`` (one of ``MODEL_LAYOUTS``): channels-last is
+    ``channels_last`` in 2-D and ``channels_last_3d`` in 3-D; None where the rank has a single layout."""
+    if layout is None or ndim not in _CHANNELS_LAST:
+        return None
+    return _CHANNELS_LAST[ndim] if layout == "channels_last" else torch.contiguous_format
+
+
+def _in_layout(y: torch.Tensor, layout: str | None) -> torch.Tensor:
+    """An output in the model's layout: a kernel whose output has one channel, a planar kernel, or PyTorch's
+    convolution on a batch of one may answer in another, and everything after it would then run in that one."""
+    target = memory_format(layout, y.ndim)
+    return y if target is None else y.contiguous(memory_format=target)
 
 
 def _refuse_gradients(module: nn.Module, x: torch.Tensor) -> None:
@@ -77,16 +87,12 @@ class FusedConv(nn.Module):
         if self.bias is not None:
             self.bias = self.bias.to(dtype)
 
-    @property
-    def memory_format(self) -> torch.memory_format | None:
-        return None if self.layout is None else FORMATS[self.layout]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_gradients(self, x)
         unbatched = x.ndim == self.weight.ndim - 1
         if unbatched:
             x = x.unsqueeze(0)
-        y = _in_layout(self._fused(x), self.memory_format)
+        y = _in_layout(self._fused(x), self.layout)
         return y.squeeze(0) if unbatched else y
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +100,7 @@ class FusedConv(nn.Module):
             return kernels.pointwise_conv_act(x, self.weight, self.bias, self.activation, self.alpha)
         if self.kind == "depthwise":
             return kernels.depthwise_conv_act(x, self.weight, self.bias, self.geometry(x), self.padding_mode,
-                                              self.activation, self.alpha, self.memory_format == torch.channels_last)
+                                              self.activation, self.alpha, self.layout == "channels_last")
         return kernels.conv_act(x, self.weight, self.bias, self.geometry(x), self.groups, self.padding_mode,
                                 self.activation, self.alpha)
 
@@ -139,4 +145,4 @@ class FusedSeparable(nn.Module):
         _refuse_gradients(self, x)
         y = kernels.separable_conv_act(x, dw.weight, dw.bias, dw.geometry(x), dw.padding_mode, dw.activation,
                                        dw.alpha, pw.weight, pw.bias, pw.activation, pw.alpha)
-        return _in_layout(y, pw.memory_format)
+        return _in_layout(y, pw.layout)

@@ -17,11 +17,11 @@ from ..layers.spatial import _SpatialSeparableConvNd
 from .._timer import fastest
 from ..activations import of_module as activation_of
 from ..weights import fold_batch_norm
-from .modules import FORMATS, FusedConv, FusedSeparable
+from .modules import MODEL_LAYOUTS, FusedConv, FusedSeparable, memory_format
 
 __all__ = ["optimize_for_inference", "LAYOUTS"]
 
-LAYOUTS = ("auto", "channels_last", "contiguous")
+LAYOUTS = ("auto", *MODEL_LAYOUTS)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -38,8 +38,8 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None 
     activation between them are folded and fused the same way). Dropout, an identity in eval mode, is dropped.
     Anything else stays as it is, so models with other patterns work unchanged where they are not covered.
 
-    ``layout``: ``"channels_last"`` or ``"contiguous"`` for the whole model (the input is converted once, on
-    entry); ``"auto"`` times both on ``example_input`` and keeps the faster (channels-last without one).
+    ``layout``: ``"channels_last"`` (``channels_last_3d`` for 3-D models) or ``"contiguous"`` for the whole model
+    (the input is converted once, on entry); ``"auto"`` times both on ``example_input`` and keeps the faster (channels-last without one).
     Outputs equal the original's to float32 rounding (folding reorders the arithmetic: the tests hold them to
     1e-4 relative to the output's scale). The copy takes inputs of its weights' floating dtype (float32 for a
     float32 model) and refuses others in one line, naming both; for float64, optimise ``model.to(torch.float64)``.
@@ -238,9 +238,8 @@ class _Entry:
                              f"with optimize_for_inference(model.to({x.dtype}), example_input.to({x.dtype})))")
         if self.dtype == torch.bfloat16:
             _calls.dtype = x.dtype
-        memory_format = FORMATS[self.layout] if x.ndim == 4 else torch.preserve_format
         converted = x.to(dtype=self.dtype if x.is_floating_point() and self.dtype else x.dtype,
-                         memory_format=memory_format)
+                         memory_format=memory_format(self.layout, x.ndim) or torch.preserve_format)
         return None if converted is x else (converted, *args[1:])
 
 
@@ -259,12 +258,12 @@ def _weights_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def _set_layout(model: nn.Module, layout: str) -> None:
-    """Weights and the input in ``layout``: every 4-D convolution then answers in it, end to end."""
+    """Weights and the input in ``layout``: every 2-D and 3-D convolution then answers in it, end to end."""
     for module in model.modules():
         if isinstance(module, FusedConv):
             module.layout = layout
-            if module.weight.ndim == 4 and module.kind == "conv":
-                module.weight = module.weight.contiguous(memory_format=FORMATS[layout])
+            if module.kind == "conv" and memory_format(layout, module.weight.ndim) is not None:
+                module.weight = module.weight.contiguous(memory_format=memory_format(layout, module.weight.ndim))
     for hook in [h for h in model._forward_pre_hooks.values() if isinstance(h, _Entry)]:
         hook.layout = layout
         return
@@ -276,7 +275,7 @@ def _set_layout(model: nn.Module, layout: str) -> None:
 
 def _fastest_layout(model: nn.Module, example_input: torch.Tensor) -> str:
     """The layout in which ``model`` runs ``example_input`` fastest."""
-    if example_input.ndim != 4:
+    if memory_format("channels_last", example_input.ndim) is None:
         return "contiguous"
 
     def run(layout):
@@ -286,4 +285,4 @@ def _fastest_layout(model: nn.Module, example_input: torch.Tensor) -> str:
         return call
 
     with torch.inference_mode():
-        return fastest({layout: run(layout) for layout in FORMATS})
+        return fastest({layout: run(layout) for layout in MODEL_LAYOUTS})
