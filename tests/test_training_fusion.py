@@ -27,21 +27,27 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+RANKS = {2: (nn.BatchNorm2d, sepconv.BatchNormAct2d, torch.channels_last),
+         3: (nn.BatchNorm3d, sepconv.BatchNormAct3d, torch.channels_last_3d)}
+
+
 @requires_cpu_backend
 @settings(max_examples=40, deadline=None)
 @given(channels=st.integers(2, 40), batch=st.integers(1, 4), size=st.integers(2, 12),
        activation=st.sampled_from(list(ACTIVATIONS)), momentum=st.sampled_from([0.1, 0.01, None]),
-       shift=st.floats(-3, 3))
-def test_batch_norm_act_trains_as_batch_norm_then_activation(channels, batch, size, activation, momentum, shift):
+       shift=st.floats(-3, 3), rank=st.sampled_from([2, 3]))
+def test_batch_norm_act_trains_as_batch_norm_then_activation(channels, batch, size, activation, momentum, shift,
+                                                             rank):
     generator = torch.Generator().manual_seed(channels * 13 + size)
-    x = (torch.randn(batch, channels, size, size + 1, generator=generator) * 2 + shift)
-    x = x.contiguous(memory_format=torch.channels_last)
-    norm = nn.BatchNorm2d(channels, eps=1e-3, momentum=momentum)
+    norm_type, fused_type, layout = RANKS[rank]
+    x = (torch.randn(batch, channels, *(3,) * (rank - 2), size, size + 1, generator=generator) * 2 + shift)
+    x = x.contiguous(memory_format=layout)
+    norm = norm_type(channels, eps=1e-3, momentum=momentum)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5, generator=generator)
         norm.bias.normal_(0, 0.5, generator=generator)
     reference = nn.Sequential(copy.deepcopy(norm), ACTIVATIONS[activation]())
-    fused = sepconv.BatchNormAct2d.from_batch_norm(norm, activation)
+    fused = fused_type.from_batch_norm(norm, activation)
     assert cpu.supports("batch_norm_act", x, norm.weight, norm.bias, norm.eps, activation)
     xs = [x.clone().requires_grad_() for _ in range(2)]
     grad = torch.randn(x.shape, generator=generator)
@@ -50,7 +56,7 @@ def test_batch_norm_act_trains_as_batch_norm_then_activation(channels, batch, si
     for out in outputs:
         out.backward(grad)
     assert relative_error(outputs[0], outputs[1]) < 1e-5
-    assert outputs[0].is_contiguous(memory_format=torch.channels_last)
+    assert outputs[0].is_contiguous(memory_format=layout)
     assert relative_error(xs[0].grad, xs[1].grad) < 1e-3
     for name in ("weight", "bias"):
         assert relative_error(getattr(fused, name).grad, getattr(reference[0], name).grad) < 1e-3
@@ -68,6 +74,10 @@ def test_other_inputs_take_pytorchs_path():
         assert not cpu.supports("batch_norm_act", x, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps, "relu6")
         reference = nn.Sequential(nn.BatchNorm2d(4).to(x.dtype), nn.ReLU6())
         torch.testing.assert_close(norm.to(x.dtype)(x), reference(x))
+    norm3d = sepconv.BatchNormAct3d(4, activation="relu")
+    x = torch.randn(2, 4, 3, 5, 5)  # NCDHW
+    assert not cpu.supports("batch_norm_act", x, norm3d.weight, norm3d.bias, norm3d.eps, "relu")
+    torch.testing.assert_close(norm3d(x), nn.Sequential(nn.BatchNorm3d(4), nn.ReLU())(x))
     args = (torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last), norm.weight, norm.bias, 1e-5, "relu")
     with kernels.use_kernels("reference"):
         assert kernels.registry.select("batch_norm_act", args) is kernels.reference.batch_norm_act
@@ -91,21 +101,24 @@ def two_threads():
 
 
 @requires_cpu_backend
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v1_025", "xception", "digits_cnn"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v1_025", "xception", "digits_cnn", "x3d_xs"])
 def test_fused_models_keep_their_state_dict_and_train_the_same(name, two_threads):
     torch.manual_seed(0)
-    kwargs = {"digits_cnn": {}, "xception": {"num_classes": 10, "input_size": 71}}.get(
+    kwargs = {"digits_cnn": {}, "xception": {"num_classes": 10, "input_size": 71},
+              "x3d_xs": {"num_classes": 10, "num_frames": 2, "input_size": 32}}.get(
         name, {"num_classes": 10, "input_size": 64})
-    model = sepconv.models.create_model(name, **kwargs).to(memory_format=torch.channels_last).train()
+    model = sepconv.models.create_model(name, **kwargs)
+    layout = torch.channels_last_3d if len(model.input_shape) == 4 else torch.channels_last
+    model = model.to(memory_format=layout).train()
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0  # the same step on every side: no random masks
     fused = sepconv.fuse_for_training(model)
     assert fused is not model and fused.state_dict().keys() == model.state_dict().keys()
-    assert any(isinstance(m, sepconv.BatchNormAct2d) for m in fused.modules())
-    assert not any(isinstance(m, sepconv.BatchNormAct2d) for m in model.modules()), "the original is unchanged"
-    channels, height, width = model.input_shape
-    x = torch.randn(4, channels, height, width).contiguous(memory_format=torch.channels_last)
+    fused_types = (sepconv.BatchNormAct2d, sepconv.BatchNormAct3d)
+    assert any(isinstance(m, fused_types) for m in fused.modules())
+    assert not any(isinstance(m, fused_types) for m in model.modules()), "the original is unchanged"
+    x = torch.randn(4, *model.input_shape).contiguous(memory_format=layout)
     labels = torch.randint(0, 10, (4,))
     exact = copy.deepcopy(model).double()  # the truth both float32 paths approximate
     grads = []

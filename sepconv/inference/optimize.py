@@ -39,8 +39,8 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None 
     Anything else stays as it is, so models with other patterns work unchanged where they are not covered.
 
     ``layout``: ``"channels_last"`` (``channels_last_3d`` for 3-D models) or ``"contiguous"`` for the whole model
-    (the input is converted once, on entry); ``"auto"`` times both on ``example_input`` and keeps the faster (channels-last without one).
-    Outputs equal the original's to float32 rounding (folding reorders the arithmetic: the tests hold them to
+    (the input is converted once, on entry); ``"auto"`` times both on ``example_input`` and keeps the faster
+    (channels-last without one). Outputs equal the original's to float32 rounding (folding reorders the arithmetic: the tests hold them to
     1e-4 relative to the output's scale). The copy takes inputs of its weights' floating dtype (float32 for a
     float32 model) and refuses others in one line, naming both; for float64, optimise ``model.to(torch.float64)``.
     It saves whole with ``torch.save`` (load with ``weights_only=False``), and its state dict loads into another

@@ -114,13 +114,16 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def supports(op: str, *args) -> bool:
     """Whether the kernels cover this call of ``op`` (the face's arguments)."""
     x, weight, bias = args[:3]
     if op == "batch_norm_act":
-        return (args[4] in activations.TRAINABLE and weight is not None and bias is not None and x.ndim == 4
+        return (args[4] in activations.TRAINABLE and weight is not None and bias is not None and x.ndim in (4, 5)
                 and x.dtype == torch.float32 and _covered(x, weight, bias) and x.shape[1] > 1 and x.numel() > x.shape[1]
-                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling())
+                and x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim]) and not torch.compiler.is_compiling())
     if not (x.ndim in (3, 4, 5) and _covered(x, weight, bias, dtypes=DTYPES)):
         return False
     if x.ndim == 5 and not (op == "pointwise_conv_act" or weight.shape[0] == x.shape[1]) \

@@ -84,11 +84,16 @@ void each_vector(int64_t rows, int64_t C, const F& f) {
   });
 }
 
+// Channels-last in 2-D or 3-D: either way rows of C values, which is all the kernels read.
+at::MemoryFormat channels_last_of(const at::Tensor& x) {
+  return x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
 void check_input(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
-                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "sepconv cpu batch_norm_act: x must be a channels-last 4-D float32 CPU tensor; got ", x.sizes(), " ",
-              x.scalar_type());
+  TORCH_CHECK((x.dim() == 4 || x.dim() == 5) && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
+                  x.is_contiguous(channels_last_of(x)),
+              "sepconv cpu batch_norm_act: x must be a channels-last 4-D or 5-D float32 CPU tensor; got ", x.sizes(),
+              " ", x.scalar_type());
 }
 
 }  // namespace
@@ -118,7 +123,7 @@ std::vector<at::Tensor> batch_norm_act_forward(const at::Tensor& x, const at::Te
     invstd.data_ptr<float>()[c] = static_cast<float>(is);
     scale.data_ptr<float>()[c] = static_cast<float>(gamma * is);
   }
-  auto y = empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto y = empty_output(x.sizes(), x.options().memory_format(channels_last_of(x)));
   float* out = y.data_ptr<float>();
   // (x - mean) * scale + beta: x * scale + (beta - mean * scale) would cancel where |mean| >> the spread
   const float *sc = scale.data_ptr<float>(), *mu = mean.data_ptr<float>(), *beta = b.data_ptr<float>();
@@ -134,7 +139,7 @@ std::vector<at::Tensor> batch_norm_act_backward(const at::Tensor& dy_in, const a
                                                 const at::Tensor& bias, const at::Tensor& mean,
                                                 const at::Tensor& invstd, int64_t activation) {
   check_input(x);
-  const auto dy = dy_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto dy = dy_in.contiguous(channels_last_of(x));
   const Act act = read_activation(activation, 1.0).kind;
   const int64_t C = x.size(1), rows = x.numel() / C;
   const float *data = x.data_ptr<float>(), *grad = dy.data_ptr<float>();
@@ -168,7 +173,7 @@ std::vector<at::Tensor> batch_norm_act_backward(const at::Tensor& dy_in, const a
     k2[c] = static_cast<float>(-s * is * dgamma / rows);
     k3[c] = static_cast<float>(-s * sum_g[c] / rows);
   }
-  auto dx = empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto dx = empty_output(x.sizes(), x.options().memory_format(channels_last_of(x)));
   float* out = dx.data_ptr<float>();
   each_vector(rows, C, [&](int64_t r, int64_t c, int64_t n) {
     V xc;
