@@ -241,7 +241,8 @@ void pointwise_rows(const In* x, const Wt* wt, int64_t ldw, const T* bias, T* y,
   for (int64_t o = o_begin; o < o_end; o += chunk) {
     const int64_t n = std::min(chunk, o_end - o), vectors = (n + L - 1) / L, tail = n - (vectors - 1) * L;
     const auto block8 = pick<T, In, Wt, kPixels>(vectors, tail == L);
-    const auto block1 = pick<T, In, Wt, 1>(vectors, tail == L);
+    const auto block4 = pick<T, In, Wt, kPixels / 2>(vectors, tail == L);  // leftovers: one pixel per block is
+    const auto block1 = pick<T, In, Wt, 1>(vectors, tail == L);            // load-bound (a weight load per FMA)
     const T* b = bias ? bias + o : nullptr;
     for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
       const int64_t depth = std::min(kDepth, K - k0);
@@ -254,6 +255,8 @@ void pointwise_rows(const In* x, const Wt* wt, int64_t ldw, const T* bias, T* y,
       int64_t p = p0;
       for (; p + kPixels <= p1; p += kPixels)
         block8(x + p * K + k0, K, w, ldw, depth, b, out(p), tail, last ? a.kind : Act::None, alpha);
+      for (; p + kPixels / 2 <= p1; p += kPixels / 2)
+        block4(x + p * K + k0, K, w, ldw, depth, b, out(p), tail, last ? a.kind : Act::None, alpha);
       for (; p < p1; ++p) block1(x + p * K + k0, K, w, ldw, depth, b, out(p), tail, last ? a.kind : Act::None, alpha);
     }
   }
