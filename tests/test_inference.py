@@ -21,7 +21,7 @@ from torch import nn
 import sepconv
 import sepconv.functional as F
 from sepconv import activations, kernels
-from sepconv.inference import FusedConv, FusedSeparable
+from sepconv.inference import FusedConv, FusedSeparable, FusedTemporalSpatial
 from sepconv.kernels import cpu, ops, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -412,6 +412,25 @@ def test_frame_deep_3d_convolutions_run_per_frame(kernel, stride, padding, paddi
     with torch.no_grad():
         assert_close_scaled(fused(x), conv(x), 1e-5)
     assert ranks == [4 if channels_last else 5]
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("padding", ["same", "valid", (0, 5)])
+def test_a_temporal_then_spatial_block_runs_mixed_first(multiplier, bias, padding):
+    """EEGNet's first block, reordered (FusedTemporalSpatial): the same outputs on the electrodes it was built for,
+    and the two steps as they are on any other input height."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(1, 4, (1, 9), padding=padding, bias=bias), nn.BatchNorm2d(4),
+                          sepconv.DepthwiseConv2d(4, (6, 1), depth_multiplier=multiplier, bias=bias),
+                          nn.BatchNorm2d(4 * multiplier), nn.ELU())
+    randomise_batch_norms(block).eval()
+    optimised = sepconv.optimize_for_inference(block, layout="contiguous")
+    assert isinstance(optimised, FusedTemporalSpatial) or isinstance(optimised[0], FusedTemporalSpatial)
+    for height in (6, 8):  # the electrodes the spatial kernel spans, then more: two output rows, the steps
+        x = torch.randn(3, 1, height, 40)
+        with torch.no_grad():
+            assert_close_scaled(optimised(x), block(x), 1e-5)
 
 
 def test_a_failed_build_leaves_the_reference(monkeypatch):

@@ -146,3 +146,52 @@ class FusedSeparable(nn.Module):
         y = kernels.separable_conv_act(x, dw.weight, dw.bias, dw.geometry(x), dw.padding_mode, dw.activation,
                                        dw.alpha, pw.weight, pw.bias, pw.activation, pw.alpha)
         return _in_layout(y, pw.layout)
+
+
+class FusedTemporalSpatial(nn.Module):
+    """EEGNet's first block in the other order: a one-channel temporal convolution ``(F, 1, 1, K)`` (its norm
+    folded) then a depthwise spatial one ``(F * D, 1, H, 1)`` over all ``H`` electrodes, for inference only.
+
+    Both are linear and the norm between them is affine, so the spatial mix can run first: a pointwise product
+    with the ``H`` rows as channels (``H -> F * D``), then each of the ``F * D`` outputs filtered by its temporal
+    kernel (a depthwise ``1 x K``, the spatial step's bias, norm and activation in its epilogue). That is
+    ``F * D * (H + K)`` multiply-adds per time step instead of ``F * H * K``: 8x fewer for EEGNet-8,2 on 22
+    electrodes and 64 taps. Zero padding commutes with the mix, so outputs equal the two steps' up to rounding.
+    Any other input (another height, padding across rows) runs the two steps as they are.
+    """
+
+    def __init__(self, temporal: FusedConv, spatial: FusedConv):
+        super().__init__()
+        if not _temporal_then_spatial(temporal, spatial):
+            raise ValueError("FusedTemporalSpatial needs a one-channel (1, K) depthwise FusedConv without activation, "
+                             "then a depthwise (H, 1) one of stride 1 without padding")
+        self.temporal, self.spatial = temporal, spatial
+        filters, multiplier = temporal.weight.shape[0], spatial.weight.shape[0] // temporal.weight.shape[0]
+        mix = spatial.weight.reshape(spatial.weight.shape[0], 1, -1)  # (F * D, 1, H)
+        self.mix = FusedConv("pointwise", mix.reshape(mix.shape[0], -1, 1, 1), None, (1, 1), 0, (1, 1), 1)
+        kernels_per_output = temporal.weight.repeat_interleave(multiplier, dim=0)  # filter f // D for output f
+        bias = spatial.bias if spatial.bias is not None else torch.zeros(mix.shape[0], dtype=mix.dtype)
+        if temporal.bias is not None:  # the temporal bias passes through the mix: times each output's row weights
+            bias = bias + temporal.bias.repeat_interleave(multiplier) * mix.sum(dim=(1, 2))
+        self.filter = FusedConv("depthwise", kernels_per_output, bias, temporal.stride, temporal.padding,
+                                temporal.dilation, filters * multiplier, "zeros", spatial.activation, spatial.alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, s = self.temporal, self.spatial
+        if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] != s.kernel_size[0] or t.geometry(x).padding[0] != (0, 0):
+            return s(t(x))
+        _refuse_gradients(self, x)
+        rows = x.reshape(x.shape[0], x.shape[2], 1, x.shape[3])  # the rows as channels: a view of one channel
+        return self.filter(self.mix(rows))
+
+
+def _temporal_then_spatial(temporal: nn.Module, spatial: nn.Module) -> bool:
+    """Whether FusedTemporalSpatial can reorder these two (see there)."""
+    return (isinstance(temporal, FusedConv) and isinstance(spatial, FusedConv)
+            and temporal.kind == spatial.kind == "depthwise" and temporal.weight.ndim == spatial.weight.ndim == 4
+            and temporal.groups == 1 and temporal.kernel_size[0] == 1 and temporal.stride[0] == 1
+            and temporal.activation == "none" and temporal.padding_mode == spatial.padding_mode == "zeros"
+            and spatial.groups == temporal.weight.shape[0] and spatial.kernel_size[1] == 1
+            and spatial.weight.shape[0] % spatial.groups == 0
+            and spatial.stride == (1, 1) and spatial.dilation == (1, 1)
+            and spatial.padding in (0, "valid", (0, 0), ((0, 0), (0, 0)), ("valid", "valid")))

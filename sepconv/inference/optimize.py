@@ -17,7 +17,8 @@ from ..layers.spatial import _SpatialSeparableConvNd
 from .._timer import fastest
 from ..activations import of_module as activation_of
 from ..weights import fold_batch_norm
-from .modules import MODEL_LAYOUTS, FusedConv, FusedSeparable, memory_format
+from .modules import (MODEL_LAYOUTS, FusedConv, FusedSeparable, FusedTemporalSpatial, _temporal_then_spatial,
+                      memory_format)
 
 __all__ = ["optimize_for_inference", "LAYOUTS"]
 
@@ -118,12 +119,14 @@ def _fuse_sequence(sequence: nn.Sequential) -> None:
                 previous.activation, previous.alpha = activation
                 continue
         merged.append((name, child))
-    paired = []  # a depthwise step then a pointwise one, each with its norm and activation: one module
+    paired = []  # a depthwise step then a pointwise one, or a temporal then a spatial one (EEGNet): one module
     for name, child in merged:
         previous = paired[-1][1] if paired else None
         if isinstance(previous, FusedConv) and isinstance(child, FusedConv) and previous.kind == "depthwise" \
                 and child.kind == "pointwise":
             paired[-1] = (paired[-1][0], FusedSeparable(previous, child))
+        elif _temporal_then_spatial(previous, child):
+            paired[-1] = (paired[-1][0], FusedTemporalSpatial(previous, child))
         else:
             paired.append((name, child))
     for name in list(sequence._modules):
