@@ -3,8 +3,8 @@
 The reference backend (PyTorch's own convolution) is the oracle here; it is itself checked against an
 independent dense reference in test_functional.py. Compared: outputs, gradients of input, weight and bias,
 and the output's memory layout, over hypothesis-drawn geometries (1-D and 2-D, strides, dilations, every
-padding mode, asymmetric padding, depth multipliers, contiguous and channels-last inputs; 3-D without a
-multiplier), float32 and float64; bfloat16 (and autocast) against float32 on the same values.
+padding mode, asymmetric padding, depth multipliers, contiguous and channels-last inputs; 3-D too), float32 and
+float64; bfloat16 (and autocast) against float32 on the same values.
 
 The extension is built once per machine (about 40 s on 2 cores) and cached in PyTorch's extensions directory;
 the first test that needs it pays for the build, later modules and runs load it in well under a second.
@@ -92,14 +92,15 @@ def test_cpu_backend_equals_reference(case, channels, multiplier, batch, bias, d
 
 
 @requires_cpu_backend
-@given(case=geometry_case(rank=3, max_kernel=3), channels=st.integers(1, 20), batch=st.integers(1, 2),
-       bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), channels_last=st.booleans())
-def test_cpu_backend_equals_reference_3d(case, channels, batch, bias, dtype, channels_last):
+@given(case=geometry_case(rank=3, max_kernel=3), channels=st.integers(1, 20), multiplier=st.integers(1, 3),
+       batch=st.integers(1, 2), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       channels_last=st.booleans())
+def test_cpu_backend_equals_reference_3d(case, channels, multiplier, batch, bias, dtype, channels_last):
     x = make((batch, channels, *case["size"]), dtype)
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-    w = make((channels, 1, *case["kernel"]), dtype, seed=1)
-    b = make((channels,), dtype, seed=2) if bias else None
+    w = make((channels * multiplier, 1, *case["kernel"]), dtype, seed=1)
+    b = make((channels * multiplier,), dtype, seed=2) if bias else None
     compare_backends(x, w, b, case)
 
 
@@ -256,7 +257,8 @@ def _op_samples():
         size, kernel, stride, padding, dilation = {
             2: ((9, 11), (3, 2), [2, 1], [1, 0, 0, 1], [1, 2]), 1: ((13,), (4,), [2], [3, 0], [1]),
             3: ((5, 6, 7), (3, 2, 3), [2, 1, 2], [1, 0, 0, 1, 2, 1], [1, 2, 1])}[rank]
-        channels = 8 if (channels_last and rank == 1) or rank == 3 else 4  # the channels-last kernels want channels
+        # the channels-last kernels want channels; 3-D channels-last with a depth multiplier (2), NCDHW without
+        channels = 8 if (channels_last and rank == 1) or (rank == 3 and not channels_last) else 4
         x = make((2, channels, *size), torch.float64, channels_last and rank != 3)
         if channels_last and rank == 3:
             x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
@@ -366,7 +368,6 @@ def test_reference_mode_never_touches_the_backends(monkeypatch):
 def test_inputs_the_backend_does_not_cover_take_the_reference(monkeypatch):
     monkeypatch.setattr(cpu, "depthwise_conv", lambda *args: pytest.fail("the cpu backend ran"))
     with kernels.use_kernels("cpu"):
-        F.depthwise_conv(torch.randn(1, 4, 5, 5, 5), torch.randn(8, 1, 3, 3, 3), padding=1)  # 3-D, multiplier 2
         F.depthwise_conv(torch.randn(1, 4, 8, 8).half(), torch.randn(4, 1, 3, 3).half(), padding=1)
         from torch.autograd import forward_ad
         with forward_ad.dual_level():

@@ -9,8 +9,9 @@ fix, and every call takes the reference.
 Covered (:func:`supports`): 1-D and 2-D depthwise convolutions, float32, float64 and bfloat16 (stored in bf16,
 computed in float32, as under ``torch.autocast``), any kernel size, stride, dilation and depth multiplier, any
 padding mode (others than zeros padded first), contiguous and channels-last inputs on CPU, with gradients; the fused
-inference ops in the same dtypes; 3-D depthwise convolutions without a multiplier (on the channels-last kernels,
-an NCDHW input through a copy) and 3-D pointwise ones; ``batch_norm_act`` on channels-last float32.
+inference ops in the same dtypes; 3-D depthwise convolutions (on the channels-last kernels, an NCDHW input through
+a copy, a depth multiplier M through the input with each channel repeated M times) and 3-D pointwise ones;
+``batch_norm_act`` on channels-last (2-D or 3-D) float32.
 """
 
 from __future__ import annotations
@@ -126,9 +127,8 @@ def supports(op: str, *args) -> bool:
                 and x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim]) and not torch.compiler.is_compiling())
     if not (x.ndim in (3, 4, 5) and _covered(x, weight, bias, dtypes=DTYPES)):
         return False
-    if x.ndim == 5 and not (op == "pointwise_conv_act" or weight.shape[0] == x.shape[1]) \
-            or x.ndim == 5 and op == "separable_conv_act":
-        return False  # 3-D: depthwise without a multiplier, on the channels-last kernels, and pointwise
+    if x.ndim == 5 and op == "separable_conv_act":
+        return False  # 3-D: depthwise (a multiplier through the repeated input) and pointwise
     if op == "depthwise_conv":
         return True
     if op in ("depthwise_conv_act", "pointwise_conv_act"):
@@ -200,7 +200,24 @@ def _back(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.squeeze(2).contiguous() if like.ndim == 3 else t
 
 
+def _repeated(x: torch.Tensor, multiplier: int) -> torch.Tensor:
+    """A 3-D input with each channel repeated ``multiplier`` times (channel c * M + m is channel c), in its layout: a
+    depthwise convolution with a multiplier is one without on it, which is what the 3-D kernels compute."""
+    if multiplier == 1:
+        return x
+    n, c, *spatial = x.shape
+    layout = torch.channels_last_3d if ops.channels_last_like(x) else torch.contiguous_format
+    out = torch.empty((n, c * multiplier, *spatial), dtype=x.dtype, memory_format=layout)
+    out.view(n, c, multiplier, *spatial).copy_(x.unsqueeze(2))
+    return out
+
+
+def _multiplier(weight_channels: int, channels: int, ndim: int) -> int:
+    return weight_channels // channels if ndim == 5 else 1
+
+
 def _forward(x, weight, bias, stride, padding, dilation):
+    x = _repeated(x, _multiplier(weight.shape[0], x.shape[1], x.ndim))
     args = _kernel_args(x.shape[2:], weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
     out = _module.forward(_planes(x), _planes(weight), bias, args)
     return _back(out, x)
@@ -209,16 +226,24 @@ def _forward(x, weight, bias, stride, padding, dilation):
 def _input_grad(grad_out, weight, input_size, stride, padding, dilation):
     args = _kernel_args(tuple(input_size[2:]), weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
     size = list(input_size) if len(input_size) != 3 else [input_size[0], input_size[1], 1, input_size[2]]
+    multiplier = _multiplier(weight.shape[0], input_size[1], len(input_size))
+    if multiplier > 1:  # the repeated input's gradient, summed over each channel's copies
+        n, c, *spatial = input_size
+        grad = _module.input_grad(grad_out, weight, [n, c * multiplier, *spatial], args)
+        layout = torch.channels_last_3d if ops.channels_last_like(grad) else torch.contiguous_format
+        return grad.unflatten(1, (c, multiplier)).sum(2).contiguous(memory_format=layout)
     return _back(_module.input_grad(_planes(grad_out), _planes(weight), size, args), grad_out)
 
 
 def _weight_grad(x, grad_out, weight_size, stride, padding, dilation):
+    x = _repeated(x, _multiplier(weight_size[0], x.shape[1], x.ndim))
     args = _kernel_args(x.shape[2:], tuple(weight_size[2:]), tuple(stride), tuple(padding), tuple(dilation))
     size = list(weight_size) if len(weight_size) != 3 else [weight_size[0], 1, 1, weight_size[2]]
     return _module.weight_grad(_planes(x), _planes(grad_out), size, args).reshape(weight_size)
 
 
 def _depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha, channels_last=False):
+    x = _repeated(x, _multiplier(weight.shape[0], x.shape[1], x.ndim))
     args = _kernel_args(x.shape[2:], weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
     code = activations.code(activation)
     return _back(_module.forward(_planes(x), _planes(weight), bias, args, code, alpha, channels_last and x.ndim == 4),
