@@ -175,8 +175,9 @@ def test_wide_pointwise_layers_keep_the_epilogue(activation, columns, dtype):
 @pytest.mark.parametrize("out_channels", [1, 8, 24, 40, 54])
 @pytest.mark.parametrize("room", ["padded", "tight"])
 def test_pointwise_reads_only_its_weights_columns(out_channels, room, dtype):
-    """The register blocks read W^T's rows in whole vectors: lanes past C_out (here NaN) must not reach the output,
-    and a view whose storage ends at the last row's C_out-th value is copied rather than read past its end."""
+    """The register blocks read W^T's rows in whole vectors: lanes past C_out (here NaN) must not reach the output.
+    A view whose storage ends at the last row's C_out-th value must be copied, not read past its end: that read
+    would not show in the output, so here it checks only that the copy computes the same."""
     in_channels, leading = 20, 64
     store = torch.full((in_channels * leading,), float("nan"), dtype=dtype)
     if room == "tight":
@@ -244,7 +245,8 @@ def _fused_op_samples():
         samples.append((ops.pointwise_conv_act, (x, torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), b[:5], "relu",
                                                  1.0)))
     # a batch of one in channels_last_3d (its depth and height merged must keep the layout)
-    samples.append((ops.pointwise_conv_act, (x[:1], torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), None, "none", 1.0)))
+    samples.append((ops.pointwise_conv_act,
+                    (x[:1], torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), None, "none", 1.0)))
     return samples
 
 

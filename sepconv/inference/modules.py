@@ -25,15 +25,14 @@ def _as_columns(weight: torch.Tensor) -> torch.Tensor:
 
 
 MODEL_LAYOUTS = ("channels_last", "contiguous")
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def memory_format(layout: str | None, ndim: int) -> torch.memory_format | None:
     """The memory format a tensor of rank ``ndim`` has in ``layout`` (one of ``MODEL_LAYOUTS``): channels-last is
     ``channels_last`` in 2-D and ``channels_last_3d`` in 3-D; None where the rank has a single layout."""
-    if layout is None or ndim not in _CHANNELS_LAST:
+    if layout is None or ndim not in kernels.ops.CHANNELS_LAST:
         return None
-    return _CHANNELS_LAST[ndim] if layout == "channels_last" else torch.contiguous_format
+    return kernels.ops.CHANNELS_LAST[ndim] if layout == "channels_last" else torch.contiguous_format
 
 
 def _in_layout(y: torch.Tensor, layout: str | None) -> torch.Tensor:
@@ -166,15 +165,15 @@ class FusedTemporalSpatial(nn.Module):
             raise ValueError("FusedTemporalSpatial needs a one-channel (1, K) depthwise FusedConv without activation, "
                              "then a depthwise (H, 1) one of stride 1 without padding")
         self.temporal, self.spatial = temporal, spatial
-        filters, multiplier = temporal.weight.shape[0], spatial.weight.shape[0] // temporal.weight.shape[0]
-        mix = spatial.weight.reshape(spatial.weight.shape[0], 1, -1)  # (F * D, 1, H)
-        self.mix = FusedConv("pointwise", mix.reshape(mix.shape[0], -1, 1, 1), None, (1, 1), 0, (1, 1), 1)
+        outputs, multiplier = spatial.weight.shape[0], spatial.weight.shape[0] // temporal.weight.shape[0]
+        rows = spatial.weight.reshape(outputs, -1)  # (F * D, H): each output's weight per electrode
+        self.mix = FusedConv("pointwise", rows[:, :, None, None], None, (1, 1), 0, (1, 1), 1)
         kernels_per_output = temporal.weight.repeat_interleave(multiplier, dim=0)  # filter f // D for output f
-        bias = spatial.bias if spatial.bias is not None else torch.zeros(mix.shape[0], dtype=mix.dtype)
+        bias = spatial.bias if spatial.bias is not None else rows.new_zeros(outputs)
         if temporal.bias is not None:  # the temporal bias passes through the mix: times each output's row weights
-            bias = bias + temporal.bias.repeat_interleave(multiplier) * mix.sum(dim=(1, 2))
+            bias = bias + temporal.bias.repeat_interleave(multiplier) * rows.sum(dim=1)
         self.filter = FusedConv("depthwise", kernels_per_output, bias, temporal.stride, temporal.padding,
-                                temporal.dilation, filters * multiplier, "zeros", spatial.activation, spatial.alpha)
+                                temporal.dilation, outputs, "zeros", spatial.activation, spatial.alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, s = self.temporal, self.spatial

@@ -41,9 +41,10 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None 
 
     ``layout``: ``"channels_last"`` (``channels_last_3d`` for 3-D models) or ``"contiguous"`` for the whole model
     (the input is converted once, on entry); ``"auto"`` times both on ``example_input`` and keeps the faster
-    (channels-last without one). Outputs equal the original's to float32 rounding (folding reorders the arithmetic: the tests hold them to
-    1e-4 relative to the output's scale). The copy takes inputs of its weights' floating dtype (float32 for a
-    float32 model) and refuses others in one line, naming both; for float64, optimise ``model.to(torch.float64)``.
+    (channels-last without one). Outputs equal the original's to float32 rounding (folding reorders the
+    arithmetic: the tests hold them to 1e-4 relative to the output's scale). The copy takes inputs of its weights'
+    floating dtype (float32 for a float32 model) and refuses others in one line, naming both; for float64, optimise
+    ``model.to(torch.float64)``.
     It saves whole with ``torch.save`` (load with ``weights_only=False``), and its state dict loads into another
     optimised copy of the same model. The copy composes with ``torch.compile`` and exports to ONNX as
     standard convolutions and activations. ``model`` itself is not changed.
@@ -265,8 +266,8 @@ def _set_layout(model: nn.Module, layout: str) -> None:
     for module in model.modules():
         if isinstance(module, FusedConv):
             module.layout = layout
-            if module.kind == "conv" and memory_format(layout, module.weight.ndim) is not None:
-                module.weight = module.weight.contiguous(memory_format=memory_format(layout, module.weight.ndim))
+            if module.kind == "conv" and (target := memory_format(layout, module.weight.ndim)) is not None:
+                module.weight = module.weight.contiguous(memory_format=target)
     for hook in [h for h in model._forward_pre_hooks.values() if isinstance(h, _Entry)]:
         hook.layout = layout
         return

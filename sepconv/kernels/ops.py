@@ -65,7 +65,7 @@ def _conv_output(x, weight, stride, padding, dilation, out_channels: int) -> tor
     """The empty output of a depthwise step (and what follows it) on ``x``: shape and PyTorch's layout."""
     g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     return torch.empty((x.shape[0], out_channels, *g.output_size), dtype=x.dtype, device=x.device,
-                       memory_format=_layout(x, weight))
+                       memory_format=output_layout(x, weight))
 
 
 @torch.library.register_fake("sepconv::depthwise_conv")
@@ -75,7 +75,8 @@ def _(x, weight, bias, stride, padding, dilation):
 
 @torch.library.register_fake("sepconv::depthwise_conv_input_grad")
 def _(grad_out, weight, input_size, stride, padding, dilation):
-    return torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device, memory_format=_layout(grad_out, weight))
+    return torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device,
+                       memory_format=output_layout(grad_out, weight))
 
 
 @torch.library.register_fake("sepconv::depthwise_conv_weight_grad")
@@ -91,7 +92,7 @@ def _(x, weight, bias, stride, padding, dilation, activation, alpha):
 @torch.library.register_fake("sepconv::pointwise_conv_act")
 def _(x, weight, bias, activation, alpha):
     return torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
-                       memory_format=_layout(x, x))
+                       memory_format=output_layout(x, x))
 
 
 @torch.library.register_fake("sepconv::separable_conv_act")
@@ -117,10 +118,13 @@ def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, 
                                         pw_activation, pw_alpha)
 
 
-def _layout(t: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # the channels-last format of each rank
+
+
+def output_layout(t: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     """PyTorch's convolutions answer a channels-last input or weight with a channels-last output (2-D and 3-D)."""
-    if t.ndim in (4, 5) and (channels_last_like(t) or channels_last_like(weight)):
-        return torch.channels_last if t.ndim == 4 else torch.channels_last_3d
+    if t.ndim in CHANNELS_LAST and (channels_last_like(t) or channels_last_like(weight)):
+        return CHANNELS_LAST[t.ndim]
     return torch.contiguous_format
 
 
@@ -164,7 +168,7 @@ class Gradients:
         bias, stride, padding, dilation = ctx.args
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             # one copy for both kernels where the gradient is not laid out as they read it (a sum's is a broadcast)
-            grad = grad.contiguous(memory_format=_layout(x, weight))
+            grad = grad.contiguous(memory_format=output_layout(x, weight))
         dx = self._call(1, grad, weight, x.shape, stride, padding, dilation) if ctx.needs_input_grad[0] else None
         dw = self._call(2, x, grad, weight.shape, stride, padding, dilation) if ctx.needs_input_grad[1] else None
         db = grad.sum(dim=[0, *range(2, grad.ndim)]) if bias is not None and ctx.needs_input_grad[2] else None

@@ -115,16 +115,13 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def supports(op: str, *args) -> bool:
     """Whether the kernels cover this call of ``op`` (the face's arguments)."""
     x, weight, bias = args[:3]
     if op == "batch_norm_act":
         return (args[4] in activations.TRAINABLE and weight is not None and bias is not None and x.ndim in (4, 5)
                 and x.dtype == torch.float32 and _covered(x, weight, bias) and x.shape[1] > 1 and x.numel() > x.shape[1]
-                and x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim]) and not torch.compiler.is_compiling())
+                and x.is_contiguous(memory_format=ops.CHANNELS_LAST[x.ndim]) and not torch.compiler.is_compiling())
     if not (x.ndim in (3, 4, 5) and _covered(x, weight, bias, dtypes=DTYPES)):
         return False
     if x.ndim == 5 and op == "separable_conv_act":
@@ -206,8 +203,7 @@ def _repeated(x: torch.Tensor, multiplier: int) -> torch.Tensor:
     if multiplier == 1:
         return x
     n, c, *spatial = x.shape
-    layout = torch.channels_last_3d if ops.channels_last_like(x) else torch.contiguous_format
-    out = torch.empty((n, c * multiplier, *spatial), dtype=x.dtype, memory_format=layout)
+    out = torch.empty((n, c * multiplier, *spatial), dtype=x.dtype, memory_format=ops.output_layout(x, x))
     out.view(n, c, multiplier, *spatial).copy_(x.unsqueeze(2))
     return out
 
@@ -230,8 +226,7 @@ def _input_grad(grad_out, weight, input_size, stride, padding, dilation):
     if multiplier > 1:  # the repeated input's gradient, summed over each channel's copies
         n, c, *spatial = input_size
         grad = _module.input_grad(grad_out, weight, [n, c * multiplier, *spatial], args)
-        layout = torch.channels_last_3d if ops.channels_last_like(grad) else torch.contiguous_format
-        return grad.unflatten(1, (c, multiplier)).sum(2).contiguous(memory_format=layout)
+        return grad.unflatten(1, (c, multiplier)).sum(2).contiguous(memory_format=ops.output_layout(grad, grad))
     return _back(_module.input_grad(_planes(grad_out), _planes(weight), size, args), grad_out)
 
 
@@ -256,7 +251,7 @@ def _depth_rows(t: torch.Tensor) -> torch.Tensor:
     which reads as neither layout, and the kernel then took its planar path through two copies."""
     n, c, d, h, w = t.shape
     if not (d == 1 or h == 1 or t.stride(2) == h * t.stride(3)):
-        t = t.contiguous(memory_format=torch.channels_last_3d if ops.channels_last_like(t) else torch.contiguous_format)
+        t = t.contiguous(memory_format=ops.output_layout(t, t))
     return t.as_strided((n, c, d * h, w), (t.stride(0), t.stride(1), t.stride(3) if h > 1 else t.stride(2),
                                            t.stride(4)), t.storage_offset())
 
