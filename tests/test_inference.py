@@ -135,23 +135,28 @@ def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channel
 @given(channels=st.integers(4, 40), out_channels=st.integers(1, 60), kernel=st.sampled_from([1, 3, 5, 7, 9]),
        stride=st.integers(1, 2), padding=st.sampled_from(["same", "valid"]), size=st.integers(9, 30),
        batch=st.integers(1, 3), acts=st.tuples(st.sampled_from(activations.FUSED), st.sampled_from(activations.FUSED)),
-       bias=st.booleans(), dtype=st.sampled_from(DTYPES))
+       bias=st.booleans(), dtype=st.sampled_from(DTYPES), depth=st.sampled_from([None, 1, 2, 5]))
 def test_separable_conv_act_equals_its_two_steps(channels, out_channels, kernel, stride, padding, size, batch,
-                                                 acts, bias, dtype):
+                                                 acts, bias, dtype, depth):
+    """2-D, and 3-D (``depth`` frames, a kernel up to 3 deep) on channels_last_3d input seen as rows."""
     generator = torch.Generator().manual_seed(channels * 7 + out_channels)
-    x = torch.randn(batch, channels, size, size + 2, generator=generator, dtype=dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(channels, 1, kernel, kernel, generator=generator, dtype=dtype)
-    pw = torch.randn(out_channels, channels, 1, 1, generator=generator, dtype=dtype)
+    spatial = (size, size + 2) if depth is None else (depth, size, size + 1)
+    kernel_size = (kernel, kernel) if depth is None else (min(kernel, 3, depth), kernel, kernel)
+    x = torch.randn(batch, channels, *spatial, generator=generator, dtype=dtype)
+    x = x.contiguous(memory_format=ops.CHANNELS_LAST[x.ndim])
+    w = torch.randn(channels, 1, *kernel_size, generator=generator, dtype=dtype)
+    pw = torch.randn(out_channels, channels, *(1,) * len(spatial), generator=generator, dtype=dtype)
     b, pb = (torch.randn(n, generator=generator, dtype=dtype) if bias else None for n in (channels, out_channels))
-    geometry = F._geometry(x, (kernel, kernel), stride, padding, 1, "zeros")
+    geometry = F._geometry(x, kernel_size, stride, padding, 1, "zeros")
     out = cpu.separable_conv_act(x, w, b, geometry, "zeros", acts[0], 0.3, pw, pb, acts[1], 0.2)
     x, w, b, pw, pb = (None if t is None else t.to(computed_in(dtype)) for t in (x, w, b, pw, pb))
     hidden = reference.conv_act(x, w, b, geometry, channels, "zeros", acts[0], 0.3)
     if dtype == torch.bfloat16:  # the two steps' semantics: the depthwise output is stored in bf16 between them
         hidden = hidden.bfloat16().to(hidden.dtype)
-    ref = activations.apply(torch.nn.functional.conv2d(hidden, pw, pb), acts[1], 0.2)
-    assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
+    conv = torch.nn.functional.conv2d if depth is None else torch.nn.functional.conv3d
+    ref = activations.apply(conv(hidden, pw, pb), acts[1], 0.2)
+    # channels-last in, channels-last out (PyTorch's conv3d answers some batches of one in NCDHW)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=ops.CHANNELS_LAST[out.ndim]), out.stride()
     assert_fused_close(out, ref, dtype)
 
 
@@ -244,6 +249,8 @@ def _fused_op_samples():
         samples.append((ops.depthwise_conv_act, (x, w, b, [1, 2, 1], [1, 1, 0, 1, 2, 0], [2, 1, 1], "silu", 1.0)))
         samples.append((ops.pointwise_conv_act, (x, torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), b[:5], "relu",
                                                  1.0)))
+        samples.append((ops.separable_conv_act, (x, w, b, [1, 2, 1], [1, 1, 0, 1, 2, 0], [1, 1, 1], "silu", 1.0,
+                                                 torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), None, "relu", 1.0)))
     # a batch of one in channels_last_3d (its depth and height merged must keep the layout)
     samples.append((ops.pointwise_conv_act,
                     (x[:1], torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), None, "none", 1.0)))
@@ -256,7 +263,7 @@ def _bf16_samples():
 
 
 @requires_cpu_backend
-@pytest.mark.parametrize("index", range(17))
+@pytest.mark.parametrize("index", range(19))
 def test_opcheck_fused_ops(index):
     op, args = (_fused_op_samples() + _bf16_samples())[index]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
@@ -273,7 +280,8 @@ def test_opcheck_fused_ops(index):
         geometry = ops.resolve(x.shape[2:], weight.shape[2:], *args[3:6])
         ref = reference.conv_act(x, weight, bias, geometry, x.shape[1], "zeros", *args[6:8])
         if op is ops.separable_conv_act:
-            ref = activations.apply(torch.nn.functional.conv2d(ref, args[8], args[9]), *args[10:])
+            conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv3d
+            ref = activations.apply(conv(ref, args[8], args[9]), *args[10:])
     torch.testing.assert_close(op(*args), ref)
 
 

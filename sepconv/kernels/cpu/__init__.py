@@ -124,15 +124,13 @@ def supports(op: str, *args) -> bool:
                 and x.is_contiguous(memory_format=ops.CHANNELS_LAST[x.ndim]) and not torch.compiler.is_compiling())
     if not (x.ndim in (3, 4, 5) and _covered(x, weight, bias, dtypes=DTYPES)):
         return False
-    if x.ndim == 5 and op == "separable_conv_act":
-        return False  # 3-D: depthwise (a multiplier through the repeated input) and pointwise
     if op == "depthwise_conv":
         return True
     if op in ("depthwise_conv_act", "pointwise_conv_act"):
         return not _wants_grad(x, weight, bias)  # forward-only kernels
     if op == "separable_conv_act":
         pw_weight, pw_bias = args[7:9]
-        return (x.ndim == 4 and weight.shape[0] == x.shape[1] and args[4] == "zeros" and ops.channels_last_like(x)
+        return (x.ndim > 3 and weight.shape[0] == x.shape[1] and args[4] == "zeros" and ops.channels_last_like(x)
                 and _covered(x, pw_weight, pw_bias, dtypes=DTYPES)
                 and not _wants_grad(x, weight, bias, pw_weight, pw_bias))
     return False

@@ -118,24 +118,53 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   return in_layout(y, cl);
 }
 
+// A channels_last_3d (N, C, D, H, W) tensor as the (N, C, D * H, W) channels-last one of its rows, and back. As
+// strides, not flatten: a batch of one would get a row's batch stride and read as neither layout.
+at::Tensor depth_rows(const at::Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1), D = t.size(2), H = t.size(3), W = t.size(4);
+  return t.as_strided({N, C, D * H, W}, {C * D * H * W, 1, W * C, C});
+}
+
+at::Tensor volume(const at::Tensor& rows, int64_t D, int64_t H) {
+  const int64_t N = rows.size(0), C = rows.size(1), W = rows.size(3);
+  return rows.as_strided({N, C, D, H, W}, {C * D * H * W, 1, H * W * C, W * C, C});
+}
+
 // Depthwise (with its activation) then pointwise (with its own), fused where the depthwise kernels run
-// channels-last with unpadded rows; otherwise the two kernels one after the other.
+// channels-last with unpadded rows (3-D: channels_last_3d, seen as rows); otherwise the two kernels one after the
+// other.
 at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      at::IntArrayRef geometry, int64_t dw_activation, double dw_alpha, const at::Tensor& pw_weight,
                      const std::optional<at::Tensor>& pw_bias, int64_t activation, double alpha) {
   const Geometry g = checked_geometry(x, "x", weight, "weight", geometry);
-  const int64_t N = x.size(0), C = x.size(1), W = x.size(3), M = weight.size(0) / C, O = pw_weight.size(0);
-  TORCH_CHECK(pw_weight.dim() == 4 && pw_weight.size(1) == weight.size(0) && pw_weight.scalar_type() == x.scalar_type(),
-              "sepconv cpu separable: pw_weight must be (C_out, ", weight.size(0), ", 1, 1); got ", pw_weight.sizes());
-  const bool fused = use_channels_last(true, C, M, g.out_w) &&
-                     x.suggest_memory_format() == at::MemoryFormat::ChannelsLast &&
+  const bool three_d = x.dim() == 5;
+  const int64_t N = x.size(0), C = x.size(1), W = x.size(-1), M = weight.size(0) / C, O = pw_weight.size(0);
+  TORCH_CHECK(pw_weight.dim() == x.dim() && pw_weight.size(1) == weight.size(0) &&
+                  pw_weight.scalar_type() == x.scalar_type(),
+              "sepconv cpu separable: pw_weight must be (C_out, ", weight.size(0), ", 1, 1", three_d ? ", 1" : "",
+              "); got ", pw_weight.sizes());
+  const auto layout = three_d ? kChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  const bool fused = use_channels_last(true, C, M, g.out_w) && x.suggest_memory_format() == layout &&
                      !channels_last::reads_padded_rows(g, W);
-  if (!fused)
-    return pointwise(forward(x, weight, bias, geometry, dw_activation, dw_alpha, false), pw_weight, pw_bias,
-                     activation, alpha);
+  if (!fused) {
+    const auto hidden = forward(x, weight, bias, geometry, dw_activation, dw_alpha, false);
+    if (!three_d) return pointwise(hidden, pw_weight, pw_bias, activation, alpha);
+    const auto rows = pointwise(depth_rows(hidden.contiguous(kChannelsLast3d)), pw_weight.flatten(2, 3), pw_bias,
+                                activation, alpha);
+    const auto y = volume(rows, g.out_d, g.out_h);
+    return channels_last_3d(x, weight) ? y : y.contiguous();
+  }
   ++kernel_calls;
   const Activation dw_act = read_activation(dw_activation, dw_alpha);
   const Activation act = read_activation(activation, alpha);
+  if (three_d) {
+    auto y = empty_output({N, O, g.out_d, g.out_h, g.out_w}, x.options().memory_format(kChannelsLast3d));
+    auto y_rows = depth_rows(y);
+    channels_last::separable_forward(depth_rows(x.contiguous(kChannelsLast3d)), weight,
+                                     contiguous_or_undefined(bias), dw_act, pw_weight,
+                                     contiguous_or_undefined(pw_bias), y_rows, g, act);
+    return y;
+  }
   auto y = empty_channels_last({N, O, g.out_h, g.out_w}, x.options());
   channels_last::separable_forward(x.contiguous(at::MemoryFormat::ChannelsLast), weight, contiguous_or_undefined(bias),
                                    dw_act, pw_weight, contiguous_or_undefined(pw_bias), y, g, act);

@@ -1,6 +1,7 @@
 // Depthwise then pointwise (inference), channels-last, a block of output rows at a time: the block's depthwise
 // output, with its bias and activation, stays in a per-thread buffer in cache and feeds the pointwise product
-// (pointwise.h), so the hidden tensor never goes to memory.
+// (pointwise.h), so the hidden tensor never goes to memory. 3-D runs unchanged on channels_last_3d memory seen as rows
+// (see geometry.h): a block of output rows is a block of (depth, row) pairs.
 
 #include "channels_last.h"
 #include "pointwise.h"
@@ -23,22 +24,23 @@ void separable_kernel(const T* x, const T* wt, const T* bias, const Activation& 
                       const Activation& act) {
   const Bounds inside = interior(W, g.out_w, g.kernel_w, g.stride_w, g.pad_left, g.dilation_w);
   const int64_t threads = at::get_num_threads();
+  const int64_t out_rows = g.out_rows();
   const int64_t enough_pixels = (kProductBlocks * kPixels + g.out_w - 1) / g.out_w;
-  const int64_t every_thread = (N * g.out_h + threads - 1) / threads;
-  const int64_t enough_tasks = N * g.out_h / (kTasksPerThread * threads);
-  const int64_t rows = std::clamp<int64_t>(std::max(enough_tasks, std::min(enough_pixels, every_thread)), 1, g.out_h);
-  const int64_t blocks = (g.out_h + rows - 1) / rows;
+  const int64_t every_thread = (N * out_rows + threads - 1) / threads;
+  const int64_t enough_tasks = N * out_rows / (kTasksPerThread * threads);
+  const int64_t rows = std::clamp<int64_t>(std::max(enough_tasks, std::min(enough_pixels, every_thread)), 1, out_rows);
+  const int64_t blocks = (out_rows + rows - 1) / rows;
   const Epilogue e{dw_act, false};
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     KernelRows<T> kernel_rows(g);
     std::vector<product_input_t<T>> hidden(rows * g.out_w * C);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t image = task / blocks, oh0 = (task % blocks) * rows, oh1 = std::min(g.out_h, oh0 + rows);
+      const int64_t image = task / blocks, oh0 = (task % blocks) * rows, oh1 = std::min(out_rows, oh0 + rows);
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         kernel_rows.gather(x, wt, image, oh, H, W, C, g, nullptr);
         kernel_rows.row(wt, bias, hidden.data() + (oh - oh0) * g.out_w * C, C, W, inside, g, e);
       }
-      pointwise_rows(hidden.data(), pwt, ldw, pw_bias, y + (image * g.out_h + oh0) * g.out_w * O, O, 0,
+      pointwise_rows(hidden.data(), pwt, ldw, pw_bias, y + (image * out_rows + oh0) * g.out_w * O, O, 0,
                      (oh1 - oh0) * g.out_w, 0, O, C, act);
     }
   });
@@ -49,7 +51,7 @@ void separable_kernel(const T* x, const T* wt, const T* bias, const Activation& 
 void separable_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        const Activation& dw_act, const at::Tensor& pw_weight, const at::Tensor& pw_bias,
                        at::Tensor& y, const Geometry& g, const Activation& act) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = pw_weight.size(0);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2) / g.in_d, W = x.size(3), O = pw_weight.size(0);
   const auto wt = weight_rows(weight, false);
   SEPCONV_DISPATCH(x.scalar_type(), "sepconv_separable_nhwc", [&] {
     with_columns<scalar_t>(pw_weight, [&](const auto* pwt, int64_t ldw) {
