@@ -21,7 +21,7 @@ from torch import nn
 import sepconv
 import sepconv.functional as F
 from sepconv import activations, kernels
-from sepconv.inference import FusedConv, FusedSeparable, FusedTemporalSpatial
+from sepconv.inference import FusedConv, FusedResidual, FusedSeparable, FusedTemporalSpatial
 from sepconv.kernels import cpu, ops, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -111,9 +111,11 @@ def test_depthwise_conv_act_equals_conv_then_activation(channels, multiplier, ke
 @settings(max_examples=60, deadline=None)
 @given(in_channels=st.integers(1, 70), out_channels=st.integers(1, 100), pixels=st.integers(1, 150),
        activation=st.sampled_from(activations.FUSED), channels_last=st.booleans(), bias=st.booleans(),
-       transposed_weight=st.booleans(), dtype=st.sampled_from(DTYPES))
+       transposed_weight=st.booleans(), dtype=st.sampled_from(DTYPES),
+       residual=st.sampled_from([None, "same layout", "other layout"]))
 def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channels, pixels, activation, channels_last,
-                                                        bias, transposed_weight, dtype):
+                                                        bias, transposed_weight, dtype, residual):
+    """``residual``: added before the activation, in the output's layout or the other one."""
     generator = torch.Generator().manual_seed(in_channels * 101 + out_channels)
     x = torch.randn(2, in_channels, 1, pixels, generator=generator, dtype=dtype)
     if channels_last:
@@ -122,10 +124,15 @@ def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channel
     if transposed_weight:  # how FusedConv stores it: a view of W^T's rows
         w = w.reshape(out_channels, in_channels).t().contiguous().t().reshape(w.shape)
     b = torch.randn(out_channels, generator=generator, dtype=dtype) if bias else None
-    out = cpu.pointwise_conv_act(x, w, b, activation, 0.3)
+    r = None
+    if residual is not None:
+        r = torch.randn(2, out_channels, 1, pixels, generator=generator, dtype=dtype)
+        if channels_last == (residual == "same layout"):
+            r = r.contiguous(memory_format=torch.channels_last)
+    out = cpu.pointwise_conv_act(x, w, b, activation, 0.3, r)
     wide = computed_in(dtype)
-    ref = activations.apply(torch.nn.functional.conv2d(x.to(wide), w.to(wide), None if b is None else b.to(wide)),
-                            activation, 0.3)
+    ref = torch.nn.functional.conv2d(x.to(wide), w.to(wide), None if b is None else b.to(wide))
+    ref = activations.apply(ref if r is None else ref + r.to(wide), activation, 0.3)
     assert out.shape == ref.shape and same_layout(out, ref), (out.stride(), ref.stride())
     assert_fused_close(out, ref, dtype)
 
@@ -135,10 +142,12 @@ def test_pointwise_conv_act_equals_conv_then_activation(in_channels, out_channel
 @given(channels=st.integers(4, 40), out_channels=st.integers(1, 60), kernel=st.sampled_from([1, 3, 5, 7, 9]),
        stride=st.integers(1, 2), padding=st.sampled_from(["same", "valid"]), size=st.integers(9, 30),
        batch=st.integers(1, 3), acts=st.tuples(st.sampled_from(activations.FUSED), st.sampled_from(activations.FUSED)),
-       bias=st.booleans(), dtype=st.sampled_from(DTYPES), depth=st.sampled_from([None, 1, 2, 5]))
+       bias=st.booleans(), dtype=st.sampled_from(DTYPES), depth=st.sampled_from([None, 1, 2, 5]),
+       residual=st.booleans())
 def test_separable_conv_act_equals_its_two_steps(channels, out_channels, kernel, stride, padding, size, batch,
-                                                 acts, bias, dtype, depth):
-    """2-D, and 3-D (``depth`` frames, a kernel up to 3 deep) on channels_last_3d input seen as rows."""
+                                                 acts, bias, dtype, depth, residual):
+    """2-D, and 3-D (``depth`` frames, a kernel up to 3 deep) on channels_last_3d input seen as rows; with a
+    residual added before the last activation."""
     generator = torch.Generator().manual_seed(channels * 7 + out_channels)
     spatial = (size, size + 2) if depth is None else (depth, size, size + 1)
     kernel_size = (kernel, kernel) if depth is None else (min(kernel, 3, depth), kernel, kernel)
@@ -148,13 +157,15 @@ def test_separable_conv_act_equals_its_two_steps(channels, out_channels, kernel,
     pw = torch.randn(out_channels, channels, *(1,) * len(spatial), generator=generator, dtype=dtype)
     b, pb = (torch.randn(n, generator=generator, dtype=dtype) if bias else None for n in (channels, out_channels))
     geometry = F._geometry(x, kernel_size, stride, padding, 1, "zeros")
-    out = cpu.separable_conv_act(x, w, b, geometry, "zeros", acts[0], 0.3, pw, pb, acts[1], 0.2)
-    x, w, b, pw, pb = (None if t is None else t.to(computed_in(dtype)) for t in (x, w, b, pw, pb))
+    r = torch.randn(batch, out_channels, *geometry.output_size, generator=generator, dtype=dtype) if residual else None
+    out = cpu.separable_conv_act(x, w, b, geometry, "zeros", acts[0], 0.3, pw, pb, acts[1], 0.2, r)
+    x, w, b, pw, pb, r = (None if t is None else t.to(computed_in(dtype)) for t in (x, w, b, pw, pb, r))
     hidden = reference.conv_act(x, w, b, geometry, channels, "zeros", acts[0], 0.3)
     if dtype == torch.bfloat16:  # the two steps' semantics: the depthwise output is stored in bf16 between them
         hidden = hidden.bfloat16().to(hidden.dtype)
     conv = torch.nn.functional.conv2d if depth is None else torch.nn.functional.conv3d
-    ref = activations.apply(conv(hidden, pw, pb), acts[1], 0.2)
+    ref = conv(hidden, pw, pb)
+    ref = activations.apply(ref if r is None else ref + r, acts[1], 0.2)
     # channels-last in, channels-last out (PyTorch's conv3d answers some batches of one in NCDHW)
     assert out.shape == ref.shape and out.is_contiguous(memory_format=ops.CHANNELS_LAST[out.ndim]), out.stride()
     assert_fused_close(out, ref, dtype)
@@ -164,13 +175,16 @@ def test_separable_conv_act_equals_its_two_steps(channels, out_channels, kernel,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["none", "hardswish"])
 @pytest.mark.parametrize("columns", [False, True])
-def test_wide_pointwise_layers_keep_the_epilogue(activation, columns, dtype):
+@pytest.mark.parametrize("residual", [False, True])
+def test_wide_pointwise_layers_keep_the_epilogue(activation, columns, residual, dtype):
     x = torch.randn(2, 512, 3, 5).contiguous(memory_format=torch.channels_last).to(dtype)
     w, b = torch.randn(520, 512, 1, 1).to(dtype), torch.randn(520).to(dtype)
+    r = torch.randn(2, 520, 3, 5).to(dtype) if residual else None
     fused = FusedConv("pointwise", w, None, (1, 1), 0, (1, 1), 1)
-    out = cpu.pointwise_conv_act(x, fused.weight if columns else w, b, activation)
+    out = cpu.pointwise_conv_act(x, fused.weight if columns else w, b, activation, 1.0, r)
     wide = computed_in(dtype)
-    ref = activations.apply(torch.nn.functional.conv2d(x.to(wide), w.to(wide), b.to(wide)), activation)
+    ref = torch.nn.functional.conv2d(x.to(wide), w.to(wide), b.to(wide))
+    ref = activations.apply(ref if r is None else ref + r.to(wide), activation)
     assert same_layout(out, ref)
     assert_fused_close(out, ref, dtype)
 
@@ -254,6 +268,16 @@ def _fused_op_samples():
     # a batch of one in channels_last_3d (its depth and height merged must keep the layout)
     samples.append((ops.pointwise_conv_act,
                     (x[:1], torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), None, "none", 1.0)))
+    # a residual added before the last activation: 3-D channels_last_3d, then 2-D channels-last
+    samples.append((ops.pointwise_conv_act, (x, torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), b[:5], "relu", 1.0,
+                                             torch.randn(2, 5, 5, 6, 7, dtype=torch.float64))))
+    samples.append((ops.separable_conv_act, (x, w, b, [1, 1, 1], [1, 1, 0, 1, 1, 1], [1, 1, 1], "silu", 1.0,
+                                             torch.randn(5, 8, 1, 1, 1, dtype=torch.float64), None, "relu", 1.0,
+                                             torch.randn(2, 5, 5, 6, 7, dtype=torch.float64))))
+    x = torch.randn(2, 8, 9, 11, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    samples.append((ops.separable_conv_act, (x, torch.randn(8, 1, 3, 3, dtype=torch.float64), None, [1, 1], [1] * 4,
+                                             [1, 1], "relu6", 1.0, torch.randn(5, 8, 1, 1, dtype=torch.float64), None,
+                                             "none", 1.0, torch.randn(2, 5, 9, 11, dtype=torch.float64))))
     return samples
 
 
@@ -263,7 +287,7 @@ def _bf16_samples():
 
 
 @requires_cpu_backend
-@pytest.mark.parametrize("index", range(19))
+@pytest.mark.parametrize("index", range(22))
 def test_opcheck_fused_ops(index):
     op, args = (_fused_op_samples() + _bf16_samples())[index]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
@@ -272,16 +296,18 @@ def test_opcheck_fused_ops(index):
         assert_fused_close(op(*args), op(*wide), torch.bfloat16)
         return
     x, weight, bias = args[:3]
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[x.ndim - 3]
     if op is ops.pointwise_conv_act:
-        conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[x.ndim - 3]
         ref = conv(x, weight, bias)
-        ref = activations.apply(ref, *args[3:])
+        last, residual = args[3:5], args[5] if len(args) > 5 else None
     else:
         geometry = ops.resolve(x.shape[2:], weight.shape[2:], *args[3:6])
         ref = reference.conv_act(x, weight, bias, geometry, x.shape[1], "zeros", *args[6:8])
+        last = ("none", 1.0) if op is ops.depthwise_conv_act else args[10:12]
+        residual = args[12] if len(args) > 12 else None
         if op is ops.separable_conv_act:
-            conv = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv3d
-            ref = activations.apply(conv(ref, args[8], args[9]), *args[10:])
+            ref = conv(ref, args[8], args[9])
+    ref = activations.apply(ref if residual is None else ref + residual, *last)
     torch.testing.assert_close(op(*args), ref)
 
 
@@ -311,6 +337,30 @@ def test_every_reference_model_and_twin_keeps_its_outputs(name, separable):
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in optimised.modules() if
                    not isinstance(m, FusedConv)) or name == "digits_cnn"
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items()), "model was changed"
+
+
+@pytest.mark.parametrize("name, blocks", [("mobilenet_v2", 10), ("x3d_xs", 26), ("xception", 8)])
+def test_residual_blocks_add_in_the_last_epilogue(name, blocks):
+    """Each block's ``residual_parts()`` computes its ``forward`` (the contract optimize_for_inference relies on),
+    and every residual block of the optimised copy is a FusedResidual whose last step adds the shortcut."""
+    model, x = _model_input(name)
+    seen = []
+    hooks = [block.register_forward_hook(lambda block, args, out: seen.append((block, args[0], out)))
+             for block in model.modules() if getattr(block, "residual_parts", None) and block.residual_parts()]
+    with torch.inference_mode():
+        model(x)
+        for block, inputs, out in seen:
+            steps, shortcut, activation = block.residual_parts()
+            y = (inputs if shortcut is None else shortcut(inputs)) + nn.Sequential(*steps)(inputs)
+            torch.testing.assert_close((activation or nn.Identity())(y), out)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == blocks
+    optimised = sepconv.optimize_for_inference(model, layout="channels_last")
+    fused = [m for m in optimised.modules() if isinstance(m, FusedResidual)]
+    assert len(fused) == blocks
+    with torch.inference_mode():
+        assert_close_scaled(optimised(x), model(x))
 
 
 def _block(kind: str, kernel: int, stride: int, multiplier: int, norm: bool, bias: bool, activation: str):
@@ -389,6 +439,46 @@ def test_fast_paths_run_and_the_reference_mode_does_not_touch_them():
             ref = optimised(x)
             assert cpu.kernel_calls() == calls
     assert_close_scaled(out, ref)
+
+
+def test_a_fused_module_asks_the_registry_once_per_input_signature(monkeypatch):
+    """Plans (registry.reuse_key): a fused module keeps the registry's answer per input signature and asks again
+    after any change (mode, choices, its tensors); autocast asks on every call; copies carry no plan."""
+    module = FusedConv("depthwise", torch.randn(16, 1, 3, 3), torch.randn(16), (1, 1), 1, (1, 1), 16,
+                       activation="relu")
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    asked = []
+    select = kernels.registry.select
+    monkeypatch.setattr(kernels.registry, "select", lambda *args, **kw: asked.append(args[0]) or select(*args, **kw))
+
+    def want(x):
+        geometry = F._geometry(x, (3, 3), 1, 1, 1, "zeros")
+        return reference.conv_act(x, module.weight, module.bias, geometry, 16, "zeros", "relu")
+
+    with torch.no_grad():
+        for _ in range(3):
+            assert_close_scaled(module(x), want(x), 1e-5)
+        assert len(asked) == 1
+        module(x[:1])  # another signature: the plan is for the last one
+        module.weight.mul_(2)  # in place: the plan holds the tensor itself
+        assert_close_scaled(module(x), want(x), 1e-5)
+        module(x)
+        assert len(asked) == 3
+        kernels.clear_choices()
+        module(x)
+        with kernels.use_kernels("reference"):
+            module(x)
+        assert len(asked) == 5
+        module.cast(torch.float64)
+        assert_close_scaled(module(x.double()), want(x.double()), 1e-12)
+        module.float()
+        assert_close_scaled(module(x), want(x), 1e-5)
+        assert len(asked) == 7
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            module(x)
+            module(x)
+        assert len(asked) == 9
+    assert "_plan" in module.__dict__ and "_plan" not in copy.deepcopy(module).__dict__
 
 
 def test_3d_models_run_in_channels_last_3d_end_to_end():

@@ -42,13 +42,52 @@ def _in_layout(y: torch.Tensor, layout: str | None) -> torch.Tensor:
     return y if target is None else y.contiguous(memory_format=target)
 
 
+class _Planned(nn.Module):
+    """A fused module that keeps the implementation the kernels registry chose for its last input signature
+    (``registry.reuse_key``) and calls it directly: asking again costs about as much as a small layer's kernel
+    (MobileNetV2 at batch 1: 52 calls; X3D-XS: 120). Setting an attribute or moving, casting or replacing its
+    tensors (``.to()``) counts as a change, which makes the plan again; copies and pickles do not carry it."""
+
+    _changes = 0
+
+    def _planned(self, x: torch.Tensor, make, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``make(x, residual)(x[, residual])``, where ``make`` returns the call (``kernels.bound``) for inputs like
+        these."""
+        inputs = (x,) if residual is None else (x, residual)
+        key = kernels.registry.reuse_key(x, residual)
+        if key is None:
+            return make(x, residual)(*inputs)
+        key = (key, self._state())
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan[0] != key:
+            plan = self.__dict__["_plan"] = (key, make(x, residual))
+        return plan[1](*inputs)
+
+    def _state(self):
+        """What the plan depends on besides the input: this module's changes (and its parts', see there)."""
+        return self._changes
+
+    def __setattr__(self, name: str, value) -> None:
+        self.__dict__["_changes"] = self._changes + 1
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_changes"] = self._changes + 1
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_plan", None)
+        return state
+
+
 def _refuse_gradients(module: nn.Module, x: torch.Tensor) -> None:
     if torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError(f"{type(module).__name__} is for inference only (a model from "
                            "sepconv.optimize_for_inference); its input must not require gradients")
 
 
-class FusedConv(nn.Module):
+class FusedConv(_Planned):
     """``activation(conv(x) + bias)`` as one kernel where sepconv has one, for inference only.
 
     ``kind`` says which op of :mod:`sepconv.kernels` runs it: ``"depthwise"`` (weight ``(C * M, 1, *k)``:
@@ -86,22 +125,27 @@ class FusedConv(nn.Module):
         if self.bias is not None:
             self.bias = self.bias.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``activation(conv(x) + bias)``; a pointwise one also takes ``residual`` (the output's shape), added before
+        the activation (:class:`FusedResidual`)."""
         _refuse_gradients(self, x)
+        if residual is not None and self.kind != "pointwise":
+            raise ValueError(f"only a pointwise FusedConv adds a residual; this one is {self.kind}")
         unbatched = x.ndim == self.weight.ndim - 1
         if unbatched:
-            x = x.unsqueeze(0)
-        y = _in_layout(self._fused(x), self.layout)
+            x, residual = x.unsqueeze(0), None if residual is None else residual.unsqueeze(0)
+        y = _in_layout(self._planned(x, self._bound, residual), self.layout)
         return y.squeeze(0) if unbatched else y
 
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+    def _bound(self, x: torch.Tensor, residual: torch.Tensor | None):
         if self.kind == "pointwise":
-            return kernels.pointwise_conv_act(x, self.weight, self.bias, self.activation, self.alpha)
+            return kernels.bound("pointwise_conv_act", x, self.weight, self.bias, self.activation, self.alpha,
+                                 residual=residual)
         if self.kind == "depthwise":
-            return kernels.depthwise_conv_act(x, self.weight, self.bias, self.geometry(x), self.padding_mode,
-                                              self.activation, self.alpha, self.layout == "channels_last")
-        return kernels.conv_act(x, self.weight, self.bias, self.geometry(x), self.groups, self.padding_mode,
-                                self.activation, self.alpha)
+            return kernels.bound("depthwise_conv_act", x, self.weight, self.bias, self.geometry(x), self.padding_mode,
+                                 self.activation, self.alpha, self.layout == "channels_last")
+        return kernels.bound("conv_act", x, self.weight, self.bias, self.geometry(x), self.groups, self.padding_mode,
+                             self.activation, self.alpha)
 
     def geometry(self, x: torch.Tensor):
         """The resolved geometry of this convolution on the batched input ``x``."""
@@ -121,7 +165,7 @@ class FusedConv(nn.Module):
         return text + (f", alpha={self.alpha}" if self.activation in ("elu", "leaky_relu") else "")
 
 
-class FusedSeparable(nn.Module):
+class FusedSeparable(_Planned):
     """A depthwise :class:`FusedConv` then a pointwise one, as one kernel where that is faster.
 
     ``kernels.separable_conv_act`` computes a block of depthwise output rows into a buffer that stays in cache and
@@ -137,14 +181,41 @@ class FusedSeparable(nn.Module):
                              f"then {pointwise.kind}")
         self.depthwise, self.pointwise = depthwise, pointwise
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The two steps; ``residual`` (the output's shape) is added before the pointwise step's activation."""
         dw, pw = self.depthwise, self.pointwise
         if x.ndim != dw.weight.ndim:  # unbatched: the steps add the batch dimension
-            return pw(dw(x))
+            return pw(dw(x), residual)
         _refuse_gradients(self, x)
-        y = kernels.separable_conv_act(x, dw.weight, dw.bias, dw.geometry(x), dw.padding_mode, dw.activation,
-                                       dw.alpha, pw.weight, pw.bias, pw.activation, pw.alpha)
-        return _in_layout(y, pw.layout)
+        return _in_layout(self._planned(x, self._bound, residual), pw.layout)
+
+    def _bound(self, x: torch.Tensor, residual: torch.Tensor | None):
+        dw, pw = self.depthwise, self.pointwise
+        return kernels.bound("separable_conv_act", x, dw.weight, dw.bias, dw.geometry(x), dw.padding_mode,
+                             dw.activation, dw.alpha, pw.weight, pw.bias, pw.activation, pw.alpha, residual=residual)
+
+    def _state(self):
+        return self._changes, self.depthwise._changes, self.pointwise._changes
+
+
+class FusedResidual(nn.Module):
+    """A residual block, ``activation(shortcut(x) + main(x))``, with the add and the activation in the epilogue of
+    the last step of ``main``: that step (``last``, a pointwise :class:`FusedConv` or a :class:`FusedSeparable`,
+    whose pointwise activation is the block's) takes the shortcut's output as its residual, so the sum is written
+    once instead of the step's output, the sum and the activation each in a pass of their own (MobileNetV2's
+    inverted residuals, X3D's bottlenecks). ``shortcut`` None is the identity.
+    """
+
+    def __init__(self, main: nn.Module, last: nn.Module, shortcut: nn.Module | None):
+        super().__init__()
+        if not isinstance(last, FusedSeparable) and not (isinstance(last, FusedConv) and last.kind == "pointwise"):
+            raise ValueError(f"FusedResidual's last step must be a pointwise FusedConv or a FusedSeparable; got "
+                             f"{type(last).__name__}")
+        self.main, self.last, self.shortcut = main, last, shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.shortcut is None else self.shortcut(x)
+        return self.last(self.main(x), residual)
 
 
 class FusedTemporalSpatial(nn.Module):

@@ -17,8 +17,8 @@ from ..layers.spatial import _SpatialSeparableConvNd
 from .._timer import fastest
 from ..activations import of_module as activation_of
 from ..weights import fold_batch_norm
-from .modules import (MODEL_LAYOUTS, FusedConv, FusedSeparable, FusedTemporalSpatial, _temporal_then_spatial,
-                      memory_format)
+from .modules import (MODEL_LAYOUTS, FusedConv, FusedResidual, FusedSeparable, FusedTemporalSpatial,
+                      _temporal_then_spatial, memory_format)
 
 __all__ = ["optimize_for_inference", "LAYOUTS"]
 
@@ -74,6 +74,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None 
     optimised = copy.deepcopy(model).eval()
     optimised.requires_grad_(False)
     _rewrite(optimised)
+    _fuse_residuals(optimised)
     if dtype is not None and dtype != weights_dtype:
         _cast(optimised, dtype)
     if layout == "auto":
@@ -134,6 +135,37 @@ def _fuse_sequence(sequence: nn.Sequential) -> None:
         del sequence._modules[name]
     for name, child in paired:
         sequence.add_module(name, child)
+
+
+def _fuse_residuals(module: nn.Module) -> None:
+    """Each residual block whose last step is a pointwise one without an activation of its own becomes a
+    :class:`FusedResidual`. A block says it is one with ``residual_parts()``: ``(steps, shortcut, activation)``,
+    meaning ``forward(x) == activation(shortcut(x) + steps[-1](...steps[0](x)))`` (``shortcut`` and
+    ``activation`` None: identities), or None where it adds nothing (sepconv's MobileNetV2 and X3D blocks)."""
+    for name, child in module.named_children():
+        _fuse_residuals(child)
+        fused = _as_residual(child)
+        if fused is not None:
+            setattr(module, name, fused)
+
+
+def _as_residual(block: nn.Module) -> FusedResidual | None:
+    parts = block.residual_parts() if callable(getattr(block, "residual_parts", None)) else None
+    if parts is None:
+        return None
+    steps, shortcut, activation = parts
+    activation = ("none", 1.0) if activation is None else activation_of(activation)
+    main = nn.Sequential(*steps)
+    parent, last = main, main[-1] if len(main) else None
+    while isinstance(last, nn.Sequential) and len(last):
+        parent, last = last, last[-1]
+    pointwise = last.pointwise if isinstance(last, FusedSeparable) else last
+    if activation is None or not (isinstance(pointwise, FusedConv) and pointwise.kind == "pointwise"
+                                  and pointwise.activation == "none"):
+        return None
+    del parent[-1]
+    pointwise.activation, pointwise.alpha = activation
+    return FusedResidual(main, last, shortcut)
 
 
 def _as_fused(module: nn.Module) -> FusedConv | None:

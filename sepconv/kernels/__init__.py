@@ -21,12 +21,14 @@ registered below; kernels of its own register as the device implementations of t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import cpu, reference, registry
 from .registry import choices, clear_choices, get_kernels, register_backend, set_kernels, use_kernels
 
-__all__ = ["batch_norm_act", "choices", "clear_choices", "conv", "conv_act", "depthwise_conv", "depthwise_conv_act",
+__all__ = ["batch_norm_act", "bound", "choices", "clear_choices", "conv", "conv_act", "depthwise_conv", "depthwise_conv_act",
            "get_kernels", "pointwise_conv", "pointwise_conv_act", "register_backend", "separable_conv_act",
            "set_kernels", "use_kernels"]
 
@@ -93,26 +95,45 @@ def conv_act(x, weight, bias, geometry, groups, padding_mode, activation, alpha=
     return reference.conv_act(x, weight, bias, geometry, groups, padding_mode, activation, alpha)
 
 
-def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):
-    """``activation(pointwise_conv(x) + bias)``."""
-    x, weight, bias = _autocast(x, weight, bias)
-    args = (x, weight, bias, activation, alpha)
+def pointwise_conv_act(x, weight, bias, activation, alpha=1.0, residual=None):
+    """``activation(pointwise_conv(x) + bias + residual)`` (``residual``: None, or a tensor of the output's shape,
+    e.g. a residual block's shortcut, added in the epilogue)."""
+    x, weight, bias, residual = _autocast(x, weight, bias, residual)
+    args = (x, weight, bias, activation, alpha, residual)
     return registry.select("pointwise_conv_act", args)(*args)
 
 
 def _separable_steps(x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation,
-                     pw_alpha):
+                     pw_alpha, residual=None):
     hidden = depthwise_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha)
-    return pointwise_conv_act(hidden, pw_weight, pw_bias, pw_activation, pw_alpha)
+    return pointwise_conv_act(hidden, pw_weight, pw_bias, pw_activation, pw_alpha, residual)
 
 
 def separable_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation,
-                       pw_alpha):
-    """``pointwise_conv_act(depthwise_conv_act(x))`` where a backend runs the two as one kernel and that pays;
-    otherwise the two faces one after the other."""
-    x, weight, bias, pw_weight, pw_bias = _autocast(x, weight, bias, pw_weight, pw_bias)
-    args = (x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha)
+                       pw_alpha, residual=None):
+    """``pointwise_conv_act(depthwise_conv_act(x), ..., residual)`` where a backend runs the two as one kernel and
+    that pays; otherwise the two faces one after the other."""
+    x, weight, bias, pw_weight, pw_bias, residual = _autocast(x, weight, bias, pw_weight, pw_bias, residual)
+    args = (x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha,
+            residual)
     return registry.select("separable_conv_act", args, baseline=_separable_steps)(*args)
+
+
+_BASELINES = {"separable_conv_act": _separable_steps}
+
+
+def bound(op: str, x: torch.Tensor, *rest, residual: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
+    """What the inference face ``op`` (``depthwise_conv_act``, ``pointwise_conv_act``, ``separable_conv_act`` or
+    ``conv_act``) runs on ``(x, *rest)``, as a function of ``x`` alone (of ``x`` and the residual where one is given):
+    the registry's choice bound to ``rest``. It stands for the face on inputs with the :func:`registry.reuse_key`
+    of these (which excludes autocast, so the face's casts do nothing there)."""
+    if op == "conv_act":
+        return lambda x: conv_act(x, *rest)
+    if residual is not None:
+        function = registry.select(op, (x, *rest, residual), _BASELINES.get(op))
+        return lambda x, residual: function(x, *rest, residual)
+    function = registry.select(op, (x, *rest), _BASELINES.get(op))
+    return lambda x: function(x, *rest)
 
 
 def batch_norm_act(x, weight, bias, eps, activation):

@@ -12,9 +12,12 @@ Three more serve inference (:mod:`sepconv.inference`), forward only, with the bi
 :data:`sepconv.activations.FUSED`, ``alpha`` its parameter) applied in the kernel's epilogue:
 
 * ``depthwise_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha)``;
-* ``pointwise_conv_act(x, weight, bias, activation, alpha)`` (weight ``(C_out, C_in, 1, ...)``);
+* ``pointwise_conv_act(x, weight, bias, activation, alpha, residual=None)`` (weight ``(C_out, C_in, 1, ...)``);
 * ``separable_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias,
-  pw_activation, pw_alpha)``: the two in one kernel, the depthwise output kept in cache.
+  pw_activation, pw_alpha, residual=None)``: the two in one kernel, the depthwise output kept in cache.
+
+``residual`` (a tensor of the output's shape: a residual block's shortcut) is added before the (last) activation:
+``activation(conv(x) + bias + residual)``.
 
 Their default implementation is the reference (PyTorch's convolution, then the activation).
 
@@ -44,9 +47,11 @@ NAMES = ("sepconv::depthwise_conv", "sepconv::depthwise_conv_input_grad", "sepco
 
 _LIBRARY.define(f"depthwise_conv_act(Tensor x, Tensor weight, Tensor? bias, {_ARGS}, str activation, float alpha) "
                 "-> Tensor")
-_LIBRARY.define("pointwise_conv_act(Tensor x, Tensor weight, Tensor? bias, str activation, float alpha) -> Tensor")
+_LIBRARY.define("pointwise_conv_act(Tensor x, Tensor weight, Tensor? bias, str activation, float alpha, "
+                "Tensor? residual=None) -> Tensor")
 _LIBRARY.define(f"separable_conv_act(Tensor x, Tensor weight, Tensor? bias, {_ARGS}, str activation, float alpha, "
-                "Tensor pw_weight, Tensor? pw_bias, str pw_activation, float pw_alpha) -> Tensor")
+                "Tensor pw_weight, Tensor? pw_bias, str pw_activation, float pw_alpha, Tensor? residual=None) "
+                "-> Tensor")
 depthwise_conv_act = torch.ops.sepconv.depthwise_conv_act.default
 pointwise_conv_act = torch.ops.sepconv.pointwise_conv_act.default
 separable_conv_act = torch.ops.sepconv.separable_conv_act.default
@@ -90,13 +95,14 @@ def _(x, weight, bias, stride, padding, dilation, activation, alpha):
 
 
 @torch.library.register_fake("sepconv::pointwise_conv_act")
-def _(x, weight, bias, activation, alpha):
+def _(x, weight, bias, activation, alpha, residual=None):
     return torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
                        memory_format=output_layout(x, x))
 
 
 @torch.library.register_fake("sepconv::separable_conv_act")
-def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
+def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha,
+      residual=None):
     return _conv_output(x, weight, stride, padding, dilation, pw_weight.shape[0])
 
 
@@ -107,15 +113,16 @@ def _(x, weight, bias, stride, padding, dilation, activation, alpha):
 
 
 @torch.library.impl("sepconv::pointwise_conv_act", "CompositeExplicitAutograd")
-def _(x, weight, bias, activation, alpha):
-    return reference.pointwise_conv_act(x, weight, bias, activation, alpha)
+def _(x, weight, bias, activation, alpha, residual=None):
+    return reference.pointwise_conv_act(x, weight, bias, activation, alpha, residual)
 
 
 @torch.library.impl("sepconv::separable_conv_act", "CompositeExplicitAutograd")
-def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha):
+def _(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias, pw_activation, pw_alpha,
+      residual=None):
     g = resolve(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     return reference.separable_conv_act(x, weight, bias, g, "zeros", activation, alpha, pw_weight, pw_bias,
-                                        pw_activation, pw_alpha)
+                                        pw_activation, pw_alpha, residual)
 
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # the channels-last format of each rank

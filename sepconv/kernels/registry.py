@@ -26,6 +26,7 @@ Tracing, ONNX export, tensor subclasses and forward-mode AD always take the refe
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -58,6 +59,14 @@ _lock = threading.RLock()  # re-entered when a composite op's baseline chooses i
 _choices: dict[tuple, str] = {}
 _mode: str | None = None  # None: not read yet
 _suspended = 0  # measuring_suspended() depth
+_generation = 0  # bumped whenever select may answer the same arguments differently (see reuse_key)
+
+
+def changed() -> None:
+    """Say that what :func:`select` answers may have changed (mode, choices, backends): plans kept under
+    :func:`reuse_key` are made again."""
+    global _generation
+    _generation += 1
 
 
 def register_backend(backend: Backend) -> None:
@@ -65,6 +74,7 @@ def register_backend(backend: Backend) -> None:
     if backend.NAME in ("reference", "auto"):
         raise ValueError(f"backend name {backend.NAME!r} is reserved")
     _backends[backend.NAME] = backend
+    changed()
 
 
 def modes() -> tuple[str, ...]:
@@ -90,6 +100,7 @@ def set_kernels(mode: str | None) -> None:
     """Force ``"reference"``, ``"auto"`` or a backend's name; ``None`` reads ``SEPCONV_KERNELS`` again."""
     global _mode
     _mode = None if mode is None else _check_mode(mode)
+    changed()
 
 
 @contextlib.contextmanager
@@ -97,16 +108,19 @@ def use_kernels(mode: str):
     """``with use_kernels("reference"): ...`` -- the mode for the block, then the previous one (process-wide)."""
     global _mode
     previous, _mode = get_kernels(), _check_mode(mode)
+    changed()
     try:
         yield
     finally:
         _mode = previous
+        changed()
 
 
 def clear_choices() -> None:
     """Forget what ``"auto"`` measured (e.g. after changing the machine's load)."""
     with _lock:
         _choices.clear()
+    changed()
 
 
 def choices() -> dict:
@@ -122,8 +136,23 @@ def _plain(t) -> bool:
 
 def exporting() -> bool:
     """Under ``torch.jit.trace`` or ONNX export the graph must hold standard operations."""
-    onnx = sys.modules.get("torch.onnx")  # not imported: not exporting
-    return torch.jit.is_tracing() or (onnx is not None and onnx.is_in_onnx_export())
+    if torch.jit.is_tracing():
+        return True
+    if "torch.onnx" not in sys.modules:  # not imported: not exporting
+        return False
+    return (torch.onnx.is_in_onnx_export if torch.compiler.is_compiling() else _onnx_exporting())()
+
+
+@functools.cache
+def _onnx_exporting() -> Callable[[], bool]:
+    """``torch.onnx.is_in_onnx_export``, which imports the two flags it reads on every call (1.2 us, asked on every
+    op call): the flags read directly where this torch has them (not under dynamo, which may not trace them)."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return torch.onnx.is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
 
 
 # Mode auto in compiled graphs: depthwise convolutions of at most 9 taps (2-D or 3-D) stay PyTorch's, around which
@@ -176,6 +205,21 @@ def select(op: str, args: tuple, baseline: Callable | None = None) -> Callable:
         if _covers(_backends[name], op, args):
             return getattr(_backends[name], op)
     return baseline
+
+
+def reuse_key(x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple | None:
+    """A key under which a caller whose other arguments never change (an optimised model's fused module) may keep
+    what :func:`select` answered for input ``x`` and call it again without asking (about 7 us a call): the input's
+    signature (and the residual's, where one is given) and everything else select reads. None where select must be
+    asked every time: compiling, tracing or exporting, a dispatch mode watching, autocast, tensor subclasses,
+    forward-mode AD."""
+    if (torch.compiler.is_compiling() or _suspended or exporting() or torch.is_autocast_enabled(x.device.type)
+            or not _plain(x)):
+        return None
+    key = _generation, torch.get_num_threads(), torch.is_grad_enabled(), x.shape, x.stride(), x.dtype, x.device
+    if residual is None:
+        return key
+    return (*key, residual.shape, residual.stride(), residual.dtype) if _plain(residual) else None
 
 
 def dispatch_visible() -> bool:

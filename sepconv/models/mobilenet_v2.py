@@ -53,6 +53,13 @@ class InvertedResidual(nn.Module):
         y = self.bottleneck(x if self.expand is None else self.expand(x))
         return x + y if self.residual else y
 
+    def residual_parts(self):
+        """``(steps, shortcut, activation)`` of ``forward`` where it adds the input (``optimize_for_inference``
+        adds in an epilogue), else None."""
+        if not self.residual:
+            return None
+        return [step for step in (self.expand, self.bottleneck) if step is not None], None, None
+
 
 @register_model("mobilenet_v2")
 class MobileNetV2(Classifier):

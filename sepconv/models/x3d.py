@@ -86,6 +86,10 @@ class X3DBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act((x if self.shortcut is None else self.shortcut(x)) + self.main(x))
 
+    def residual_parts(self):
+        """``(steps, shortcut, activation)`` of ``forward`` (``optimize_for_inference`` adds in an epilogue)."""
+        return [self.main], self.shortcut, self.act
+
 
 class X3D(Classifier):
     """X3D (Feichtenhofer 2020, "X3D: Expanding Architectures for Efficient Video Recognition", CVPR,

@@ -67,6 +67,10 @@ class MiddleBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.main(x)
 
+    def residual_parts(self):
+        """``(steps, shortcut, activation)`` of ``forward`` (``optimize_for_inference`` adds in an epilogue)."""
+        return [self.main], None, None
+
 
 @register_model("xception")
 class Xception(Classifier):

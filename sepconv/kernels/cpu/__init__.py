@@ -74,10 +74,12 @@ def simulated_build(build):
     global _module, _failure, _build
     saved = _module, _failure, _build
     _module, _failure, _build = None, None, build
+    registry.changed()
     try:
         yield
     finally:
         _module, _failure, _build = saved
+        registry.changed()
 
 
 def available() -> bool:
@@ -126,14 +128,26 @@ def supports(op: str, *args) -> bool:
         return False
     if op == "depthwise_conv":
         return True
-    if op in ("depthwise_conv_act", "pointwise_conv_act"):
+    if op == "depthwise_conv_act":
         return not _wants_grad(x, weight, bias)  # forward-only kernels
+    if op == "pointwise_conv_act":
+        residual = args[5] if len(args) > 5 else None
+        return (_fits(residual, (x.shape[0], weight.shape[0], *x.shape[2:]), x.dtype)
+                and not _wants_grad(x, weight, bias, residual))
     if op == "separable_conv_act":
         pw_weight, pw_bias = args[7:9]
+        residual = args[11] if len(args) > 11 else None
         return (x.ndim > 3 and weight.shape[0] == x.shape[1] and args[4] == "zeros" and ops.channels_last_like(x)
                 and _covered(x, pw_weight, pw_bias, dtypes=DTYPES)
-                and not _wants_grad(x, weight, bias, pw_weight, pw_bias))
+                and _fits(residual, (x.shape[0], pw_weight.shape[0], *args[3].output_size), x.dtype)
+                and not _wants_grad(x, weight, bias, pw_weight, pw_bias, residual))
     return False
+
+
+def _fits(residual, shape, dtype) -> bool:
+    """A residual the kernels add in their epilogue: none, or a CPU tensor of the output's shape and dtype."""
+    return residual is None or (residual.device.type == "cpu" and residual.dtype == dtype
+                                and tuple(residual.shape) == tuple(shape))
 
 
 def _zero_padded(x, geometry, padding_mode):
@@ -254,20 +268,22 @@ def _depth_rows(t: torch.Tensor) -> torch.Tensor:
                                            t.stride(4)), t.storage_offset())
 
 
-def _pointwise_conv_act(x, weight, bias, activation, alpha):
+def _pointwise_conv_act(x, weight, bias, activation, alpha, residual=None):
     code = activations.code(activation)
     if x.ndim == 5:
-        out = _module.pointwise(_depth_rows(x), weight.flatten(2, 3), bias, code, alpha)
+        residual = None if residual is None else _depth_rows(residual)
+        out = _module.pointwise(_depth_rows(x), weight.flatten(2, 3), bias, code, alpha, residual)
         return out.unflatten(2, x.shape[2:4])
-    return _back(_module.pointwise(_planes(x), _planes(weight), bias, code, alpha), x)
+    residual = None if residual is None else _planes(residual)
+    return _back(_module.pointwise(_planes(x), _planes(weight), bias, code, alpha, residual), x)
 
 
 def _separable_conv_act(x, weight, bias, stride, padding, dilation, activation, alpha, pw_weight, pw_bias,
-                        pw_activation, pw_alpha):
+                        pw_activation, pw_alpha, residual=None):
     args = _kernel_args(x.shape[2:], weight.shape[2:], tuple(stride), tuple(padding), tuple(dilation))
     codes = activations.code(activation), activations.code(pw_activation)
     out = _module.separable(_planes(x), _planes(weight), bias, args, codes[0], alpha, _planes(pw_weight), pw_bias,
-                            codes[1], pw_alpha)
+                            codes[1], pw_alpha, None if residual is None else _planes(residual))
     return _back(out, x)
 
 
@@ -296,14 +312,14 @@ def depthwise_conv_act(x, weight, bias, geometry, padding_mode, activation, alph
 
 
 def separable_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation,
-                       pw_alpha):
+                       pw_alpha, residual=None):
     return _op_or_kernel(ops.separable_conv_act, _separable_conv_act, x, weight, bias, geometry.stride,
                          geometry.flat_padding, geometry.dilation, activation, alpha, pw_weight, pw_bias,
-                         pw_activation, pw_alpha)
+                         pw_activation, pw_alpha, residual)
 
 
-def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):
-    return _op_or_kernel(ops.pointwise_conv_act, _pointwise_conv_act, x, weight, bias, activation, alpha)
+def pointwise_conv_act(x, weight, bias, activation, alpha=1.0, residual=None):
+    return _op_or_kernel(ops.pointwise_conv_act, _pointwise_conv_act, x, weight, bias, activation, alpha, residual)
 
 
 _eager = ops.Gradients(_forward, _input_grad, _weight_grad)

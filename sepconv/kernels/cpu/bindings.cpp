@@ -135,7 +135,8 @@ at::Tensor volume(const at::Tensor& rows, int64_t D, int64_t H) {
 // other.
 at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      at::IntArrayRef geometry, int64_t dw_activation, double dw_alpha, const at::Tensor& pw_weight,
-                     const std::optional<at::Tensor>& pw_bias, int64_t activation, double alpha) {
+                     const std::optional<at::Tensor>& pw_bias, int64_t activation, double alpha,
+                     const std::optional<at::Tensor>& residual) {
   const Geometry g = checked_geometry(x, "x", weight, "weight", geometry);
   const bool three_d = x.dim() == 5;
   const int64_t N = x.size(0), C = x.size(1), W = x.size(-1), M = weight.size(0) / C, O = pw_weight.size(0);
@@ -148,9 +149,11 @@ at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::o
                      !channels_last::reads_padded_rows(g, W);
   if (!fused) {
     const auto hidden = forward(x, weight, bias, geometry, dw_activation, dw_alpha, false);
-    if (!three_d) return pointwise(hidden, pw_weight, pw_bias, activation, alpha);
+    if (!three_d) return pointwise(hidden, pw_weight, pw_bias, activation, alpha, residual);
+    std::optional<at::Tensor> residual_rows;
+    if (residual.has_value()) residual_rows = depth_rows(residual->contiguous(kChannelsLast3d));
     const auto rows = pointwise(depth_rows(hidden.contiguous(kChannelsLast3d)), pw_weight.flatten(2, 3), pw_bias,
-                                activation, alpha);
+                                activation, alpha, residual_rows);
     const auto y = volume(rows, g.out_d, g.out_h);
     return channels_last_3d(x, weight) ? y : y.contiguous();
   }
@@ -162,12 +165,14 @@ at::Tensor separable(const at::Tensor& x, const at::Tensor& weight, const std::o
     auto y_rows = depth_rows(y);
     channels_last::separable_forward(depth_rows(x.contiguous(kChannelsLast3d)), weight,
                                      contiguous_or_undefined(bias), dw_act, pw_weight,
-                                     contiguous_or_undefined(pw_bias), y_rows, g, act);
+                                     contiguous_or_undefined(pw_bias), y_rows, g, act,
+                                     residual_like(residual, y.sizes(), y.scalar_type(), kChannelsLast3d));
     return y;
   }
   auto y = empty_channels_last({N, O, g.out_h, g.out_w}, x.options());
   channels_last::separable_forward(x.contiguous(at::MemoryFormat::ChannelsLast), weight, contiguous_or_undefined(bias),
-                                   dw_act, pw_weight, contiguous_or_undefined(pw_bias), y, g, act);
+                                   dw_act, pw_weight, contiguous_or_undefined(pw_bias), y, g, act,
+                                   residual_like(residual, y.sizes(), y.scalar_type(), at::MemoryFormat::ChannelsLast));
   return y;
 }
 
@@ -225,11 +230,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "depthwise convolution, forward, with an activation in the epilogue", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("geometry"), py::arg("activation") = 0, py::arg("alpha") = 1.0,
         py::arg("prefer_channels_last") = false);
-  m.def("pointwise", &pointwise, "pointwise convolution with bias and activation in the epilogue");
+  m.def("pointwise", &pointwise, "pointwise convolution with bias, residual and activation in the epilogue",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("activation"), py::arg("alpha"),
+        py::arg("residual") = py::none());
   m.def("batch_norm_act_forward", &batch_norm_act_forward, "batch norm (batch statistics) + activation");
   m.def("batch_norm_act_backward", &batch_norm_act_backward, "its gradients of x, weight and bias");
   m.def("release_memory", &release_pool, "frees the output pool's free blocks; returns the bytes");
-  m.def("separable", &separable, "depthwise then pointwise convolution, fused, each with bias and activation");
+  m.def("separable", &separable, "depthwise then pointwise convolution, fused, each with bias and activation",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("geometry"), py::arg("dw_activation"),
+        py::arg("dw_alpha"), py::arg("pw_weight"), py::arg("pw_bias"), py::arg("activation"), py::arg("alpha"),
+        py::arg("residual") = py::none());
   m.def("input_grad", &input_grad, "depthwise convolution, gradient of the input");
   m.def("weight_grad", &weight_grad, "depthwise convolution, gradient of the weight");
   m.def("kernel_calls", [] { return kernel_calls.load(); }, "how many times a kernel ran (tests read it)");

@@ -34,11 +34,11 @@ void broadcast_forward(const at::Tensor& x, const at::Tensor& weight, const at::
 // Taps up to which the broadcast kernel runs; wider kernels go to the planar kernels, blocked over output columns.
 inline constexpr int64_t kBroadcastMaxTaps = 25;
 
-// Depthwise (with its activation) then pointwise (with its own) in one pass, channels-last x and y; rows must not
-// need PaddedRows (see reads_padded_rows). separable.cpp.
+// Depthwise (with its activation) then pointwise (with its own, after adding `residual` where defined: laid out
+// as y) in one pass, channels-last x and y; rows must not need PaddedRows (see reads_padded_rows). separable.cpp.
 void separable_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        const Activation& dw_act, const at::Tensor& pw_weight, const at::Tensor& pw_bias,
-                       at::Tensor& y, const Geometry& g, const Activation& act);
+                       at::Tensor& y, const Geometry& g, const Activation& act, const at::Tensor& residual);
 
 // Whether the forward reads input rows of width W through PaddedRows: wide kernels whose output rows would be mostly
 // border.

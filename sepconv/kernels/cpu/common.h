@@ -111,8 +111,13 @@ std::vector<at::Tensor> batch_norm_act_backward(const at::Tensor& dy, const at::
                                                 const at::Tensor& bias, const at::Tensor& mean,
                                                 const at::Tensor& invstd, int64_t activation);
 
-// Pointwise (1x1) convolution with its bias and activation in the epilogue (pointwise.cpp).
+// Pointwise (1x1) convolution with its bias, a residual (added before the activation) and the activation in the
+// epilogue (pointwise.cpp).
 at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     int64_t activation, double alpha);
+                     int64_t activation, double alpha, const std::optional<at::Tensor>& residual = std::nullopt);
+
+// A residual for an output of `size` in `format`: checked (one line naming both shapes) and laid out as the output.
+at::Tensor residual_like(const std::optional<at::Tensor>& residual, at::IntArrayRef size, at::ScalarType dtype,
+                         at::MemoryFormat format);
 
 }  // namespace sepconv_cpu

@@ -19,7 +19,7 @@ constexpr int64_t kBlasFrom = 512;  // input and output channels from which BLAS
 
 template <typename T, typename Wt>
 void pointwise_nhwc(const T* x, const Wt* wt, int64_t ldw, const T* bias, T* y, int64_t P, int64_t K, int64_t O,
-                    const Activation& a) {
+                    const Activation& a, const T* residual) {
   constexpr int64_t L = Vectorized<acc_t<T>>::size();
   const int64_t chunk = kVectors * L;  // output channels per register block
   const int64_t pixel_tasks = (P + kPixelTask - 1) / kPixelTask;
@@ -33,15 +33,24 @@ void pointwise_nhwc(const T* x, const Wt* wt, int64_t ldw, const T* bias, T* y, 
       const int64_t p0 = (task / channel_tasks) * kPixelTask, p1 = std::min(P, p0 + kPixelTask);
       const int64_t o_begin = (task % channel_tasks) * chunks_per_task * chunk;
       const int64_t o_end = std::min(O, o_begin + chunks_per_task * chunk);
-      pointwise_rows(x, wt, ldw, bias, y, O, p0, p1, o_begin, o_end, K, a);
+      pointwise_rows(x, wt, ldw, bias, y, O, p0, p1, o_begin, o_end, K, a, residual);
     }
   });
 }
 
 }  // namespace
 
+at::Tensor residual_like(const std::optional<at::Tensor>& residual, at::IntArrayRef size, at::ScalarType dtype,
+                         at::MemoryFormat format) {
+  if (!residual.has_value()) return at::Tensor();
+  TORCH_CHECK(residual->sizes() == size && residual->scalar_type() == dtype && residual->device().is_cpu(),
+              "sepconv cpu kernels: residual must be a ", dtype, " CPU tensor of the output's shape ", size, "; got ",
+              residual->sizes(), " ", residual->scalar_type());
+  return residual->contiguous(format);
+}
+
 at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     int64_t activation, double alpha) {
+                     int64_t activation, double alpha, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && kernel_dtype(x.scalar_type()),
               "sepconv cpu pointwise: x must be a 4-D float32/float64/bfloat16 CPU tensor; got ", x.sizes(), " ",
               x.scalar_type());
@@ -56,6 +65,7 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
   if (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
     const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
     auto y = empty_output({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const auto r = residual_like(residual, y.sizes(), y.scalar_type(), at::MemoryFormat::ChannelsLast);
     if (C >= kBlasFrom && Co >= kBlasFrom) {
       // wide layers: BLAS's packed product is faster than the register blocks; the epilogue is one pass after
       auto rows = y.permute({0, 2, 3, 1}).view({N * H * W, Co});
@@ -63,6 +73,7 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
       const auto wt = weight_columns(weight).first;
       if (b.defined()) at::addmm_out(rows, b, inputs, wt);
       else at::mm_out(rows, inputs, wt);
+      if (r.defined()) y.add_(r);
       if (act.any()) {
         SEPCONV_DISPATCH(y.scalar_type(), "sepconv_pointwise_blas_epilogue", [&] {
           scalar_t* data = y.data_ptr<scalar_t>();
@@ -76,13 +87,14 @@ at::Tensor pointwise(const at::Tensor& x, const at::Tensor& weight, const std::o
     SEPCONV_DISPATCH(x.scalar_type(), "sepconv_pointwise_nhwc", [&] {
       with_columns<scalar_t>(weight, [&](const auto* wt, int64_t ldw) {
         pointwise_nhwc(xc.data_ptr<scalar_t>(), wt, ldw, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                       y.data_ptr<scalar_t>(), N * H * W, C, Co, act);
+                       y.data_ptr<scalar_t>(), N * H * W, C, Co, act, r.defined() ? r.data_ptr<scalar_t>() : nullptr);
       });
     });
     return y;
   }
 
   auto y = at::matmul(weight.reshape({Co, C}), x.contiguous().view({N, C, H * W})).view({N, Co, H, W});
+  if (residual.has_value()) y.add_(residual_like(residual, y.sizes(), y.scalar_type(), at::MemoryFormat::Contiguous));
   if (b.defined() || act.any()) {
     SEPCONV_DISPATCH(y.scalar_type(), "sepconv_pointwise_epilogue_planar", [&] {
       scalar_t* data = y.data_ptr<scalar_t>();

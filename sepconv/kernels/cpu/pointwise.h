@@ -29,6 +29,7 @@ struct BlockOut {
   acc_t<T>* partial;  // (pixels, ldp) sums of the passes so far, or nullptr with a single pass
   int64_t ldp;
   bool first, last;  // the first pass starts from the bias, the last one applies the activation and writes Y
+  const T* residual;  // added before the activation (a residual block's shortcut), laid out as Y; or nullptr
 };
 
 // The block's accumulators: the bias on the first pass, else the partial sums so far.
@@ -53,6 +54,15 @@ inline void finish_block(Vectorized<acc_t<T>> (&acc)[R][NV], const BlockOut<T>& 
                          acc_t<T> alpha) {
   using V = Vectorized<acc_t<T>>;
   constexpr int64_t L = V::size();
+  if (o.last && o.residual) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) {
+        const T* res = o.residual + r * o.ldy + j * L;
+        acc[r][j] = acc[r][j] + (!FULL && j == NV - 1 ? load_vec(res, tail) : load_vec(res));
+      }
+  }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -227,10 +237,11 @@ Block<T, In, Wt, R> pick(int64_t vectors, bool full) {
 }
 
 // Rows [p0, p1) of Y (rows `ldy` apart), output channels [o_begin, o_end), on the calling thread. W^T's rows
-// are `ldw` apart (pair rows for Wt = int32_t, each two input channels).
+// are `ldw` apart (pair rows for Wt = int32_t, each two input channels). `residual` (laid out as Y, or nullptr)
+// is added before the activation.
 template <typename T, typename In, typename Wt = T>
 void pointwise_rows(const In* x, const Wt* wt, int64_t ldw, const T* bias, T* y, int64_t ldy, int64_t p0, int64_t p1,
-                    int64_t o_begin, int64_t o_end, int64_t K, const Activation& a) {
+                    int64_t o_begin, int64_t o_end, int64_t K, const Activation& a, const T* residual = nullptr) {
   constexpr int64_t rows_per_channel = std::is_same_v<Wt, int32_t> ? 2 : 1;
   constexpr int64_t L = Vectorized<acc_t<T>>::size();
   const int64_t chunk = kVectors * L;
@@ -250,7 +261,7 @@ void pointwise_rows(const In* x, const Wt* wt, int64_t ldw, const T* bias, T* y,
       const Wt* w = wt + k0 / rows_per_channel * ldw + o;  // kDepth is even: a pass starts on a pair
       const auto out = [&](int64_t p) {
         acc_t<T>* sums = partial.empty() ? nullptr : partial.data() + (p - p0) * chunk;
-        return BlockOut<T>{y + p * ldy + o, ldy, sums, chunk, k0 == 0, last};
+        return BlockOut<T>{y + p * ldy + o, ldy, sums, chunk, k0 == 0, last, residual ? residual + p * ldy + o : nullptr};
       };
       int64_t p = p0;
       for (; p + kPixels <= p1; p += kPixels)

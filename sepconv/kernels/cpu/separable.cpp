@@ -21,7 +21,7 @@ constexpr int64_t kProductBlocks = 4;
 template <typename T, typename Wt>
 void separable_kernel(const T* x, const T* wt, const T* bias, const Activation& dw_act, const Wt* pwt, int64_t ldw,
                       const T* pw_bias, T* y, int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, const Geometry& g,
-                      const Activation& act) {
+                      const Activation& act, const T* residual) {
   const Bounds inside = interior(W, g.out_w, g.kernel_w, g.stride_w, g.pad_left, g.dilation_w);
   const int64_t threads = at::get_num_threads();
   const int64_t out_rows = g.out_rows();
@@ -40,8 +40,9 @@ void separable_kernel(const T* x, const T* wt, const T* bias, const Activation& 
         kernel_rows.gather(x, wt, image, oh, H, W, C, g, nullptr);
         kernel_rows.row(wt, bias, hidden.data() + (oh - oh0) * g.out_w * C, C, W, inside, g, e);
       }
-      pointwise_rows(hidden.data(), pwt, ldw, pw_bias, y + (image * out_rows + oh0) * g.out_w * O, O, 0,
-                     (oh1 - oh0) * g.out_w, 0, O, C, act);
+      const int64_t first = (image * out_rows + oh0) * g.out_w * O;
+      pointwise_rows(hidden.data(), pwt, ldw, pw_bias, y + first, O, 0, (oh1 - oh0) * g.out_w, 0, O, C, act,
+                     residual ? residual + first : nullptr);
     }
   });
 }
@@ -50,13 +51,14 @@ void separable_kernel(const T* x, const T* wt, const T* bias, const Activation& 
 
 void separable_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        const Activation& dw_act, const at::Tensor& pw_weight, const at::Tensor& pw_bias,
-                       at::Tensor& y, const Geometry& g, const Activation& act) {
+                       at::Tensor& y, const Geometry& g, const Activation& act, const at::Tensor& residual) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2) / g.in_d, W = x.size(3), O = pw_weight.size(0);
   const auto wt = weight_rows(weight, false);
   SEPCONV_DISPATCH(x.scalar_type(), "sepconv_separable_nhwc", [&] {
     with_columns<scalar_t>(pw_weight, [&](const auto* pwt, int64_t ldw) {
       separable_kernel(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), dw_act, pwt, ldw,
-                       data_or_null<scalar_t>(pw_bias), y.data_ptr<scalar_t>(), N, C, H, W, O, g, act);
+                       data_or_null<scalar_t>(pw_bias), y.data_ptr<scalar_t>(), N, C, H, W, O, g, act,
+                       data_or_null<scalar_t>(residual));
     });
   });
 }

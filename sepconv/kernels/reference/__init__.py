@@ -66,14 +66,15 @@ def depthwise_conv_act(x, weight, bias, geometry, padding_mode, activation, alph
     return conv_act(x, weight, bias, geometry, x.shape[1], padding_mode, activation, alpha)
 
 
-def pointwise_conv_act(x, weight, bias, activation, alpha=1.0):
-    return activations.apply(pointwise_conv(x, weight, bias), activation, alpha)
+def pointwise_conv_act(x, weight, bias, activation, alpha=1.0, residual=None):
+    y = pointwise_conv(x, weight, bias)
+    return activations.apply(y if residual is None else y + residual, activation, alpha)
 
 
 def separable_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha, pw_weight, pw_bias, pw_activation,
-                       pw_alpha):
+                       pw_alpha, residual=None):
     hidden = depthwise_conv_act(x, weight, bias, geometry, padding_mode, activation, alpha)
-    return pointwise_conv_act(hidden, pw_weight, pw_bias, pw_activation, pw_alpha)
+    return pointwise_conv_act(hidden, pw_weight, pw_bias, pw_activation, pw_alpha, residual)
 
 
 def batch_norm_act(x, weight, bias, eps: float, activation: str):
