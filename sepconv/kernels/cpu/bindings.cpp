@@ -31,7 +31,17 @@ void check(const at::Tensor& t, const char* name) {
 // as (N, C, D * H, W) channels-last (see geometry.h).
 constexpr auto kChannelsLast3d = at::MemoryFormat::ChannelsLast3d;
 
-at::Tensor rows_of(const at::Tensor& t) { return t.flatten(2, 3); }
+// A contiguous channels_last_3d (N, C, D, H, W) tensor as the (N, C, D * H, W) channels-last one of its rows, and
+// back. As strides, not flatten: a batch of one would get a row's batch stride and read as neither layout.
+at::Tensor depth_rows(const at::Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1), D = t.size(2), H = t.size(3), W = t.size(4);
+  return t.as_strided({N, C, D * H, W}, {C * D * H * W, 1, W * C, C});
+}
+
+at::Tensor volume(const at::Tensor& rows, int64_t D, int64_t H) {
+  const int64_t N = rows.size(0), C = rows.size(1), W = rows.size(3);
+  return rows.as_strided({N, C, D, H, W}, {C * D * H * W, 1, H * W * C, W * C, C});
+}
 
 bool channels_last_3d(const at::Tensor& t, const at::Tensor& weight) {
   return t.suggest_memory_format() == kChannelsLast3d || weight.suggest_memory_format() == kChannelsLast3d;
@@ -43,8 +53,8 @@ at::Tensor forward_3d(const at::Tensor& x, const at::Tensor& weight, const at::T
   TORCH_CHECK(weight.size(0) == C, "sepconv cpu kernels: 3-D takes one output channel per input channel; got weight ",
               weight.sizes(), " for ", C, " channels");
   auto y = empty_output({N, C, g.out_d, g.out_h, g.out_w}, x.options().memory_format(kChannelsLast3d));
-  auto y_rows = rows_of(y);
-  channels_last::forward(rows_of(x.contiguous(kChannelsLast3d)), weight, bias, y_rows, g, act);
+  auto y_rows = depth_rows(y);
+  channels_last::forward(depth_rows(x.contiguous(kChannelsLast3d)), weight, bias, y_rows, g, act);
   return channels_last_3d(x, weight) ? y : y.contiguous();
 }
 
@@ -118,18 +128,6 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   return in_layout(y, cl);
 }
 
-// A channels_last_3d (N, C, D, H, W) tensor as the (N, C, D * H, W) channels-last one of its rows, and back. As
-// strides, not flatten: a batch of one would get a row's batch stride and read as neither layout.
-at::Tensor depth_rows(const at::Tensor& t) {
-  const int64_t N = t.size(0), C = t.size(1), D = t.size(2), H = t.size(3), W = t.size(4);
-  return t.as_strided({N, C, D * H, W}, {C * D * H * W, 1, W * C, C});
-}
-
-at::Tensor volume(const at::Tensor& rows, int64_t D, int64_t H) {
-  const int64_t N = rows.size(0), C = rows.size(1), W = rows.size(3);
-  return rows.as_strided({N, C, D, H, W}, {C * D * H * W, 1, H * W * C, W * C, C});
-}
-
 // Depthwise (with its activation) then pointwise (with its own), fused where the depthwise kernels run
 // channels-last with unpadded rows (3-D: channels_last_3d, seen as rows); otherwise the two kernels one after the
 // other.
@@ -182,8 +180,8 @@ at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, at::
   ++kernel_calls;
   if (grad_out.dim() == 5) {
     auto dinput = empty_output(input_size, grad_out.options().memory_format(kChannelsLast3d));
-    auto dinput_rows = rows_of(dinput);
-    channels_last::input_grad(rows_of(grad_out.contiguous(kChannelsLast3d)), weight, dinput_rows, g);
+    auto dinput_rows = depth_rows(dinput);
+    channels_last::input_grad(depth_rows(grad_out.contiguous(kChannelsLast3d)), weight, dinput_rows, g);
     return channels_last_3d(grad_out, weight) ? dinput : dinput.contiguous();
   }
   const int64_t N = input_size[0], C = input_size[1], H = input_size[2], W = input_size[3];
@@ -206,7 +204,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntA
   const int64_t C = x.size(1), CM = weight_size[0], M = CM / C;
   if (x.dim() == 5) {
     auto dweight_rows = at::empty({g.kernel_d * g.kernel_h, g.kernel_w, C}, x.options());
-    channels_last::weight_grad(rows_of(x.contiguous(kChannelsLast3d)), rows_of(grad_out.contiguous(kChannelsLast3d)),
+    channels_last::weight_grad(depth_rows(x.contiguous(kChannelsLast3d)), depth_rows(grad_out.contiguous(kChannelsLast3d)),
                                dweight_rows, g);
     return dweight_rows.view({g.kernel_d, g.kernel_h, g.kernel_w, C}).permute({3, 0, 1, 2}).unsqueeze(1).contiguous();
   }
